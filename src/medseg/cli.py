@@ -1,0 +1,146 @@
+"""``medseg`` command line: thin argparse glue over each stage's pure ``run()``.
+
+Stage modules are imported only inside the chosen command, so ``medseg --help`` and ``medseg ingest`` never pay
+for importing torch and MONAI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("medseg")
+
+
+def _params(args: argparse.Namespace):
+    from medseg.params import load_params
+
+    return load_params(args.params)
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> dict:
+    from medseg import demo_data
+
+    if args.out is None:
+        p = _params(args)
+        return demo_data.run(Path(p.paths.demo), seed=p.demo.seed, cardiac_patients=p.demo.cardiac_patients,
+                             ct_patients=p.demo.ct_patients)
+    return demo_data.run(Path(args.out), seed=args.seed, cardiac_patients=args.cardiac_patients,
+                         ct_patients=args.ct_patients)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> dict:
+    from medseg import ingest
+
+    return ingest.run(Path(args.source), Path(args.out), layout=args.layout)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> dict:
+    from medseg import preprocess
+
+    return preprocess.run(_params(args))
+
+
+def _cmd_train(args: argparse.Namespace) -> dict:
+    from medseg import train
+
+    return train.run(_params(args), resume=args.resume)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict:
+    from medseg import evaluate
+
+    return evaluate.run(_params(args))
+
+
+def _cmd_register(args: argparse.Namespace) -> dict:
+    from medseg import register
+
+    return register.run(_params(args))
+
+
+def _cmd_predict(args: argparse.Namespace) -> dict:
+    from medseg import predict
+
+    return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> dict:
+    from pipelines.medseg_flow import medseg_pipeline
+
+    return medseg_pipeline(params_file=args.params)
+
+
+def _cmd_serve(args: argparse.Namespace) -> dict:
+    from pipelines.serve import serve
+
+    serve(params_file=args.params, cron=args.cron)
+    return {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func, help_: str, params: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if params:
+            p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("demo-data", _cmd_demo_data, "write the synthetic demo data set (ACDC-layout cardiac MR, DICOM CT)")
+    p.add_argument("--out", help="output folder (default: paths.demo in params)")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--cardiac-patients", type=int, default=16)
+    p.add_argument("--ct-patients", type=int, default=4)
+
+    p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM or NIfTI data into NIfTI + manifest.json", params=False)
+    p.add_argument("source", help="folder to ingest")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti"])
+
+    command("preprocess", _cmd_preprocess, "reorient, resample, normalise, crop; write k-fold patient splits")
+    p = command("train", _cmd_train, "train the network chosen in params; logs to MLflow")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint if it matches params")
+    command("evaluate", _cmd_evaluate, "sliding-window inference on held-out cases; Dice, HD95, plots")
+    command("register", _cmd_register, "register the model in MLflow; move 'champion' only if it is better")
+
+    p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder or a folder of either", params=False)
+    p.add_argument("--model", required=True, help="checkpoint/model folder, or models:/NAME@champion")
+    p.add_argument("input", help="NIfTI file, DICOM series folder, or folder of either")
+    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+
+    command("pipeline", _cmd_pipeline, "run all stages as the Prefect flow 'medseg-pipeline'")
+    p = command("serve", _cmd_serve, "serve the Prefect deployment that retrains on a cron schedule")
+    p.add_argument("--cron", default=None, help="cron schedule (default: the deployment's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from medseg.errors import MedsegError
+    from medseg.params import ParamsError
+
+    try:
+        summary = args.func(args)
+    except (MedsegError, ParamsError, FileNotFoundError) as err:
+        print(f"medseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if summary:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

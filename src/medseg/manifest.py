@@ -1,0 +1,87 @@
+"""The dataset contract between ingest and the later stages: ``manifest.json`` and its cases.
+
+``manifest.json`` = ``{"layout": str, "labels": {"0": "background", "1": name, ...}, "cases": [Case, ...]}``.
+Image and label paths are relative to the manifest's folder. ``case_id`` and ``subject`` are pseudonyms;
+``subject`` groups the cases of one patient (both ACDC frames) so that splits never leak a patient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medseg.atomic import read_json, write_json
+
+__all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "MANIFEST_NAME", "REPORT_NAME", "CARDIAC_LABELS"]
+
+MANIFEST_NAME = "manifest.json"
+REPORT_NAME = "ingest_report.json"
+CARDIAC_LABELS = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    subject: str
+    image: str
+    label: str | None
+    modality: str  # "MR" or "CT"
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    phase: str | None = None  # ACDC: "ED" or "ES"
+    group: str | None = None  # ACDC: pathology group (DCM, HCM, MINF, NOR, RV)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Case:
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {k: v for k, v in raw.items() if k in names}
+        clean["spacing"] = tuple(float(s) for s in clean["spacing"])
+        clean["shape"] = tuple(int(s) for s in clean["shape"])
+        return cls(**clean)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    layout: str
+    labels: dict[int, str]
+    cases: tuple[Case, ...]
+
+    def image_path(self, case: Case) -> Path:
+        return self.root / case.image
+
+    def label_path(self, case: Case) -> Path | None:
+        return None if case.label is None else self.root / case.label
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels, background included."""
+        return max(self.labels) + 1
+
+
+def write_manifest(root: str | Path, layout: str, labels: dict[int, str], cases: list[Case]) -> Path:
+    payload = {
+        "layout": layout,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "cases": [c.to_json() for c in sorted(cases, key=lambda c: c.case_id)],
+    }
+    return write_json(Path(root) / MANIFEST_NAME, payload)
+
+
+def read_manifest(root: str | Path) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run 'medseg ingest' first")
+    raw = read_json(path)
+    return Manifest(
+        root=root,
+        layout=raw["layout"],
+        labels={int(k): v for k, v in raw["labels"].items()},
+        cases=tuple(Case.from_json(c) for c in raw["cases"]),
+    )
