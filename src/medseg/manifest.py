@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.atomic import read_json, write_json
+from medseg.errors import StageInputError
 
 __all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "MANIFEST_NAME", "REPORT_NAME", "CARDIAC_LABELS"]
 
@@ -64,20 +65,21 @@ class Manifest:
         return max(self.labels) + 1
 
 
-def write_manifest(root: str | Path, layout: str, labels: dict[int, str], cases: list[Case]) -> Path:
+def write_manifest(root: str | Path, layout: str, labels: dict[int, str], cases: list[Case],
+                   name: str = MANIFEST_NAME) -> Path:
     payload = {
         "layout": layout,
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "cases": [c.to_json() for c in sorted(cases, key=lambda c: c.case_id)],
     }
-    return write_json(Path(root) / MANIFEST_NAME, payload)
+    return write_json(Path(root) / name, payload)
 
 
-def read_manifest(root: str | Path) -> Manifest:
+def read_manifest(root: str | Path, name: str = MANIFEST_NAME, made_by: str = "medseg ingest") -> Manifest:
     root = Path(root)
-    path = root / MANIFEST_NAME
+    path = root / name
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run 'medseg ingest' first")
+        raise StageInputError(f"no {name} in {root}: run '{made_by}' first")
     raw = read_json(path)
     return Manifest(
         root=root,

@@ -1,0 +1,1 @@
+"""Prefect orchestration for medseg: the flow and its scheduled deployment."""

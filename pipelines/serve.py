@@ -1,0 +1,36 @@
+"""The retraining deployment: ``medseg-pipeline`` on a cron schedule, served by this process.
+
+``medseg serve`` (or ``python -m pipelines.serve``) registers the deployment with the Prefect server named by
+``PREFECT_API_URL`` (start one with ``prefect server start``) and runs scheduled flow runs until stopped.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEPLOYMENT_NAME", "DEFAULT_CRON", "build_deployment", "serve"]
+
+DEPLOYMENT_NAME = "medseg-retrain"
+DEFAULT_CRON = "0 2 * * 0"  # Sundays at 02:00: weekly retraining on whatever data.source holds by then
+
+
+def build_deployment(params_file: str = "params.yaml", cron: str | None = None):
+    """The deployment object (not yet registered): flow, parameters and schedule."""
+    from pipelines.medseg_flow import medseg_pipeline
+
+    return medseg_pipeline.to_deployment(
+        name=DEPLOYMENT_NAME,
+        cron=cron or DEFAULT_CRON,
+        parameters={"params_file": params_file, "resume": True},
+        description="Weekly retraining: ingest, preprocess, train, evaluate, register (champion only if better).",
+        tags=["medseg", "retraining"],
+    )
+
+
+def serve(params_file: str = "params.yaml", cron: str | None = None) -> None:
+    """Register the deployment and serve its scheduled runs (blocks)."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(build_deployment(params_file, cron))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    serve()

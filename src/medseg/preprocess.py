@@ -1,0 +1,100 @@
+"""Preprocess stage: RAS orientation, resampling, normalisation and foreground crop; patient-level k-fold splits.
+
+Reads ``<paths.ingested>/manifest.json``; writes ``<paths.preprocessed>/{images,labels}/<case>.nii.gz``,
+``dataset.json`` (a manifest of the preprocessed cases) and ``splits.json``. The whole output folder is swapped in
+atomically at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from medseg.atomic import atomic_dir, read_json, write_json
+from medseg.errors import StageInputError
+from medseg.manifest import Case, Manifest, read_manifest, write_manifest
+from medseg.params import Params
+
+__all__ = ["run", "make_splits", "read_splits", "read_dataset", "DATASET_NAME", "SPLITS_NAME"]
+
+log = logging.getLogger(__name__)
+
+DATASET_NAME = "dataset.json"
+SPLITS_NAME = "splits.json"
+
+
+def make_splits(cases: list[Case], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """k folds over *subjects* (all cases of a patient on one side), groups spread round-robin across folds."""
+    by_subject: dict[str, list[str]] = defaultdict(list)
+    group_of: dict[str, str] = {}
+    for c in cases:
+        by_subject[c.subject].append(c.case_id)
+        group_of[c.subject] = c.group or ""
+    subjects = sorted(by_subject)
+    random.Random(seed).shuffle(subjects)
+    subjects.sort(key=lambda s: group_of[s])  # stable: shuffled within each group, groups dealt in turn
+    if len(subjects) < folds:
+        raise StageInputError(f"{len(subjects)} labelled patients cannot make {folds} folds (preprocess.folds)")
+    fold_of = {s: i % folds for i, s in enumerate(subjects)}
+    splits = []
+    for k in range(folds):
+        val = sorted(cid for s in subjects if fold_of[s] == k for cid in by_subject[s])
+        train = sorted(cid for s in subjects if fold_of[s] != k for cid in by_subject[s])
+        splits.append({"train": train, "val": val})
+    return splits
+
+
+def read_splits(preprocessed: str | Path, fold: int) -> dict[str, list[str]]:
+    splits = read_json(Path(preprocessed) / SPLITS_NAME)["splits"]
+    if not 0 <= fold < len(splits):
+        raise StageInputError(f"fold {fold} not in splits.json (it has {len(splits)} folds)")
+    return splits[fold]
+
+
+def _preprocess_case(manifest: Manifest, case: Case, params: Params, out: Path, chains: dict) -> Case:
+    from medseg.atomic import save_nifti
+    from medseg.transforms import IMAGE, LABEL, preprocess_transforms
+
+    if case.modality not in chains:
+        chains[case.modality] = preprocess_transforms(
+            case.modality, params.preprocess.target_spacing, params.preprocess.ct_window)
+    data = chains[case.modality]({IMAGE: str(manifest.image_path(case)), LABEL: str(manifest.label_path(case))})
+    image, label = data[IMAGE], data[LABEL]
+    affine = image.affine.numpy()
+    image_rel, label_rel = f"images/{case.case_id}.nii.gz", f"labels/{case.case_id}.nii.gz"
+    save_nifti(out / image_rel, image[0].numpy(), affine, dtype="float32")
+    save_nifti(out / label_rel, label[0].numpy(), affine, dtype="uint8")
+    shape = tuple(int(s) for s in image.shape[1:])
+    spacing = tuple(float(s) for s in params.preprocess.target_spacing)
+    return Case(case.case_id, case.subject, image_rel, label_rel, case.modality, spacing, shape, case.phase, case.group)
+
+
+def run(params: Params) -> dict:
+    """Preprocess every labelled case of the ingested manifest; returns a small summary."""
+    from tqdm import tqdm
+
+    manifest = read_manifest(params.paths.ingested)
+    labelled = [c for c in manifest.cases if c.label is not None]
+    if not labelled:
+        raise StageInputError(f"{params.paths.ingested}/manifest.json has no labelled cases to train on")
+    skipped = len(manifest.cases) - len(labelled)
+    if skipped:
+        log.warning("skipping %d cases without labels", skipped)
+    splits = make_splits(labelled, params.preprocess.folds, params.preprocess.seed)
+    chains: dict = {}
+    with atomic_dir(params.paths.preprocessed) as out:
+        cases = [_preprocess_case(manifest, c, params, out, chains)
+                 for c in tqdm(labelled, desc="preprocess", unit="case")]
+        write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME)
+        write_json(out / SPLITS_NAME, {"folds": params.preprocess.folds, "seed": params.preprocess.seed,
+                                       "unit": "subject", "splits": splits})
+    log.info("preprocessed %d cases into %s", len(cases), params.paths.preprocessed)
+    return {"cases": len(cases), "skipped_unlabelled": skipped, "folds": params.preprocess.folds,
+            "out": params.paths.preprocessed}
+
+
+def read_dataset(preprocessed: str | Path) -> Manifest:
+    """The preprocessed cases (same schema as the ingest manifest)."""
+    return read_manifest(preprocessed, DATASET_NAME, made_by="medseg preprocess")

@@ -1,0 +1,84 @@
+"""MLflow set-up and run provenance: one SQLite store and artifact folder in the project unless overridden."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from medseg.params import MlflowParams, Params
+
+__all__ = ["configure_mlflow", "tracking_uri", "flatten_params", "git_commit", "data_version"]
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(mlflow_params: MlflowParams | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI`` wins over ``mlflow.tracking_uri`` from params."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or (mlflow_params or MlflowParams()).tracking_uri
+
+
+def configure_mlflow(mlflow_params: MlflowParams) -> str:
+    """Point MLflow at the store and return the experiment id (created with the project's artifact folder)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(mlflow_params))
+    experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
+        return experiment.experiment_id
+    artifacts = Path(mlflow_params.artifact_root).resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    experiment_id = mlflow.create_experiment(mlflow_params.experiment, artifact_location=artifacts.as_uri())
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten_params(params: Params, sections: tuple[str, ...] = ("data", "preprocess", "model", "train")) -> dict:
+    """``{"model.name": "unet", ...}`` for ``mlflow.log_params`` (lists as strings)."""
+    flat: dict[str, Any] = {}
+    for section in sections:
+        for key, value in params.section(section).items():
+            flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """HEAD's commit, with ``-dirty`` when the working tree differs; ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def data_version(data_dir: str | Path, lock_file: str | Path = "dvc.lock") -> dict[str, str]:
+    """The DVC hash of ``data_dir`` as recorded in ``dvc.lock`` (written when its stage finished).
+
+    Outside ``dvc repro`` (tests, the Prefect flow) there is no lock entry: fall back to an MD5 over the folder's
+    file names and contents, marked as such.
+    """
+    data_dir = Path(data_dir)
+    files = sorted(p for p in data_dir.rglob("*") if p.is_file())
+    lock = Path(lock_file)
+    if lock.is_file():
+        import yaml
+
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for stage in stages.values():
+            for out in stage.get("outs", []):
+                # A stale entry (the folder changed outside DVC since) would lie: check size and file count.
+                if (Path(out.get("path", "")) == data_dir and "md5" in out and out.get("nfiles") == len(files)
+                        and out.get("size") == sum(p.stat().st_size for p in files)):
+                    return {"data_md5": out["md5"], "data_md5_source": "dvc.lock"}
+    digest = hashlib.md5()
+    for path in files:
+        digest.update(str(path.relative_to(data_dir)).encode())
+        digest.update(hashlib.md5(path.read_bytes()).digest())
+    return {"data_md5": digest.hexdigest(), "data_md5_source": "content"}

@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny synthetic data sets and parameters that run the real stages in seconds on a CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medseg.params import Params, load_params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _pseudonym_key(monkeypatch):
+    """Tests never create the project's secret key file."""
+    monkeypatch.setenv("MEDSEG_PSEUDONYM_KEY", "test-key")
+
+
+def write_tiny_volume(seed: int, shape=(40, 36, 5), spacing=(1.5, 1.5, 8.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy MR-like volume with three nested blobs labelled 1..3 (blob positions vary with ``seed``)."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    image = np.zeros(shape, np.float32)
+    label = np.zeros(shape, np.uint8)
+    cx, cy = shape[0] / 2 + rng.integers(-4, 5), shape[1] / 2 + rng.integers(-4, 5)
+    r = np.hypot(x - cx, y - cy)
+    for z in range(shape[2]):
+        scale = 1.0 - 0.08 * z
+        label[..., z][r < 12 * scale] = 2
+        label[..., z][r < 8 * scale] = 3
+        label[..., z][(np.hypot(x - cx + 13 * scale, y - cy) < 6 * scale) & (label[..., z] == 0)] = 1
+    image[:] = 100.0
+    image[label == 1] = 400
+    image[label == 2] = 200
+    image[label == 3] = 500
+    image += rng.normal(0, 20, shape).astype(np.float32)
+    return image, label
+
+
+@pytest.fixture
+def tiny_ingested(tmp_path) -> Path:
+    """An ingested folder (manifest.json + NIfTI) of 6 MR cases from 3 subjects, as ``medseg ingest`` writes it."""
+    from medseg.atomic import save_nifti
+    from medseg.manifest import CARDIAC_LABELS, Case, write_manifest
+
+    root = tmp_path / "ingested"
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    cases = []
+    for i in range(6):
+        subject, phase = f"sub-{i // 2:04d}", ("ED", "ES")[i % 2]
+        image, label = write_tiny_volume(i, shape=(40 + 2 * i, 36, 5))
+        cid = f"{subject}_{phase}"
+        save_nifti(root / "images" / f"{cid}.nii.gz", image, affine)
+        save_nifti(root / "labels" / f"{cid}.nii.gz", label, affine, dtype=np.uint8)
+        cases.append(Case(cid, subject, f"images/{cid}.nii.gz", f"labels/{cid}.nii.gz", "MR", (1.5, 1.5, 8.0),
+                          image.shape, phase, "NOR"))
+    write_manifest(root, "acdc", CARDIAC_LABELS, cases)
+    return root
+
+
+def tiny_params(tmp_path: Path, **overrides) -> Params:
+    """The project's params.yaml with every path under ``tmp_path`` and a network small enough for seconds."""
+    raw = dataclasses.asdict(load_params(REPO / "params.yaml"))
+    raw["paths"] = {k: str(tmp_path / Path(v).name) for k, v in raw["paths"].items()}
+    raw["data"]["source"] = str(tmp_path / "source")
+    raw["preprocess"].update(folds=3)
+    raw["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
+    raw["train"].update(patch_size=[32, 32, 1], batch_size=2, samples_per_volume=2, max_epochs=2, val_interval=1)
+    raw["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
+    for section, values in overrides.items():
+        raw[section].update(values)
+    return params_from_dict(raw)
+
+
+@pytest.fixture
+def params_for(tmp_path):
+    def make(**overrides) -> Params:
+        return tiny_params(tmp_path, **overrides)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(monkeypatch):
+    """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture
+def trained(tiny_ingested, params_for):
+    """Params whose ingested data has been preprocessed and trained on (2 epochs of a tiny 2D U-Net)."""
+    from medseg import preprocess, train
+
+    params = params_for(paths={"ingested": str(tiny_ingested)})
+    preprocess.run(params)
+    summary = train.run(params)
+    return params, summary
