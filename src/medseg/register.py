@@ -27,7 +27,7 @@ def _champion_score(client, name: str) -> tuple[str | None, float]:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None, float("-inf")
-    return champion.version, float(champion.tags.get(SCORE_TAG, "-inf"))
+    return str(champion.version), float(champion.tags.get(SCORE_TAG, "-inf"))
 
 
 def run(params: Params) -> dict:
@@ -54,9 +54,9 @@ def run(params: Params) -> dict:
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
     if existing:
-        version = existing[0].version
+        version = str(existing[0].version)
     else:
-        version = mlflow.register_model(run_info["model_uri"], name, tags={SCORE_TAG: f"{score:.6f}"}).version
+        version = str(mlflow.register_model(run_info["model_uri"], name, tags={SCORE_TAG: f"{score:.6f}"}).version)
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
     champion_version, champion_score = _champion_score(client, name)
     if champion_version == version or score > champion_score:

@@ -1,0 +1,45 @@
+import mlflow
+import numpy as np
+import torch
+
+from medseg import evaluate, register
+from medseg.atomic import read_json, write_json
+from medseg.evaluate import METRICS_NAME
+
+
+def test_first_model_is_champion_worse_one_is_challenger(trained):
+    params, _ = trained
+    evaluate.run(params)
+    first = register.run(params)
+    assert first["alias"] == "champion" and first["version"] == "1"
+    again = register.run(params)  # re-registering the same run reuses its version
+    assert again["version"] == "1" and again["alias"] == "champion"
+
+    from medseg import train
+
+    worse = train.run(params)  # a second run (new MLflow run id); give it a worse score
+    metrics_path = f"{params.paths.evaluation}/{METRICS_NAME}"
+    write_json(metrics_path, {**read_json(metrics_path), "dice_mean": first["heldout_dice_mean"] - 0.05})
+    second = register.run(params)
+    assert second["run_id"] == worse["run_id"] and second["version"] == "2"
+    assert second["alias"] == "challenger" and second["previous_champion"] == "1"
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+
+    write_json(metrics_path, {**read_json(metrics_path), "dice_mean": first["heldout_dice_mean"] + 0.05})
+    third = register.run(params)
+    assert third["version"] == "2" and third["alias"] == "champion"
+
+
+def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
+    params, _ = trained
+    evaluate.run(params)
+    register.run(params)
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    net = mlflow.pytorch.load_model(f"models:/{params.register.model_name}@champion")
+    with torch.no_grad():
+        for batch, size in [(1, (32, 32)), (3, (96, 128)), (2, (64, 48))]:
+            assert net(torch.randn(batch, 1, *size)).shape == (batch, 4, *size)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
+    out = pyfunc.predict(np.random.rand(2, 1, 64, 96).astype(np.float32))
+    assert np.asarray(out).shape == (2, 4, 64, 96)
