@@ -1,0 +1,105 @@
+"""Shared pieces of the ingest readers: the pending-case record, the rejection exception, file walking."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "modality_name", "label_names_from_json",
+           "read_label_json"]
+
+
+class CaseRejected(Exception):
+    """A case or series cannot be ingested; ``str(err)`` is the human-readable reason for the report."""
+
+
+@dataclass
+class Loaded:
+    """One case in memory: ``image`` (X, Y, Z) with its 4x4 RAS ``affine``, and the optional label likewise."""
+
+    image: Any
+    affine: Any
+    label: Any = None
+    label_affine: Any = None
+
+
+@dataclass
+class Item:
+    """A case found by a reader, not yet loaded.
+
+    Attributes:
+        source: path of the case relative to SOURCE (image file or series folder), for the report.
+        subject: pseudonym of the patient.
+        case_id: pseudonym of the case (``subject`` plus a suffix).
+        load: reads the volume(s); raises :class:`CaseRejected` with a reason.
+        modality: "CT" or "MR"; None means "guess from intensities" (minimum below -500 -> CT).
+    """
+
+    source: str
+    subject: str
+    case_id: str
+    load: Callable[[], Loaded]
+    modality: str | None = None
+    phase: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class Scan:
+    """What a reader found: the label map (None: name the values seen), pending cases and early rejections."""
+
+    labels: dict[int, str] | None
+    items: list[Item] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def reject(self, source: str, reason: str) -> None:
+        self.rejected.append({"source": source, "reason": reason})
+
+
+def rel(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as a POSIX string ("." for the root itself)."""
+    try:
+        return Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:  # other drive on Windows
+        return Path(path).as_posix()
+
+
+def iter_files(root: Path, skip: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Regular files under ``root`` in sorted order; hidden files and folders (``.DS_Store``, ``._x``) and ``skip``
+    are left out."""
+    skip_set = {Path(s).resolve() for s in skip}
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip_set)
+        for name in sorted(filenames):
+            path = here / name
+            if not name.startswith(".") and path.resolve() not in skip_set and path.is_file():
+                yield path
+
+
+def modality_name(value: str) -> str:
+    """Map a modality string (DICOM tag, MSD ``modality`` entry such as "CT", "MRI", "T2", "ADC") to "CT" or "MR"."""
+    return "CT" if str(value).strip().upper() in {"CT", "CTA", "CBCT", "PET-CT"} else "MR"
+
+
+def label_names_from_json(raw: Any) -> dict[int, str]:
+    """Label map from ``{"0": "background", "1": "x"}`` or the nnU-Net v2 form ``{"background": 0, "x": 1}``."""
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("labels must be a non-empty JSON object")
+    if all(str(k).strip().lstrip("-").isdigit() for k in raw):
+        return {int(k): str(v) for k, v in raw.items()}
+    if all(isinstance(v, int) for v in raw.values()):
+        return {int(v): str(k) for k, v in raw.items()}
+    raise ValueError('labels must map label values to names, e.g. {"0": "background", "1": "pancreas"}')
+
+
+def read_label_json(path: Path) -> dict[int, str]:
+    """Label map from a JSON file holding either the map itself or an object with a ``labels`` entry."""
+    raw = json.loads(Path(path).read_text())
+    if isinstance(raw, dict) and isinstance(raw.get("labels"), dict):
+        raw = raw["labels"]
+    return label_names_from_json(raw)

@@ -1,0 +1,60 @@
+"""Which layout a SOURCE folder has: acdc, msd, dicom or nifti, tried in that order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medseg.errors import IngestError
+from medseg.ingest.acdc import find_patients
+from medseg.ingest.common import CaseRejected, iter_files
+from medseg.ingest.dicom_headers import looks_like_dicom, read_header
+from medseg.ingest.msd import find_msd_root
+from medseg.ingest.nifti import list_nifti_images
+
+__all__ = ["LAYOUTS", "LAYOUT_HELP", "detect_layout", "layout_help"]
+
+LAYOUTS = ("acdc", "msd", "dicom", "nifti")
+LAYOUT_HELP = {
+    "acdc": "patientNNN/Info.cfg (ED, ES, Group) beside patientNNN_frameYY.nii.gz and optional _gt.nii.gz labels",
+    "msd": "Medical Segmentation Decathlon task: dataset.json with a 'training' list, imagesTr/, labelsTr/",
+    "dicom": "DICOM files at any depth (any names); optional labels/<series folder>.nii.gz and labels.json",
+    "nifti": "images/*.nii[.gz] with optional labels/<same name>, or a flat folder of *.nii[.gz]",
+}
+
+
+def layout_help() -> str:
+    """One line per accepted layout, for error messages."""
+    return "\n".join(f"  {name:6s} {text}" for name, text in LAYOUT_HELP.items())
+
+
+def _is_dicom(path: Path) -> bool:
+    kind = looks_like_dicom(path)
+    if kind != "raw":
+        return kind == "preamble"
+    try:
+        read_header(path)
+    except CaseRejected:
+        return False
+    return True
+
+
+def _any_dicom(source: Path, skip: tuple[Path, ...]) -> bool:
+    return any(_is_dicom(p) for p in iter_files(source, (*skip, source / "labels")))
+
+
+def detect_layout(source: Path, skip: tuple[Path, ...] = ()) -> str:
+    """The first of acdc (an Info.cfg), msd (dataset.json with 'training'), dicom (a file that looks like DICOM),
+    nifti (NIfTI images) that ``source`` matches.
+
+    Raises:
+        IngestError: ``source`` matches none of them; the message lists what each layout looks like.
+    """
+    if find_patients(source, skip):
+        return "acdc"
+    if find_msd_root(source) is not None:
+        return "msd"
+    if _any_dicom(source, skip):
+        return "dicom"
+    if list_nifti_images(source)[0]:
+        return "nifti"
+    raise IngestError(f"no ingestible data found in {source}; accepted layouts (--layout):\n{layout_help()}")

@@ -1,0 +1,148 @@
+"""NIfTI reading shared by all NIfTI-based layouts, and the plain ``nifti`` layout.
+
+Layout: ``SOURCE/images/*.nii[.gz]`` with optional ``SOURCE/labels/<same name>`` (the nnU-Net form
+``case_0000.nii.gz`` -> ``labels/case.nii.gz`` is accepted too), or a flat folder of NIfTI images without labels.
+Modality comes from ``SOURCE/dataset.json`` (``modality`` or ``channel_names``) when present; otherwise it is guessed
+per image: "CT" when the image minimum is below -500 (Hounsfield units), else "MR". The label map comes from
+``dataset.json`` ``labels`` or ``SOURCE/labels.json``; without either, labels are named ``class_N`` from the values
+seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, label_names_from_json, modality_name, \
+    read_label_json, rel
+from medseg.pseudonym import pseudonym
+
+__all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_stem", "load_nifti", "pair_loader", "list_nifti_images",
+           "scan_nifti"]
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti(path: Path) -> bool:
+    """True for ``*.nii`` / ``*.nii.gz`` files that are not macOS ``._`` resource forks."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def nifti_stem(path: Path) -> str:
+    """``x.nii.gz`` -> ``x``."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI file as (array in native byte order, 4x4 affine); source dtype kept unless scaled by the header.
+
+    Raises:
+        CaseRejected: the file is missing or cannot be read.
+    """
+    import nibabel as nib
+
+    if not Path(path).is_file():
+        raise CaseRejected(f"{what} file is missing: {Path(path).name}")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # corrupt gzip, bad header, truncated data
+        raise CaseRejected(f"cannot read {what} NIfTI: {type(err).__name__}: {err}") from None
+    if not data.dtype.isnative:
+        data = data.astype(data.dtype.newbyteorder("="))
+    return data, _checked_affine(img, Path(path).name)
+
+
+def _checked_affine(img, name: str) -> np.ndarray:
+    """``img.affine``, with its column lengths replaced by the header's pixdim when the sform disagrees with it.
+
+    Some files (the public ACDC copy among them) carry an sform with 1 mm columns while ``pixdim`` holds the real
+    spacing (e.g. 1.5625 x 1.5625 x 10 mm); the directions and origin of the sform are kept.
+    """
+    affine = np.asarray(img.affine, dtype=np.float64)
+    header = img.header
+    if "sform_code" not in header or int(header["sform_code"]) == 0:
+        return affine
+    zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if len(zooms) < 3 or np.any(zooms <= 0) or np.any(norms == 0) or np.allclose(norms, zooms, rtol=1e-4):
+        return affine
+    log.info("%s: sform spacing %s disagrees with pixdim %s; using pixdim", name,
+             tuple(np.round(norms, 4).tolist()), tuple(np.round(zooms, 4).tolist()))
+    fixed = affine.copy()
+    fixed[:3, :3] = affine[:3, :3] / norms * zooms
+    return fixed
+
+
+def pair_loader(image_path: Path, label_path: Path | None):
+    """A ``load()`` callable for an image file and an optional label file."""
+
+    def load() -> Loaded:
+        image, affine = load_nifti(image_path, "image")
+        if label_path is None:
+            return Loaded(image, affine)
+        label, label_affine = load_nifti(label_path, "label")
+        return Loaded(image, affine, label, label_affine)
+
+    return load
+
+
+def list_nifti_images(source: Path) -> tuple[list[Path], Path | None]:
+    """The image files of a ``nifti`` layout and its label folder (None for a flat folder)."""
+    images_dir = source / "images"
+    if images_dir.is_dir():
+        labels_dir = source / "labels"
+        return sorted(p for p in images_dir.iterdir() if p.is_file() and is_nifti(p)), labels_dir
+    return sorted(p for p in source.iterdir() if p.is_file() and is_nifti(p)), None
+
+
+def _label_for(image: Path, labels_dir: Path | None) -> Path | None:
+    if labels_dir is None or not labels_dir.is_dir():
+        return None
+    stem = nifti_stem(image)
+    stems = [stem, stem[:-5]] if stem.endswith("_0000") else [stem]
+    for s in stems:
+        for suffix in NIFTI_SUFFIXES:
+            if (labels_dir / f"{s}{suffix}").is_file():
+                return labels_dir / f"{s}{suffix}"
+    return None
+
+
+def _dataset_json(source: Path) -> tuple[str | None, dict[int, str] | None]:
+    """Modality and label map from ``SOURCE/dataset.json`` and ``SOURCE/labels.json``, where present."""
+    modality, labels = None, None
+    path = source / "dataset.json"
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        mod = raw.get("modality", raw.get("channel_names"))
+        if isinstance(mod, dict) and mod:
+            modality = modality_name(next(iter(mod.values())))
+        elif isinstance(mod, str):
+            modality = modality_name(mod)
+        if isinstance(raw.get("labels"), dict):
+            labels = label_names_from_json(raw["labels"])
+    if labels is None and (source / "labels.json").is_file():
+        labels = read_label_json(source / "labels.json")
+    return modality, labels
+
+
+def scan_nifti(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
+    """Find the cases of a ``nifti`` layout (see the module docstring)."""
+    modality, labels = _dataset_json(source)
+    images, labels_dir = list_nifti_images(source)
+    scan = Scan(labels=labels)
+    for image in images:
+        stem = nifti_stem(image)
+        subject = pseudonym(stem)
+        scan.items.append(Item(source=rel(image, source), subject=subject, case_id=subject,
+                               load=pair_loader(image, _label_for(image, labels_dir)), modality=modality))
+    return scan
