@@ -219,8 +219,8 @@ def _finalise(p: Params, net: torch.nn.Module, state: dict, config: dict) -> dic
         (out / HISTORY_NAME).write_text("\n".join(lines) + "\n")
         spatial = [-1] * int(config["model"]["spatial_dims"])
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], *spatial), "image")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["out_channels"], *spatial), "logits")]),
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], *spatial))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["out_channels"], *spatial))]),
         )
         # Pickle, not the pt2 default: pt2 bakes the example's shape into the graph, and segmentation networks
         # must run on any patch and batch size. The classes pickled are MONAI's, which are stable across releases.
