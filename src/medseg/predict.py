@@ -51,11 +51,24 @@ def _is_nifti(path: Path) -> bool:
     return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
 
 
+def _dicom_volumes(folder: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """The DICOM series under ``folder``, read exactly as ingest reads them (sorted by position, RAS affine, HU)."""
+    from medseg.ingest.common import CaseRejected
+    from medseg.ingest.dicom import scan_dicom
+
+    for item in scan_dicom(folder).items:
+        try:
+            loaded = item.load()
+        except CaseRejected as err:
+            log.warning("skipping DICOM series %s: %s", item.source, err)
+            continue
+        name = folder.name if item.source == "." else Path(item.source).name
+        yield name, np.asarray(loaded.image), np.asarray(loaded.affine)
+
+
 def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(case name, 3D array, 4x4 RAS affine)`` for a NIfTI file, a DICOM series folder, or a folder of either."""
     import nibabel as nib
-
-    from medseg.ingest.dicom import read_dicom_volumes
 
     if not path.exists():
         raise StageInputError(f"input not found: {path}")
@@ -67,7 +80,7 @@ def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     for p in niftis:
         yield from find_inputs(p)
     found = bool(niftis)
-    for name, array, affine in read_dicom_volumes(path):
+    for name, array, affine in _dicom_volumes(path):
         found = True
         yield name, array.astype(np.float32), affine
     if not found:
