@@ -20,25 +20,18 @@ def write_params(path, params) -> str:
     return str(path)
 
 
-def test_flow_runs_stages_on_ingested_data(prefect_harness, tiny_ingested, params_for, tmp_path, monkeypatch):
+def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_path):
     from prefect.states import State
 
     from pipelines.medseg_flow import medseg_pipeline
 
-    params = params_for(paths={"ingested": str(tiny_ingested) + "_out"}, data={"source": str(tiny_ingested),
-                                                                               "layout": "nifti"})
-    # The tiny set is already in ingest's output form: point ingest at a NIfTI copy so the flow runs every stage.
-    src = tmp_path / "nifti_source"
-    (src / "images").mkdir(parents=True)
-    (src / "labels").mkdir()
-    for f in (tiny_ingested / "images").iterdir():
-        (src / "images" / f.name).write_bytes(f.read_bytes())
-        (src / "labels" / f.name).write_bytes((tiny_ingested / "labels" / f.name).read_bytes())
-    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=str(src)))
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     state = medseg_pipeline(params_file=write_params(tmp_path / "params.yaml", params), return_state=True)
     assert isinstance(state, State) and state.is_completed(), state
     summary = state.result()
-    assert set(summary) == {"ingest", "preprocess", "train", "evaluate", "register"}
+    assert list(summary) == ["demo_data", "ingest", "preprocess", "train", "evaluate", "register"]
+    assert summary["ingest"]["accepted"] == 6
     assert summary["register"]["alias"] == "champion"
     assert 0.0 <= summary["evaluate"]["dice_mean"] <= 1.0
 

@@ -60,3 +60,24 @@ def test_predict_from_registry_uri_on_a_folder(trained, tmp_path, monkeypatch):
 def test_predict_names_a_missing_model_or_input(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "nope"), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "model not found" in capsys.readouterr().err
+
+
+def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(trained, tmp_path):
+    from pathlib import Path
+
+    from medseg import demo_data, ingest
+    from medseg.manifest import read_manifest
+
+    params, _ = trained
+    demo_data.run(tmp_path / "demo", seed=5, cardiac_patients=1, ct_patients=1)
+    ct_root = tmp_path / "demo" / "pancreas_ct"
+    series = sorted(p for p in (ct_root / "dicom").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))[0]
+    summary = predict.run(params.paths.model, series, tmp_path / "pred", overlap=0.25)
+    written = nib.load(summary["written"][0])
+    assert Path(summary["written"][0]).name == f"{series.name}.nii.gz"
+
+    ingest.run(ct_root, tmp_path / "ingested_ct")
+    manifest = read_manifest(tmp_path / "ingested_ct")
+    reference = nib.load(str(manifest.image_path(manifest.cases[0])))
+    assert written.shape == reference.shape
+    np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)

@@ -1,5 +1,7 @@
 """Typed view of ``params.yaml``: loaded once at the edge, frozen, validated with the key and type named.
 
+Every key is required and has no default here: each value is written once, in ``params.yaml``.
+
 Code below the CLI, the DVC stages and the Prefect flow never opens YAML; it receives these dataclasses.
 """
 
@@ -8,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,82 +37,82 @@ class PathsParams:
 @dataclass(frozen=True)
 class DataParams:
     source: str
-    layout: Literal["auto", "acdc", "msd", "dicom", "nifti"] = "auto"
+    layout: Literal["auto", "acdc", "msd", "dicom", "nifti"]
 
 
 @dataclass(frozen=True)
 class DemoParams:
-    seed: int = 2024
-    cardiac_patients: int = 16
-    ct_patients: int = 4
+    seed: int
+    cardiac_patients: int
+    ct_patients: int
 
 
 @dataclass(frozen=True)
 class PreprocessParams:
-    target_spacing: tuple[float, float, float] = (1.5, 1.5, 8.0)
-    ct_window: tuple[float, float] = (-160.0, 240.0)
-    folds: int = 5
-    seed: int = 0
+    target_spacing: tuple[float, float, float]
+    ct_window: tuple[float, float]
+    folds: int
+    seed: int
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: Literal["unet", "attention_unet"] = "unet"
-    spatial_dims: Literal[2, 3] = 2
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
-    num_res_units: int = 1
-    norm: Literal["instance", "batch"] = "instance"
-    dropout: float = 0.0
+    name: Literal["unet", "attention_unet"]
+    spatial_dims: Literal[2, 3]
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+    num_res_units: int
+    norm: Literal["instance", "batch"]
+    dropout: float
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    fold: int = 0
-    patch_size: tuple[int, int, int] = (128, 128, 1)
-    batch_size: int = 4
-    samples_per_volume: int = 4
-    max_epochs: int = 40
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-5
-    val_interval: int = 2
-    cache_rate: float = 1.0
-    num_workers: int = 0
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
+    fold: int
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    samples_per_volume: int
+    max_epochs: int
+    learning_rate: float
+    weight_decay: float
+    val_interval: int
+    cache_rate: float
+    num_workers: int
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    amp: bool
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    sw_overlap: float = 0.5
-    sw_batch_size: int = 8
-    overlay_cases: int = 3
+    sw_overlap: float
+    sw_batch_size: int
+    overlay_cases: int
 
 
 @dataclass(frozen=True)
 class RegisterParams:
-    model_name: str = "medseg-cardiac"
+    model_name: str
 
 
 @dataclass(frozen=True)
 class MlflowParams:
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_root: str = "mlartifacts"
-    experiment: str = "medseg"
+    tracking_uri: str
+    artifact_root: str
+    experiment: str
 
 
 @dataclass(frozen=True)
 class Params:
     paths: PathsParams
     data: DataParams
-    demo: DemoParams = field(default_factory=DemoParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    register: RegisterParams = field(default_factory=RegisterParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    demo: DemoParams
+    preprocess: PreprocessParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    register: RegisterParams
+    mlflow: MlflowParams
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as a plain dict (for MLflow params and fingerprints)."""

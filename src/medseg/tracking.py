@@ -17,8 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(mlflow_params: MlflowParams | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI`` wins over ``mlflow.tracking_uri`` from params."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (mlflow_params or MlflowParams()).tracking_uri
+    """``$MLFLOW_TRACKING_URI`` wins over ``mlflow.tracking_uri`` from params.
+
+    Without either (``medseg predict`` run outside a project folder), MLflow's own default store applies.
+    """
+    import mlflow
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env or mlflow_params is None:
+        return env or mlflow.get_tracking_uri()
+    return mlflow_params.tracking_uri
 
 
 def configure_mlflow(mlflow_params: MlflowParams) -> str:
