@@ -107,7 +107,8 @@ def _slice(x, y, z, depth, a, rng):
     _paint(hu, soft(np.hypot(x - ox - 14, y - sy + 30) - a["aorta"]), a["aorta_hu"])
     _paint(hu, soft(_ell(x, y, ox - 24, sy - 30, 13, 9)), 110.0)  # IVC
     organs = (  # centre offset from the body centre (mm), radii, top and bottom depth, HU
-        ((-85, -20), (70, 85), -0.2, 0.75, 60.0), ((88, 30), (28, 48), -0.1, 0.45, 50.0), ((48, -60), (42, 30), -0.1, 0.40, 15.0),
+        ((-85, -20), (70, 85), -0.2, 0.75, 60.0), ((88, 30), (28, 48), -0.1, 0.45, 50.0),
+        ((48, -60), (42, 30), -0.1, 0.40, 15.0),
         ((-68, sy - oy - 5), (24, 34), 0.30, 0.95, 160.0), ((68, sy - oy - 10), (24, 34), 0.25, 0.90, 160.0),
     )  # liver, spleen, stomach, right and left kidney
     for n, ((cx, cy), (rx, ry), top, bottom, value) in enumerate(organs):
@@ -122,26 +123,31 @@ def _slice(x, y, z, depth, a, rng):
     lab = np.zeros(x.shape, np.uint8)
     pts, rad = a["pancreas_pts"], a["pancreas_r"]
     near = np.abs(pts[:, 2] - z) < 1.2 * rad
-    if near.any():  # normalised distance to the tube: < 1 inside
-        dn = np.full(x.shape, np.inf)
+    if near.any():
+        lo, hi = pts[near, :2].min(axis=0) - 25, pts[near, :2].max(axis=0) + 25
+        box = (x > lo[0]) & (x < hi[0]) & (y > lo[1]) & (y < hi[1])  # compute the tube only around it
+        bx_, by_, sub, sub_tex = x[box], y[box], hu[box], tex[box]
+        dn = np.full(bx_.shape, np.inf)  # normalised distance to the tube axis: < 1 inside
         for (px, py, pz), r in zip(pts[near], rad[near]):
-            dn = np.minimum(dn, np.sqrt(((x - px) ** 2 + (y - py) ** 2) / r**2 + ((z - pz) / (1.1 * r)) ** 2))
+            dn = np.minimum(dn, np.sqrt(((bx_ - px) ** 2 + (by_ - py) ** 2) / r**2 + ((z - pz) / (1.1 * r)) ** 2))
         r_mean = float(rad[near].mean())
-        _paint(hu, soft((dn - 1.0) * r_mean - 5.0), -95.0)  # peripancreatic fat
+        _paint(sub, soft((dn - 1.0) * r_mean - 5.0), -95.0)  # peripancreatic fat
         f_p = soft((dn - 1.0) * r_mean)
-        _paint(hu, f_p, a["pancreas_hu"] + 12.0 * tex)
-        lab[f_p > 0.5] = 1
-        if a["tumour"] is not None:
+        _paint(sub, f_p, a["pancreas_hu"] + 12.0 * sub_tex)
+        sub_lab = (f_p > 0.5).astype(np.uint8)
+        if a["tumour"] is not None:  # hypodense lesion inside the pancreas
             (tx, ty, tz), tr = a["tumour"]
-            f_t = soft(np.sqrt((x - tx) ** 2 + (y - ty) ** 2 + (z - tz) ** 2) - tr) * (f_p > 0.05)
-            _paint(hu, f_t, 45.0)
-            lab[(f_t > 0.5) & (lab == 1)] = 2
+            f_t = soft(np.sqrt((bx_ - tx) ** 2 + (by_ - ty) ** 2 + (z - tz) ** 2) - tr) * (f_p > 0.05)
+            _paint(sub, f_t, 45.0)
+            sub_lab[(f_t > 0.5) & (sub_lab == 1)] = 2
+        hu[box], lab[box] = sub, sub_lab
     return hu, lab
 
 
 def _dicom_header(ids: dict, geom: dict) -> dict:
     return {
-        "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "SOPClassUID": CTImageStorage,
+        "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "SOPClassUID": CTImageStorage,
         "StudyDate": ids["date"], "SeriesDate": ids["date"], "AcquisitionDate": ids["date"], "ContentDate": ids["date"],
         "StudyTime": ids["time"], "SeriesTime": ids["time"], "AccessionNumber": ids["accession"], "Modality": "CT",
         "Manufacturer": "MEDSEG DEMO", "InstitutionName": ids["institution"], "ReferringPhysicianName": ids["referrer"],
@@ -158,6 +164,37 @@ def _dicom_header(ids: dict, geom: dict) -> dict:
     }
 
 
+def _fake_identity(rng: np.random.Generator, uid, index: int) -> dict:
+    """Realistic-looking but invented identifiers (the PHI that ingestion must drop) and the series' UIDs."""
+    def date(first: int, last: int) -> str:
+        return f"{rng.integers(first, last + 1)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"
+
+    return {
+        "name": f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}^DEMO{index + 1:03d}",
+        "mrn": f"MRN{rng.integers(10**6, 10**7)}",
+        "birth": date(1940, 1990), "sex": str(rng.choice(["F", "M"])), "accession": f"ACC{rng.integers(10**7, 10**8)}",
+        "institution": "SAINT DEMO GENERAL HOSPITAL", "referrer": f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}",
+        "date": date(2019, 2023), "time": f"{rng.integers(7, 19):02d}{rng.integers(0, 60):02d}00",
+        "study_id": str(rng.integers(1000, 9999)), "series_number": int(rng.integers(2, 6)),
+        "study_uid": uid("study"), "series_uid": uid("series"), "for_uid": uid("for"),
+    }
+
+
+def _ct_anatomy(rng: np.random.Generator, origin: np.ndarray, z_top: float, span: float, tumour: bool) -> dict:
+    """Body, organs and a pancreas tube along a cubic Bezier from head (patient right, lower) to tail (left, higher)."""
+    ctrl = np.array([[-35, -5, 0.62], [-5, -25, 0.55], [40, -15, 0.47], [75, 5, 0.40]])  # x, y (mm), depth
+    ctrl = ctrl + rng.normal(0, [5, 5, 0.03], (4, 3))
+    ctrl[:, :2] += origin
+    ctrl[:, 2] = z_top - ctrl[:, 2] * span
+    t = np.linspace(0, 1, 48)
+    pts, rad = _bezier(ctrl, t), rng.uniform(11, 14) - t * rng.uniform(3, 5)
+    lesion = (pts[rng.integers(4, 28)] + rng.normal(0, 2, 3), rng.uniform(7, 10)) if tumour else None
+    return {"origin": origin, "body": (rng.uniform(135, 160), rng.uniform(105, 125)), "fat": rng.uniform(12, 25),
+            "gas": rng.uniform(-40, 40, 2) + np.array([0, -40]), "disc_phase": rng.uniform(0, 32),
+            "aorta": rng.uniform(9, 12), "aorta_hu": rng.uniform(150, 200), "pancreas_pts": pts, "pancreas_r": rad,
+            "pancreas_hu": rng.uniform(95, 110), "tumour": lesion}
+
+
 def write_ct_series(root: Path, index: int, seed: int) -> str:
     """Write series ``index`` (0-based) under ``root/dicom/`` and its label under ``root/labels/``.
 
@@ -165,7 +202,10 @@ def write_ct_series(root: Path, index: int, seed: int) -> str:
         The series folder name.
     """
     rng = np.random.default_rng([seed, 2, index])
-    uid = lambda *parts: generate_uid(entropy_srcs=[str(seed), "ct", str(index), *parts])  # noqa: E731
+
+    def uid(*parts: str) -> str:
+        return generate_uid(entropy_srcs=[str(seed), "ct", str(index), *parts])
+
     folder = f"series{index + 1:03d}"
     rows, cols = int(rng.choice([176, 192])), int(rng.choice([208, 224]))
     ps = round(float(rng.uniform(1.5, 1.8)), 3)
@@ -176,43 +216,23 @@ def write_ct_series(root: Path, index: int, seed: int) -> str:
     r_dir = np.round([np.cos(angle), np.sin(angle), 0.0], 6) + 0.0  # + 0.0 drops negative zeros
     c_dir = np.round([-np.sin(angle), np.cos(angle), 0.0], 6) + 0.0
     centre = rng.uniform(-15, 15, 2) + np.array([0.0, 20.0])
-    origin = centre + rng.uniform(-10, 10, 2)
-    span = n * thickness
-    # Pancreas: a tube along a cubic Bezier from head (patient right, lower) to tail (patient left, higher).
-    ctrl = np.array([[-35, -5, 0.62], [-5, -25, 0.55], [40, -15, 0.47], [75, 5, 0.40]]) + rng.normal(0, [5, 5, 0.03], (4, 3))
-    ctrl[:, :2] += origin
-    ctrl[:, 2] = z_top - ctrl[:, 2] * span
-    t = np.linspace(0, 1, 48)
-    pts, rad = _bezier(ctrl, t), rng.uniform(11, 14) - t * rng.uniform(3, 5)
-    tumour = None
-    if index % 4 in (0, 2):
-        t0 = int(rng.integers(4, 28))
-        tumour = (pts[t0] + rng.normal(0, 2, 3), rng.uniform(7, 10))
-    anat = {"origin": origin, "body": (rng.uniform(135, 160), rng.uniform(105, 125)), "fat": rng.uniform(12, 25),
-            "gas": rng.uniform(-40, 40, 2) + np.array([0, -40]), "disc_phase": rng.uniform(0, 32),
-            "aorta": rng.uniform(9, 12), "aorta_hu": rng.uniform(150, 200), "pancreas_pts": pts, "pancreas_r": rad,
-            "pancreas_hu": rng.uniform(95, 110), "tumour": tumour, "w": 0.4 * ps}
+    anat = _ct_anatomy(rng, centre + rng.uniform(-10, 10, 2), z_top, n * thickness, tumour=index % 4 in (0, 2))
+    anat["w"] = 0.4 * ps
     sigma = rng.uniform(10, 18)
-    fake = {"name": f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}^DEMO{index + 1:03d}", "mrn": f"MRN{rng.integers(10**6, 10**7)}",
-            "birth": f"{rng.integers(1940, 1991)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}", "sex": str(rng.choice(["F", "M"])),
-            "accession": f"ACC{rng.integers(10**7, 10**8)}", "institution": "SAINT DEMO GENERAL HOSPITAL",
-            "referrer": f"{rng.choice(_LAST)}^{rng.choice(_FIRST)}", "date": f"20{rng.integers(19, 24)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}",
-            "time": f"{rng.integers(7, 19):02d}{rng.integers(0, 60):02d}00", "study_id": str(rng.integers(1000, 9999)),
-            "series_number": int(rng.integers(2, 6)), "study_uid": uid("study"), "series_uid": uid("series"), "for_uid": uid("for")}
+    ids = _fake_identity(rng, uid, index)
     signed = int(index % 4 == 3)
     geom = {"rows": rows, "cols": cols, "spacing": [ps, ps], "thickness": thickness, "signed": signed,
             "bits_stored": 16 if signed else 12, "iop": [float(v) for v in (*r_dir, *c_dir)]}
-    header = _dicom_header(fake, geom)
+    header = _dicom_header(ids, geom)
     jj, ii = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")  # (rows, cols) = [j, i]
     series_dir = root / "dicom" / folder
     series_dir.mkdir(parents=True)
-    positions, labels = [], []
-    names = {f"{h:012X}.dcm" for h in rng.integers(0, 2**48, 4 * n)}
-    names = sorted(names)[:n]
+    names = sorted({f"{h:012X}.dcm" for h in rng.integers(0, 2**48, 4 * n)})[:n]
     rng.shuffle(names)
+    corner = np.r_[centre, 0.0] - (cols - 1) / 2 * ps * r_dir - (rows - 1) / 2 * ps * c_dir
+    positions, labels = [], []
     for k in range(n):  # k = 0 is the top (head end) slice
-        pos = np.round(np.r_[centre, 0.0] - (cols - 1) / 2 * ps * r_dir - (rows - 1) / 2 * ps * c_dir, 3)
-        pos[2] = round(z_top - k * thickness, 3)
+        pos = np.r_[np.round(corner[:2], 3), round(z_top - k * thickness, 3)]
         x = pos[0] + ii * ps * r_dir[0] + jj * ps * c_dir[0]
         y = pos[1] + ii * ps * r_dir[1] + jj * ps * c_dir[1]
         hu, lab = _slice(x, y, pos[2], k / (n - 1), anat, rng)
@@ -230,14 +250,14 @@ def write_ct_series(root: Path, index: int, seed: int) -> str:
         for key, value in header.items():
             setattr(ds, key, value)
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.InstanceNumber = n - k if index % 4 == 1 else k + 1
+        ds.InstanceNumber = n - k if index % 4 == 1 else k + 1  # series 1, 5, ...: numbered from the feet up
         ds.ImagePositionPatient = [float(v) for v in pos]
         ds.SliceLocation = float(pos[2])
-        ds.ContentTime = f"{fake['time'][:4]}{k % 60:02d}"
+        ds.ContentTime = f"{ids['time'][:4]}{k % 60:02d}"
         ds.PixelData = stored.tobytes()
         ds.save_as(series_dir / names[k], enforce_file_format=True)
     normal = np.cross(r_dir, c_dir)
-    order = np.argsort([p @ normal for p in positions])
+    order = np.argsort([p @ normal for p in positions])  # label slices ascend along the normal
     vol = np.stack([labels[m].T for m in order], axis=-1)  # [i, j, k]
     step = (positions[order[-1]] - positions[order[0]]) / (n - 1)
     affine = dicom_series_affine(geom["iop"], positions[order[0]], geom["spacing"], step)

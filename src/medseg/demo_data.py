@@ -4,9 +4,11 @@ The cardiac part mimics ACDC ``training/patientNNN/`` folders: ``Info.cfg`` plus
 ground truth (``0`` background, ``1`` RV cavity, ``2`` LV myocardium, ``3`` LV cavity). Images are int16 NIfTI,
 array axes ``(x, y, slice)`` with slice ``0`` at the base, affine ``diag(-sx, -sy, sz)`` (axis codes L, P, S) as in
 ACDC but with the voxel sizes in it. Each patient draws its own matrix, spacing, heart position, rotation, sizes
-and shape harmonics; ES has smaller cavities, a thicker wall and a descended base. Tissue fractions come from soft
-(sigmoid) boundaries averaged over three depths per slice (partial volume), then a smooth bias field and Rician
-noise are applied. The same ``seed`` gives byte-identical files.
+and shape harmonics; ES has smaller cavities, a thicker wall and a descended base (so its first slice may show
+only atria, unlabelled, as in ACDC). Tissue fractions come from soft (sigmoid) boundaries averaged over three depths
+per slice (partial volume; the label is the majority of the three), then a smooth bias field and Rician noise are
+applied. Intensities are bSSFP-like: blood ~3x myocardium, bright fat, dark lungs; blood ends up around 130-320.
+The same ``seed`` gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _GROUP_SHAPE = {
     "RV": ((22, 26), (7, 9), (0.72, 0.78), (1.30, 1.50), (0.86, 0.92)),
 }
 # Base intensities (arbitrary MR units before the per-patient gain): bright blood, dark myocardium, bright fat.
-_MR = {"air": 6.0, "lung": 16.0, "fat": 250.0, "tissue": 105.0, "liver": 70.0, "myo": 80.0, "blood": 240.0}
+_MR = {"air": 6.0, "lung": 16.0, "fat": 250.0, "tissue": 120.0, "liver": 70.0, "myo": 70.0, "blood": 240.0}
 
 
 def _rot(theta: float) -> np.ndarray:
@@ -79,19 +81,42 @@ def _patient_anatomy(rng: np.random.Generator, group: str) -> dict:
     es_cav = cav * es_ratio
     es_epi = np.sqrt(es_cav**2 + epi**2 - cav**2)  # the myocardium keeps its volume: thicker wall at ES
     length = rng.uniform(82, 100) * (1.12 if group == "DCM" else 1.0)
-    shortening = rng.uniform(0.08, 0.14)
-    harm = lambda scale: np.stack([rng.normal(0, scale, 3), rng.uniform(0, 2 * np.pi, 3)], axis=1)  # noqa: E731
-    frames = {}
-    for phase, (c_r, e_r, rv_f, L) in {"ED": (cav, epi, 1.0, length), "ES": (es_cav, es_epi, rv_es, length * (1 - shortening))}.items():
-        frames[phase] = {"cav": c_r, "epi": e_r, "rv": rv_size * rv_f, "length": L}
+    shortening = rng.uniform(0.06, 0.12)  # the base descends towards the apex at ES
+
+    def harm(scale: float) -> np.ndarray:
+        return np.stack([rng.normal(0, scale, 3), rng.uniform(0, 2 * np.pi, 3)], axis=1)
+
     return {
-        "frames": frames, "base_shift": length * shortening, "ecc": rng.uniform(0.88, 1.0),
-        "theta": np.deg2rad(rng.uniform(-30, 30)), "drift": rng.normal(0, 4, 2), "rv_end": rng.uniform(0.72, 0.88),
+        "frames": {"ED": {"cav": cav, "epi": epi, "rv": rv_size, "length": length},
+                   "ES": {"cav": es_cav, "epi": es_epi, "rv": rv_size * rv_es, "length": length * (1 - shortening)}},
+        "base_shift": length * shortening, "ecc": rng.uniform(0.88, 1.0), "theta": np.deg2rad(rng.uniform(-30, 30)),
+        "drift": rng.normal(0, 4, 2), "rv_end": rng.uniform(0.72, 0.88),
         "rv_k": (rng.uniform(0.7, 0.8), rng.uniform(0.85, 1.0), rng.uniform(1.4, 1.7)),
         "h_endo": (harm(0.035), harm(0.035)), "h_epi": (harm(0.025), harm(0.025)), "h_rv": (harm(0.05), harm(0.05)),
-        "papillary": rng.uniform(0, 2 * np.pi, 2) + np.array([0.0, 1.6]), "infarct": rng.uniform(0, 2 * np.pi),
-        "contrast": {k: v * rng.uniform(0.9, 1.1) for k, v in _MR.items()},
+        "papillary": rng.uniform(0, 2 * np.pi, 2) + np.array([0.0, 1.6]), "fat_angle": rng.uniform(0, 2 * np.pi),
+        "peri": rng.uniform(3, 6), "contrast": {k: v * rng.uniform(0.9, 1.1) for k, v in _MR.items()},
+        "body": (rng.uniform(150, 180), rng.uniform(120, 145)),
     }
+
+
+def _background(x, y, centre, anat, k, w, rng):
+    """One slice of thorax without the heart: body with subcutaneous fat, lungs, liver, descending aorta."""
+    con, th = anat["contrast"], anat["theta"]
+    R = _rot(th)
+    bg = np.full(x.shape, con["air"])
+    tex = gaussian_filter(rng.standard_normal(x.shape), 2.5)
+    tex /= tex.std() + 1e-9
+    d_body = _sdist(x, y, centre + R @ np.array([15.0, 20.0]), anat["body"], th / 2)
+    _paint(bg, expit(-d_body / w), con["fat"])
+    _paint(bg, expit(-(d_body + 14) / w), con["tissue"] * (1 + 0.12 * tex))
+    for off, radii in (((70, 5), (38, 70)), ((-40, -75), (70, 40))):  # lungs
+        lung = _sdist(x, y, centre + R @ np.array(off), radii, th)
+        _paint(bg, expit(-lung / w), con["lung"] * (1 + 0.4 * np.abs(tex)))
+    liver = _sdist(x, y, centre + R @ np.array([-30.0, 95.0 - 3 * k]), (95, 55), th)
+    _paint(bg, expit(-liver / w), con["liver"] * (1 + 0.06 * tex))
+    aorta = centre + R @ np.array([50.0, 62.0])
+    _paint(bg, expit(-(np.hypot(x - aorta[0], y - aorta[1]) - 11) / w), con["blood"] * 0.9)
+    return bg
 
 
 def _heart(x, y, centre, anat, phase, s, img, w):
@@ -102,10 +127,11 @@ def _heart(x, y, centre, anat, phase, s, img, w):
     u_rv = _rot(th) @ np.array([-0.96, 0.28])
     if s < 0:  # above the valve plane: atria and aortic root, unlabelled
         fade = np.sqrt(max(0.0, 1.0 - (s / 0.45) ** 2))
-        for off, rad in ((np.zeros(2), 0.9 * f["cav"]), (1.1 * f["epi"] * u_rv, 0.8 * f["cav"] * f["rv"]),
-                         (_rot(th) @ np.array([-0.2, -1.0]) * f["epi"] * 0.8, 13.0)):
-            d = _sdist(x, y, c + off, (rad * fade + 1e-3, rad * fade * 0.9 + 1e-3), th)
-            _paint(img, expit(-(d - 2.0) / w), con["myo"])
+        la, ra, ao = -0.45 * f["epi"] * u_rv, 1.2 * f["epi"] * u_rv, _rot(th) @ np.array([-0.3, -0.9]) * f["epi"]
+        for off, (ra_, rb_) in ((la, (0.75 * f["cav"], 0.55 * f["cav"])), (ao, (12.0, 12.0)),
+                                (ra, (0.7 * f["cav"] * f["rv"], 0.5 * f["cav"] * f["rv"]))):
+            d = _sdist(x, y, c + off, (ra_ * fade + 1e-3, rb_ * fade + 1e-3), th)
+            _paint(img, expit(-(d - 1.5) / w), con["tissue"])  # thin atrial wall: no dark ring as around the LV
             _paint(img, expit(-d / w), con["blood"] * 0.95)
         return lab
     g = float(_profile(s))
@@ -113,14 +139,18 @@ def _heart(x, y, centre, anat, phase, s, img, w):
     s_cav = 1.0 - 0.8 * (f["epi"] - f["cav"]) / L
     g_cav = float(_profile(s / s_cav)) if s < s_cav else 0.0
     g_rv = max(0.0, 1.0 - (s / anat["rv_end"]) ** 2) ** 0.35
-    mix = lambda h: h[0] * (1 - s) + h[1] * s  # noqa: E731
+
+    def mix(h: tuple[np.ndarray, np.ndarray]) -> np.ndarray:  # shape harmonics drift from base to apex
+        return h[0] * (1 - s) + h[1] * s
+
     kd, ka, kb = anat["rv_k"]
     rv_c = c + kd * f["epi"] * g * u_rv
     rv_r = (ka * f["epi"] * f["rv"] * g * g_rv + 1e-3, kb * f["epi"] * f["rv"] * g * g_rv + 1e-3)
     d_rv = _sdist(x, y, rv_c, rv_r, np.arctan2(u_rv[1], u_rv[0]), mix(anat["h_rv"]))
     epi_r = (f["epi"] * g + 1e-3, f["epi"] * g * anat["ecc"] + 1e-3)
     d_epi = _sdist(x, y, c, epi_r, th, mix(anat["h_epi"]))
-    _paint(img, expit(-(np.minimum(d_epi - 4.0, d_rv - 4.0)) / w), con["tissue"])  # pericardium
+    peri = con["fat"] * (0.6 + 0.12 * np.cos(np.arctan2(y - c[1], x - c[0]) - anat["fat_angle"]))
+    _paint(img, expit(-(np.minimum(d_epi, d_rv) - anat["peri"]) / w), peri)  # epicardial fat and pericardium
     _paint(img, expit(-(d_rv - 2.5) / w), con["myo"])  # RV free wall
     f_rv = expit(-d_rv / w)
     _paint(img, f_rv, con["blood"] * 0.93)
@@ -157,25 +187,12 @@ def write_cardiac_patient(root: Path, index: int, seed: int) -> list[Path]:
     z_base = -rng.uniform(0.0, 0.5) * sz  # slice 0 sits at or just below the base
     x, y = np.meshgrid(np.arange(nx) * sxy, np.arange(ny) * sxy, indexing="ij")
     centre = np.array([nx, ny]) * sxy * (0.5 + rng.uniform(-0.1, 0.1, 2))
-    R = _rot(anat["theta"])
     lo, hi = np.floor((centre - 100) / sxy).astype(int).clip(0), np.ceil((centre + 100) / sxy).astype(int)
     win = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))  # the heart lies within 100 mm of its centre
-    con, w = anat["contrast"], 0.35 * sxy
-    xn, yn = (x / x.max() * 2 - 1), (y / y.max() * 2 - 1)
+    con, w = anat["contrast"], 0.35 * sxy  # w: width (mm) of the soft partial-volume boundaries
+    xn, yn = (x / x.max() * 2 - 1)[..., None], (y / y.max() * 2 - 1)[..., None]
     bias_c = rng.normal(0, 0.15, 6)
-    backgrounds = []
-    for k in range(nz):  # background is the same at ED and ES: only the heart moves
-        bg = np.full(x.shape, con["air"])
-        tex = gaussian_filter(rng.standard_normal(x.shape), 2.5)
-        tex /= tex.std() + 1e-9
-        body_c = centre + R @ np.array([15.0, 20.0])
-        _paint(bg, expit(-_sdist(x, y, body_c, (165, 135), anat["theta"] / 2) / w), con["fat"])
-        _paint(bg, expit(-(_sdist(x, y, body_c, (165, 135), anat["theta"] / 2) + 14) / w), con["tissue"] * (1 + 0.12 * tex))
-        for off, radii in (((70, 5), (38, 70)), ((-40, -75), (70, 40))):  # lungs
-            _paint(bg, expit(-_sdist(x, y, centre + R @ np.array(off), radii, anat["theta"]) / w), con["lung"] * (1 + 0.4 * np.abs(tex)))
-        _paint(bg, expit(-_sdist(x, y, centre + R @ np.array([-30.0, 95.0 - 3 * k]), (95, 55), anat["theta"]) / w), con["liver"] * (1 + 0.06 * tex))
-        _paint(bg, expit(-(np.hypot(*(np.stack([x, y]) - (centre + R @ np.array([50.0, 62.0]))[:, None, None])) - 11) / w), con["blood"] * 0.9)
-        backgrounds.append(bg)
+    backgrounds = [_background(x, y, centre, anat, k, w, rng) for k in range(nz)]  # only the heart moves
     info = {"ED": 1, "NbFrame": int(rng.choice([20, 25, 28, 30]))}
     info["ES"] = int(round(info["NbFrame"] * rng.uniform(0.3, 0.45))) + 1
     gain, noise = rng.uniform(0.55, 1.3), rng.uniform(0.03, 0.055)
@@ -189,24 +206,27 @@ def write_cardiac_patient(root: Path, index: int, seed: int) -> list[Path]:
         base = z_base + (anat["base_shift"] if phase == "ES" else 0.0)
         img, lab = np.zeros((nx, ny, nz)), np.zeros((nx, ny, nz), np.uint8)
         for k in range(nz):
-            for dz in (-0.3, 0.3, 0.0):  # through-plane partial volume; the label is taken at the slice centre
+            labs = []
+            for dz in (-0.3, 0.0, 0.3):  # through-plane partial volume: three depths per slice, majority label
                 sl = backgrounds[k].copy()
-                lab[win + (k,)] = _heart(x[win], y[win], centre, anat, phase, (k * sz + dz * sz - base) / fr["length"],
-                                         sl[win], w)
+                labs.append(_heart(x[win], y[win], centre, anat, phase, (k * sz + dz * sz - base) / fr["length"],
+                                   sl[win], w))
                 img[:, :, k] += sl / 3.0
+            lab[win + (k,)] = np.where(labs[0] == labs[2], labs[0], labs[1])
             img[:, :, k] = gaussian_filter(img[:, :, k], 0.5)
         zn = np.linspace(-1, 1, nz)[None, None, :]
-        bias = np.exp(bias_c[0] * xn[..., None] + bias_c[1] * yn[..., None] + bias_c[2] * xn[..., None] ** 2
-                      + bias_c[3] * yn[..., None] ** 2 + bias_c[4] * (xn * yn)[..., None] + bias_c[5] * zn)
+        bias = np.exp(bias_c[0] * xn + bias_c[1] * yn + bias_c[2] * xn**2 + bias_c[3] * yn**2 + bias_c[4] * xn * yn
+                      + bias_c[5] * zn)  # smooth multiplicative coil sensitivity
         sigma = noise * con["blood"]
-        img = np.hypot(img * bias + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape)) * gain
+        img = np.hypot(img * bias + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape)) * gain  # Rician
         stem = folder / f"{name}_frame{info[phase]:02d}"
         written.append(save_nifti(f"{stem}.nii.gz", np.clip(np.rint(img), 0, 32767), affine, np.int16))
         written.append(save_nifti(f"{stem}_gt.nii.gz", lab, affine, np.uint8))
     height, weight = float(rng.integers(150, 196)), float(rng.integers(50, 111))
     cfg = folder / "Info.cfg"
-    cfg.write_text(f"ED: {info['ED']}\nES: {info['ES']}\nGroup: {group}\nHeight: {height}\nNbFrame: {info['NbFrame']}\n"
-                   f"Weight: {weight}\n")
+    fields = {"ED": info["ED"], "ES": info["ES"], "Group": group, "Height": height, "NbFrame": info["NbFrame"],
+              "Weight": weight}
+    cfg.write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
     return [cfg, *written]
 
 
