@@ -70,6 +70,6 @@ def test_resume_ignores_checkpoint_from_other_params(tiny_ingested, params_for):
     params = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1})
     preprocess.run(params)
     first = train.run(params)
-    changed = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1, "learning_rate": 0.01})
+    changed = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1, "learning_rate": params.train.learning_rate * 2})
     second = train.run(changed, resume=True)
     assert second["run_id"] != first["run_id"]
