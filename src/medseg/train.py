@@ -20,7 +20,7 @@ import torch
 from medseg.atomic import atomic_dir, atomic_path, read_json, write_json
 from medseg.params import Params
 
-__all__ = ["run", "data_lists", "validate", "inference_config", "CHECKPOINT_NAME", "MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME"]
+__all__ = ["run", "data_lists", "train_epoch", "validate", "inference_config", "CHECKPOINT_NAME", "MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,23 @@ def data_lists(params: Params) -> tuple[list[dict], list[dict], Any]:
         raise StageInputError(f"fold {params.train.fold} has {len(train_files)} training and "
                               f"{len(val_files)} validation cases; both must be non-empty")
     return train_files, val_files, dataset
+
+
+def train_epoch(net: torch.nn.Module, loader, optimizer, scaler, loss_fn, device: torch.device,
+                use_amp: bool) -> list[float]:
+    """One pass over ``loader``; mixed precision (fp16 autocast + gradient scaling) when ``use_amp`` on CUDA."""
+    net.train()
+    losses = []
+    for batch in loader:
+        images, labels = batch["image"].to(device), batch["label"].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = loss_fn(net(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.item())
+    return losses
 
 
 def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device) -> np.ndarray:
@@ -168,17 +185,7 @@ def run(params: Params, resume: bool = False) -> dict:
         bar = tqdm(range(state["epoch"], t.max_epochs), desc="train", unit="epoch",
                    initial=state["epoch"], total=t.max_epochs)
         for epoch in bar:
-            net.train()
-            losses = []
-            for batch in train_loader:
-                images, labels = batch["image"].to(device), batch["label"].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = loss_fn(net(images), labels)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
+            losses = train_epoch(net, train_loader, optimizer, scaler, loss_fn, device, use_amp)
             scheduler.step()
             record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": scheduler.get_last_lr()[0]}
             if (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.max_epochs:

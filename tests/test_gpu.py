@@ -1,0 +1,45 @@
+"""CUDA paths: automatic device choice, AMP training steps and sliding-window inference on the GPU.
+
+Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest -m gpu``.
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def tiny_batches(n=3, size=64):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        image = torch.randn(4, 1, size, size, generator=g)
+        yield {"image": image, "label": (image > 0.5).long() + (image > 1.5).long()}
+
+
+def test_auto_device_is_cuda():
+    from medseg.inference import select_device
+
+    assert select_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["unet", "attention_unet"])
+def test_amp_training_steps_and_inference_on_cuda(name):
+    from monai.losses import DiceCELoss
+
+    from medseg.inference import build_inferer
+    from medseg.networks import build_network
+    from medseg.train import train_epoch, validate
+
+    device = torch.device("cuda")
+    model = {"name": name, "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0,
+             "norm": "instance", "dropout": 0.0}
+    net = build_network(model, 1, 3).to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cuda", enabled=True)
+    losses = train_epoch(net, list(tiny_batches()), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
+                         device, use_amp=True)
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert scaler.get_scale() > 0 and scaler.is_enabled()
+    volume = [{"image": torch.randn(1, 1, 80, 72, 5), "label": torch.randint(0, 3, (1, 1, 80, 72, 5))}]
+    dice = validate(net, volume, build_inferer([64, 64, 1], 2, 0.5, 4), 3, device)
+    assert dice.shape == (2,)
