@@ -22,7 +22,7 @@ from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.checks import as_3d, check_image, check_label, guess_modality, spacing_of
 from medseg.ingest.common import CaseRejected, Item, Scan
 from medseg.ingest.dicom import scan_dicom
-from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout
+from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_help
 from medseg.ingest.msd import scan_msd
 from medseg.ingest.nifti import scan_nifti
 from medseg.manifest import REPORT_NAME, Case, write_manifest
@@ -103,7 +103,8 @@ def run(source: Path, out_dir: Path, layout: str = "auto") -> dict[str, Any]:
     source = Path(source).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
     if not source.exists():
-        raise IngestError(f"source {source} does not exist")
+        raise IngestError(f"source {source} does not exist (data.source in params.yaml, or the SOURCE argument); "
+                          f"it should be a folder in one of these layouts:\n{layout_help()}")
     if not source.is_dir():
         raise IngestError(f"source {source} is not a folder")
     skip = (out_dir,)
