@@ -165,10 +165,8 @@ def run(params: Params, resume: bool = False) -> dict:
         else:
             log.warning("checkpoint %s was made with other params, data or code: starting afresh", ckpt_path)
 
-    cached, randomised = train_transforms(p.model.spatial_dims, t.patch_size, t.samples_per_volume, num_classes)
-    from monai.transforms import Compose
-
-    train_ds = CacheDataset(train_files, Compose([*cached.transforms, *randomised.transforms]),
+    train_ds = CacheDataset(train_files, train_transforms(p.model.spatial_dims, t.patch_size, t.samples_per_volume,
+                                                          num_classes),
                             cache_rate=t.cache_rate, num_workers=None, progress=False)
     val_ds = CacheDataset(val_files, eval_transforms(), cache_rate=t.cache_rate, progress=False)
     train_loader = ThreadDataLoader(train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers)

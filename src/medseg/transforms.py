@@ -72,21 +72,21 @@ def preprocess_transforms(
     return mt.Compose(chain)
 
 
-def train_transforms(
-    spatial_dims: int, patch_size: Sequence[int], samples_per_volume: int, num_classes: int
-) -> tuple[mt.Compose, mt.Compose]:
-    """(deterministic prefix to cache, random suffix) for preprocessed volumes.
+def train_transforms(spatial_dims: int, patch_size: Sequence[int], samples_per_volume: int,
+                     num_classes: int) -> mt.Compose:
+    """Training chain for preprocessed volumes: the deterministic prefix (load, pad) first, so MONAI's
+    ``CacheDataset`` caches it, and every random transform after it.
 
     For ``spatial_dims == 2`` the patch is ``(H, W, 1)`` and its last axis is squeezed: 2D slices of 3D volumes.
     """
     keys = [IMAGE, LABEL]
-    cached = mt.Compose([
+    cached: list = [
         mt.LoadImaged(keys, image_only=True),
         mt.EnsureChannelFirstd(keys),
         mt.EnsureTyped(IMAGE, dtype=np.float32, track_meta=False),
         mt.EnsureTyped(LABEL, dtype=np.uint8, track_meta=False),
         mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
-    ])
+    ]
     random: list = [
         mt.RandCropByLabelClassesd(
             keys, label_key=LABEL, spatial_size=tuple(patch_size), num_classes=num_classes,
@@ -103,7 +103,7 @@ def train_transforms(
         mt.RandScaleIntensityd(IMAGE, prob=0.15, factors=0.15),
         mt.EnsureTyped(LABEL, dtype=np.int64),
     ]
-    return cached, mt.Compose(random)
+    return mt.Compose(cached + random)
 
 
 def eval_transforms() -> mt.Compose:
