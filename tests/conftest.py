@@ -69,7 +69,8 @@ def tiny_params(tmp_path: Path, **overrides) -> Params:
     raw["data"]["source"] = str(tmp_path / "source")
     raw["preprocess"].update(folds=3)
     raw["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    raw["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, max_epochs=2, val_interval=1)
+    raw["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, steps_per_epoch=2, max_epochs=2,
+                        val_interval=1)
     raw["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
     for section, values in overrides.items():
         raw[section].update(values)

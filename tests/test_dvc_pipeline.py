@@ -33,7 +33,8 @@ def project(tmp_path) -> Path:
     params["demo"].update(cardiac_patients=4, ct_patients=1)
     params["preprocess"].update(folds=2, target_spacing=[3.0, 3.0, 8.0])
     params["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    params["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, max_epochs=1)
+    params["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, steps_per_epoch=2,
+                           max_epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init", cwd=root)

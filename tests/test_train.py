@@ -35,7 +35,6 @@ def test_train_writes_model_checkpoint_and_mlflow_run(trained):
 def test_killed_training_resumes_into_same_run(tiny_ingested, params_for, monkeypatch):
     params = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 3})
     preprocess.run(params)
-    uninterrupted_steps = None
 
     calls = {"n": 0}
     real_validate = train.validate
@@ -52,6 +51,7 @@ def test_killed_training_resumes_into_same_run(tiny_ingested, params_for, monkey
     ckpt = torch.load(Path(params.paths.checkpoints) / CHECKPOINT_NAME, weights_only=False)
     assert ckpt["state"]["epoch"] == 1
     steps_per_epoch = optimizer_steps(params)
+    assert steps_per_epoch == params.train.steps_per_epoch
     assert not Path(params.paths.model).exists(), "an interrupted training must not leave a model behind"
     mlflow.end_run()
 
@@ -59,8 +59,7 @@ def test_killed_training_resumes_into_same_run(tiny_ingested, params_for, monkey
     summary = train.run(params, resume=True)
     assert summary["run_id"] == ckpt["state"]["run_id"]
     assert summary["epochs"] == 3
-    uninterrupted_steps = 3 * steps_per_epoch
-    assert optimizer_steps(params) == uninterrupted_steps
+    assert optimizer_steps(params) == 3 * steps_per_epoch  # as many steps as an uninterrupted run
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")]
     assert steps == [1, 2, 3]

@@ -72,6 +72,7 @@ class TrainParams:
     patch_size: tuple[int, int, int]
     batch_size: int
     samples_per_volume: int
+    steps_per_epoch: int
     max_epochs: int
     learning_rate: float
     weight_decay: float

@@ -169,7 +169,10 @@ def run(params: Params, resume: bool = False) -> dict:
                                                           num_classes),
                             cache_rate=t.cache_rate, num_workers=None, progress=False)
     val_ds = CacheDataset(val_files, eval_transforms(), cache_rate=t.cache_rate, progress=False)
-    train_loader = ThreadDataLoader(train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers)
+    # A fixed number of steps per epoch (volumes drawn with replacement), so the training budget is the same
+    # whether the data set has 8 volumes or 800.
+    sampler = torch.utils.data.RandomSampler(train_ds, replacement=True, num_samples=t.steps_per_epoch * t.batch_size)
+    train_loader = ThreadDataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers)
     val_loader = ThreadDataLoader(val_ds, batch_size=1, num_workers=0)
 
     configure_mlflow(p.mlflow)
