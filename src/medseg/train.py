@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.atomic import atomic_dir, atomic_path, read_json, write_json
+from medseg.atomic import atomic_dir, atomic_path, write_json
 from medseg.params import Params
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "inference_config", "CHECKPOINT_NAME", "MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME"]
@@ -220,8 +220,6 @@ def _finalise(p: Params, net: torch.nn.Module, state: dict, config: dict) -> dic
     with atomic_dir(p.paths.model) as out:
         torch.save({"state_dict": net.state_dict(), "config": config}, out / MODEL_NAME)
         write_json(out / CONFIG_NAME, config)
-        write_json(out / RUN_NAME, {"run_id": state["run_id"], "best_val_dice": state["best_dice"],
-                                    "best_epoch": state["best_epoch"], "epochs": state["epoch"]})
         keys = sorted({k for r in state["history"] for k in r}, key=lambda k: (k != "epoch", k))
         lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in state["history"]]
         (out / HISTORY_NAME).write_text("\n".join(lines) + "\n")
@@ -233,9 +231,12 @@ def _finalise(p: Params, net: torch.nn.Module, state: dict, config: dict) -> dic
         # Pickle, not the pt2 default: pt2 bakes the example's shape into the graph, and segmentation networks
         # must run on any patch and batch size. The classes pickled are MONAI's, which are stable across releases.
         info = mlflow.pytorch.log_model(net, name="model", serialization_format="pickle", signature=signature,
-                                 extra_files=[str(out / CONFIG_NAME)],
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "numpy"])
-        write_json(out / RUN_NAME, {**read_json(out / RUN_NAME), "model_uri": info.model_uri})
+                                        extra_files=[str(out / CONFIG_NAME)],
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai",
+                                                          "numpy"])
+        write_json(out / RUN_NAME, {"run_id": state["run_id"], "model_uri": info.model_uri,
+                                    "best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"],
+                                    "epochs": state["epoch"]})
         mlflow.log_artifact(str(out / HISTORY_NAME))
         mlflow.log_metrics({"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"]})
     log.info("best validation Dice %.4f at epoch %d", state["best_dice"], state["best_epoch"])
