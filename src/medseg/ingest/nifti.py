@@ -72,6 +72,7 @@ def _checked_affine(img, name: str) -> np.ndarray:
     header = img.header
     if "sform_code" not in header or int(header["sform_code"]) == 0:
         return affine
+    _check_qform_matches_sform(img, name)
     zooms = np.asarray(header.get_zooms()[:3], dtype=np.float64)
     norms = np.linalg.norm(affine[:3, :3], axis=0)
     if len(zooms) < 3 or np.any(zooms <= 0) or np.any(norms == 0) or np.allclose(norms, zooms, rtol=1e-4):
@@ -81,6 +82,29 @@ def _checked_affine(img, name: str) -> np.ndarray:
     fixed = affine.copy()
     fixed[:3, :3] = affine[:3, :3] / norms * zooms
     return fixed
+
+
+# The qform is stored as a float32 quaternion: allow its rounding, not a different geometry.
+QFORM_TRANSLATION_TOL_MM = 0.01
+QFORM_LINEAR_TOL = 1e-3
+
+
+def _check_qform_matches_sform(img, name: str) -> None:
+    """Refuse a file whose qform and sform (both set) describe different geometries.
+
+    Readers disagree on which one wins (nibabel and ITK prefer the sform, FSL may use the qform), so such a file has
+    no single world position; dcm2niix-style silent preference would hide it.
+    """
+    from medseg.ingest.checks import affine_mismatch
+
+    header = img.header
+    if int(header["qform_code"]) == 0:
+        return
+    qform, sform = header.get_qform(), header.get_sform()
+    diff = affine_mismatch(qform, sform, QFORM_TRANSLATION_TOL_MM, QFORM_LINEAR_TOL)
+    if diff:
+        raise CaseRejected(f"{name}: qform and sform disagree ({diff}); fix the header so both describe the same "
+                           "geometry (e.g. nibabel: img.set_qform(img.get_sform())) and ingest again")
 
 
 def pair_loader(image_path: Path, label_path: Path | None):

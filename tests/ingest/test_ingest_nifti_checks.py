@@ -1,0 +1,55 @@
+"""NIfTI inputs that would silently give wrong geometry or values are refused, each with a reason; others pass."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+from medseg.ingest import run
+
+
+def write(path, data, affine, qform=None):
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine if qform is None else qform, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, str(path))
+
+
+def test_each_bad_nifti_rejected_with_reason_others_kept(tmp_path):
+    src = tmp_path / "src"
+    affine = np.diag([1.5, 1.5, 5.0, 1.0])
+    image = np.random.default_rng(0).normal(100, 10, (16, 12, 4)).astype(np.float32)
+    label = np.zeros((16, 12, 4), np.uint8)
+    label[4:8, 4:8, 1:3] = 1
+    write(src / "images/good.nii.gz", image, affine)
+    write(src / "labels/good.nii.gz", label, affine)
+    shifted = affine.copy()
+    shifted[:3, 3] = [0.0, 0.0, 7.5]
+    write(src / "images/qform_disagrees.nii.gz", image, affine, qform=shifted)
+    nan_image = image.copy()
+    nan_image[0, 0, 0] = np.nan
+    write(src / "images/has_nan.nii.gz", nan_image, affine)
+    write(src / "images/four_d.nii.gz", np.stack([image, image], -1), affine)
+    write(src / "images/label_outside_map.nii.gz", image, affine)
+    write(src / "labels/label_outside_map.nii.gz", label * 7, affine)
+    nudged = affine.copy()
+    nudged[0, 3] += 5e-4  # within tolerance: float noise of a resaved header, not a different grid
+    write(src / "images/label_nudged.nii.gz", image, affine)
+    write(src / "labels/label_nudged.nii.gz", label, nudged)
+    moved = affine.copy()
+    moved[0, 3] += 0.5
+    write(src / "images/label_moved.nii.gz", image, affine)
+    write(src / "labels/label_moved.nii.gz", label, moved)
+    (src / "labels.json").write_text(json.dumps({"0": "background", "1": "organ"}))
+
+    summary = run(src, tmp_path / "out", layout="nifti")
+    report = json.loads((tmp_path / "out/ingest_report.json").read_text())
+    reasons = {r["source"]: r["reason"] for r in report["rejected"]}
+    assert summary["accepted"] == 2  # good, label_nudged
+    assert "qform and sform disagree" in reasons["images/qform_disagrees.nii.gz"]
+    assert "NaN" in reasons["images/has_nan.nii.gz"]
+    assert "4D image" in reasons["images/four_d.nii.gz"]
+    assert "not in the label map" in reasons["images/label_outside_map.nii.gz"]
+    assert "origin differs by 0.5 mm" in reasons["images/label_moved.nii.gz"]
+    assert len(reasons) == 5
