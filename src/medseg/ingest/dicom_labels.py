@@ -242,7 +242,8 @@ def rasterise_rtstruct(rt_path: Path, geometry: Geometry) -> tuple[np.ndarray, d
     rt_path = Path(rt_path)
     ds = _read(rt_path)
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:
-        raise CaseRejected(f"{rt_path.name}: not an RT structure set")
+        raise CaseRejected(f"{rt_path.name}: cannot read as an RT structure set "
+                           f"(SOP class {ds.get('SOPClassUID', '') or 'missing'})")
     _check_reference(ds, rt_path, geometry)
     rois = [(int(r.ROINumber), str(r.get("ROIName", "") or f"roi_{r.ROINumber}"))
             for r in ds.get("StructureSetROISequence", [])]
