@@ -1,4 +1,4 @@
-"""DICOM-SEG and RTSTRUCT label objects rasterised onto the referenced series grid: real files and synthetic round trips."""
+"""DICOM-SEG and RTSTRUCT labels rasterised onto the referenced series grid: real files, synthetic round trips."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def world(geom, h_index: int, i, j) -> np.ndarray:
     return np.asarray(ds.ImagePositionPatient, float) + np.outer(i, iop[:3] * dc) + np.outer(j, iop[3:] * dr)
 
 
-def write_seg(geom, masks: list[np.ndarray], path: Path) -> Path:
+def write_seg(geom, masks: list[np.ndarray], path: Path, kind: str = "BINARY") -> Path:
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -149,7 +149,7 @@ def write_seg(geom, masks: list[np.ndarray], path: Path) -> Path:
         segmented_property_type=codes.SCT.Liver, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
         for n in range(1, len(masks) + 1)]
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=sources, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues[kind],
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=100,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer="medseg", manufacturer_model_name="test",
         software_versions="0", device_serial_number="0", omit_empty_frames=True)
@@ -233,6 +233,15 @@ def test_seg_round_trip_with_overlap(series, tmp_path):
     expected = np.where(b, 2, np.where(a, 1, 0)).astype(np.uint8)
     assert names == {1: "organ1", 2: "organ2"}
     np.testing.assert_array_equal(labels, expected)
+
+
+def test_labelmap_seg_round_trip(tmp_path):
+    _, geom = make_series(tmp_path / "ct", VARIANTS["flipped_rows"])
+    a, b = np.zeros(geom.shape, bool), np.zeros(geom.shape, bool)
+    a[1:5, 2:6, 0:2], b[6:9, 7:12, 1:4] = True, True  # disjoint: a label map cannot store overlaps
+    labels, names = rasterise_seg(write_seg(geom, [a, b], tmp_path / "lm.dcm", kind="LABELMAP"), geom)
+    assert names == {1: "organ1", 2: "organ2"}
+    np.testing.assert_array_equal(labels, np.where(b, 2, np.where(a, 1, 0)))
 
 
 def test_rtstruct_square_exact_ring_within_one_voxel(series, tmp_path):

@@ -104,8 +104,8 @@ def _instance_uids(geometry: Geometry) -> list[str]:
     import pydicom
 
     with quiet_pydicom():
-        return [str(pydicom.dcmread(h.path, stop_before_pixels=True, force=h.forced,
-                                    specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID", "")) for h in geometry.headers]
+        return [str(pydicom.dcmread(h.path, stop_before_pixels=True, force=h.forced, specific_tags=["SOPInstanceUID"])
+                    .get("SOPInstanceUID", "")) for h in geometry.headers]
 
 
 def _check_reference(ds, path: Path, geometry: Geometry) -> None:
@@ -183,7 +183,8 @@ def rasterise_seg(seg_path: Path, geometry: Geometry) -> tuple[np.ndarray, dict[
         iop, (dr, dc) = np.asarray(ori.ImageOrientationPatient, float), [float(v) for v in meas.PixelSpacing]
         # the frame's own voxel->world map, then into image voxels: must be identity in-plane plus a whole slice
         frame = np.eye(4)
-        frame[:3, 0], frame[:3, 1], frame[:3, 3] = iop[:3] * dc, iop[3:] * dr, np.asarray(pos.ImagePositionPatient, float)
+        frame[:3, 0], frame[:3, 1] = iop[:3] * dc, iop[3:] * dr
+        frame[:3, 3] = np.asarray(pos.ImagePositionPatient, float)
         m = to_vox @ frame
         k = int(round(m[2, 3]))
         corners = np.array([[0, 0, 0, 1], [nx - 1, 0, 0, 1], [0, ny - 1, 0, 1], [nx - 1, ny - 1, 0, 1]], float).T
