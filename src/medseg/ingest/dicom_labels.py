@@ -100,12 +100,16 @@ def find_label_objects(headers_or_paths: Iterable[Header | Path]) -> list[LabelO
 
 
 def _instance_uids(geometry: Geometry) -> list[str]:
-    """SOPInstanceUIDs of the geometry's slices in sorted order (the header pass does not keep them)."""
+    """SOPInstanceUIDs of the geometry's files in slice order (the header pass does not keep them)."""
     import pydicom
 
-    with quiet_pydicom():
-        return [str(pydicom.dcmread(h.path, stop_before_pixels=True, force=h.forced, specific_tags=["SOPInstanceUID"])
-                    .get("SOPInstanceUID", "")) for h in geometry.headers]
+    try:
+        with quiet_pydicom():
+            return [str(pydicom.dcmread(path, stop_before_pixels=True, force=forced,
+                                        specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID", ""))
+                    for path, forced in dict.fromkeys((h.path, h.forced) for h in geometry.headers)]  # multi-frame
+    except Exception as err:
+        raise CaseRejected(f"cannot read the image series' SOPInstanceUIDs: {type(err).__name__}") from None
 
 
 def _check_reference(ds, path: Path, geometry: Geometry) -> None:
@@ -117,7 +121,7 @@ def _check_reference(ds, path: Path, geometry: Geometry) -> None:
     if series and own and series != own:
         raise CaseRejected(f"{path.name}: references series {series}, not this series {own} "
                            "(referenced series missing from SOURCE?)")
-    missing = sorted(set(uids) - set(_instance_uids(geometry)))
+    missing = sorted(set(uids) - set(_instance_uids(geometry))) if uids else []
     if missing:
         raise CaseRejected(f"{path.name}: references {len(missing)} image instance(s) not in series "
                            f"{own or '(no UID)'}, e.g. {missing[0]} (slices missing from SOURCE?)")
