@@ -79,7 +79,8 @@ def test_find_label_objects_real(ct3):
                                                        + sorted((DICOM / "dcmqi" / "ct-3slice").glob("*.dcm")))}
     assert objs["liver.dcm"].kind == "SEG"
     assert objs["liver.dcm"].series_uid == ct3.headers[0].series_uid
-    assert len(objs["liver.dcm"].instance_uids) == 3
+    assert len(objs["liver.dcm"].instance_uids) == 3 and objs["liver.dcm"].names == {1: "Liver"}
+    assert objs["partial_overlaps.dcm"].names[5] == "DARK_BLUE"
     assert "01.dcm" not in objs
     rt = {o.path.name: o for o in find_label_objects(sorted((DICOM / "rt_utils").rglob("*.dcm")))}
     assert rt["rt.dcm"].kind == "RTSTRUCT" and len(rt["rt.dcm"].instance_uids) == 2
@@ -307,5 +308,6 @@ def test_unreadable_and_find_label_objects(tmp_path):
     assert [(o.path.name, o.kind) for o in found] == [("seg.dcm", "SEG"), ("rt.dcm", "RTSTRUCT")]
     assert {o.series_uid for o in found} == {geom.headers[0].series_uid}
     assert len(found[1].instance_uids) == SLICES
+    assert found[0].names == {1: "organ1"} and found[1].names == {1: "x"}
     # from the header pass, image headers are skipped without opening the files again
     assert [o.kind for o in find_label_objects([read_header(p) for p in [*paths, seg, rt]])] == ["SEG", "RTSTRUCT"]

@@ -30,12 +30,14 @@ GRID_TOL = 0.1  # voxels: a SEG frame corner may sit this far from the image gri
 
 @dataclass(frozen=True)
 class LabelObject:
-    """A SEG or RTSTRUCT file and what it references (``series_uid`` is "" when it names no image series)."""
+    """A SEG or RTSTRUCT file, what it references (``series_uid`` is "" when it names no image series) and the
+    ``{value: name}`` map its rasterisation will return (read from the header, no pixels)."""
 
     path: Path
     kind: str  # "SEG" or "RTSTRUCT"
     series_uid: str
     instance_uids: tuple[str, ...]
+    names: dict[int, str]
 
 
 def _read(path: Path, pixels: bool = False):
@@ -71,6 +73,15 @@ def _references(ds) -> tuple[str, tuple[str, ...]]:
     return (named[0] if len(named) == 1 else "|".join(named)), tuple(dict.fromkeys(uids))
 
 
+def _names(ds) -> dict[int, str]:
+    """SEG: ``{SegmentNumber: SegmentLabel}``; RTSTRUCT: ``{1..N: ROIName}`` in StructureSetROISequence order."""
+    if str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS:
+        return {v: str(r.get("ROIName", "") or f"roi_{r.ROINumber}")
+                for v, r in enumerate(ds.get("StructureSetROISequence", []), start=1)}
+    return dict(sorted((int(s.SegmentNumber), str(s.get("SegmentLabel", "") or f"segment_{s.SegmentNumber}"))
+                       for s in ds.get("SegmentSequence", []) if int(s.SegmentNumber) > 0))
+
+
 def find_label_objects(headers_or_paths: Iterable[Header | Path]) -> list[LabelObject]:
     """The SEG and RTSTRUCT objects among DICOM files, with the image series each references.
 
@@ -95,7 +106,8 @@ def find_label_objects(headers_or_paths: Iterable[Header | Path]) -> list[LabelO
         sop_class = str(ds.get("SOPClassUID", ""))
         if sop_class in (SEG_SOP_CLASS, LABELMAP_SEG_SOP_CLASS, RTSTRUCT_SOP_CLASS):
             series, uids = _references(ds)
-            found.append(LabelObject(path, "RTSTRUCT" if sop_class == RTSTRUCT_SOP_CLASS else "SEG", series, uids))
+            kind = "RTSTRUCT" if sop_class == RTSTRUCT_SOP_CLASS else "SEG"
+            found.append(LabelObject(path, kind, series, uids, _names(ds)))
     return found
 
 
@@ -168,8 +180,7 @@ def rasterise_seg(seg_path: Path, geometry: Geometry) -> tuple[np.ndarray, dict[
         raise CaseRejected(f"{seg_path.name}: cannot read DICOM-SEG: {type(err).__name__}: {str(err)[:200]}") \
             from None
     _check_reference(seg, seg_path, geometry)
-    names = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment_{s.SegmentNumber}"))
-             for s in seg.SegmentSequence if int(s.SegmentNumber) > 0}
+    names = _names(seg)
     if max(names, default=0) > 255:
         raise CaseRejected(f"{seg_path.name}: segment numbers up to {max(names)} do not fit a uint8 label map")
     nx, ny, nz = geometry.shape
@@ -206,7 +217,7 @@ def rasterise_seg(seg_path: Path, geometry: Geometry) -> tuple[np.ndarray, dict[
             continue
         mask = pixels > (float(seg.get("MaximumFractionalValue", 1)) / 2 if fractional else 0)
         out[:, :, k][mask] = number
-    return out, dict(sorted(names.items()))
+    return out, names
 
 
 def _fill(poly: np.ndarray, nx: int, ny: int) -> np.ndarray:
@@ -250,8 +261,8 @@ def rasterise_rtstruct(rt_path: Path, geometry: Geometry) -> tuple[np.ndarray, d
         raise CaseRejected(f"{rt_path.name}: cannot read as an RT structure set "
                            f"(SOP class {ds.get('SOPClassUID', '') or 'missing'})")
     _check_reference(ds, rt_path, geometry)
-    rois = [(int(r.ROINumber), str(r.get("ROIName", "") or f"roi_{r.ROINumber}"))
-            for r in ds.get("StructureSetROISequence", [])]
+    names = _names(ds)
+    rois = [(int(r.ROINumber), names[v]) for v, r in enumerate(ds.get("StructureSetROISequence", []), start=1)]
     if len(rois) > 255:
         raise CaseRejected(f"{rt_path.name}: {len(rois)} ROIs do not fit a uint8 label map")
     value = {number: v for v, (number, _) in enumerate(rois, start=1)}
@@ -277,4 +288,4 @@ def rasterise_rtstruct(rt_path: Path, geometry: Geometry) -> tuple[np.ndarray, d
             per_slice[k] = per_slice.get(k, np.zeros((nx, ny), bool)) ^ _fill(vox[:, :2], nx, ny)
         for k, mask in per_slice.items():
             out[:, :, k][mask] = v
-    return out, {v: name for v, (_, name) in enumerate(rois, start=1)}
+    return out, names
