@@ -15,11 +15,16 @@ import numpy as np
 from medseg.ingest.common import CaseRejected
 from medseg.ingest.dicom_headers import Header
 
-__all__ = ["SPACING_REL_TOL", "DUPLICATE_TOL_MM", "ORIENTATION_TOL", "Geometry", "series_geometry", "LPS_TO_RAS"]
+__all__ = ["SPACING_REL_TOL", "DUPLICATE_TOL_MM", "ORIENTATION_TOL", "Geometry", "series_geometry", "LPS_TO_RAS",
+           "PHASE_TAGS", "split_phases"]
 
 SPACING_REL_TOL = 0.01  # slice steps may differ from their median by this fraction
 DUPLICATE_TOL_MM = 1e-3  # slices closer than this along the normal are duplicates
 ORIENTATION_TOL = 1e-3  # direction cosines and pixel spacing must agree this closely within a series
+# tags that tell the phases of a multi-phase series apart, in order of trust: AcquisitionNumber last, because some
+# scanners number every slice or every stack with it for reasons unrelated to time
+PHASE_TAGS = (("temporal_position", "TemporalPositionIdentifier"), ("trigger_time", "TriggerTime"),
+              ("acquisition_number", "AcquisitionNumber"))
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -74,10 +79,16 @@ def series_geometry(headers: list[Header], spacing_rel_tol: float = SPACING_REL_
     steps = np.diff(proj)
     dupes = int(np.count_nonzero(steps < DUPLICATE_TOL_MM))
     if dupes:
-        raise CaseRejected(f"duplicate slice positions ({dupes} of {n} slices share a position: several "
-                           "acquisitions, echoes or phases in one series?)")
+        raise CaseRejected(f"duplicate slice positions ({dupes} of {n} slices share a position, and neither "
+                           "TemporalPositionIdentifier, TriggerTime nor AcquisitionNumber tells them apart: several "
+                           "echoes, b-values or stacks in one series?)")
     step = float(np.median(steps))
     if np.max(np.abs(steps - step)) > spacing_rel_tol * step:
+        multiples = steps / step
+        if np.all(np.abs(multiples - np.round(multiples)) <= spacing_rel_tol * np.round(multiples)):
+            missing = int(np.sum(np.round(multiples) - 1))  # every step a whole number of regular steps: gaps
+            raise CaseRejected(f"non-uniform slice spacing: {missing} missing slice{'s' * (missing != 1)} "
+                               f"(regular step {step:.4g} mm, gaps up to {steps.max():.4g} mm)")
         raise CaseRejected(f"non-uniform slice spacing: steps {steps.min():.4g}-{steps.max():.4g} mm "
                            f"(tolerance {spacing_rel_tol:.0%}; missing slices?)")
     lateral = np.diff(positions, axis=0) - np.outer(steps, normal)
@@ -91,3 +102,55 @@ def series_geometry(headers: list[Header], spacing_rel_tol: float = SPACING_REL_
     lps[:3, 3] = positions[0]
     sorted_headers = tuple(headers[i] for i in order)
     return Geometry(sorted_headers, LPS_TO_RAS @ lps, (int(headers[0].columns), int(headers[0].rows), n))
+
+
+def _position_groups(headers: list[Header]) -> list[list[int]] | None:
+    """Indices of the headers at each distinct slice position (along the first slice's normal), or None if unknown."""
+    if any(h.iop is None or h.ipp is None for h in headers):
+        return None
+    iop = np.asarray(headers[0].iop, dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    proj = np.asarray([h.ipp for h in headers], dtype=np.float64) @ normal
+    order = np.argsort(proj, kind="stable")
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and proj[i] - proj[groups[-1][0]] < DUPLICATE_TOL_MM:
+            groups[-1].append(int(i))
+        else:
+            groups.append([int(i)])
+    return groups
+
+
+def split_phases(headers: list[Header]) -> list[tuple[str | None, list[Header]]]:
+    """Split a series whose positions repeat (cine MR, dynamic series) into one list of headers per phase.
+
+    Phases are told apart by the first of :data:`PHASE_TAGS` that every slice carries and that orders the repeats at
+    every position (all the same count, all values distinct); the ``n``-th repeat of each position in that order is
+    phase ``n``. Ranking per position, rather than grouping equal values, keeps cine series whose TriggerTime differs
+    by a few ms from slice to slice within one phase. Without repeated positions, or when no tag explains them, the
+    series is returned whole (and :func:`series_geometry` then rejects the duplicates).
+
+    Returns:
+        ``[(None, headers)]``, or ``[("phase 1 of 3, TriggerTime 0", headers_1), ...]`` in phase order.
+    """
+    groups = _position_groups(headers)
+    if groups is None or all(len(g) == 1 for g in groups):
+        return [(None, headers)]
+    repeats = {len(g) for g in groups}
+    if len(repeats) != 1:
+        return [(None, headers)]
+    n_phases = repeats.pop()
+    for attr, tag in PHASE_TAGS:
+        values = [getattr(h, attr) for h in headers]
+        if any(v is None for v in values):
+            continue
+        ranked = [sorted(g, key=lambda i: values[i]) for g in groups]
+        if any(len({values[i] for i in g}) != len(g) for g in ranked):
+            continue
+        phases = []
+        for n in range(n_phases):
+            members = [g[n] for g in ranked]
+            label = f"phase {n + 1} of {n_phases}, {tag} {np.median([values[i] for i in members]):g}"
+            phases.append((label, [headers[i] for i in sorted(members)]))
+        return phases
+    return [(None, headers)]

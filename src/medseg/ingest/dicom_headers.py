@@ -18,7 +18,7 @@ from pathlib import Path
 from medseg.ingest.common import CaseRejected
 
 __all__ = ["Header", "quiet_pydicom", "looks_like_dicom", "read_header", "series_key", "group_series",
-           "NON_IMAGE_MODALITIES", "NON_IMAGE_SOP_PREFIXES", "non_image_reason"]
+           "NON_IMAGE_MODALITIES", "NON_IMAGE_SOP_PREFIXES", "non_image_reason", "unique_instances"]
 
 NON_IMAGE_MODALITIES = {"SR", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "RTIMAGE", "SEG", "KO", "PR", "REG", "DOC",
                         "ECG", "HD", "PLAN", "RWV", "AU", "FID", "REGISTRATION"}
@@ -53,6 +53,12 @@ class Header:
     ipp: tuple[float, ...] | None = None
     pixel_spacing: tuple[float, ...] | None = None
     image_type: tuple[str, ...] = ()
+    sop_uid: str = ""
+    temporal_position: float | None = None  # TemporalPositionIdentifier
+    trigger_time: float | None = None  # TriggerTime (ms), cine MR
+    acquisition_number: float | None = None
+    frame: int | None = None  # index of the frame in an enhanced multi-frame file, else None
+    rescale: tuple[float, float] | None = None  # (slope, intercept) of that frame, from its functional groups
 
 
 @contextlib.contextmanager
@@ -133,7 +139,17 @@ def _header(path: Path, kind: str, ds, has_pixels: bool) -> Header:
         columns=int(ds.Columns) if get("Columns") is not None else None,
         samples=int(get("SamplesPerPixel", 1) or 1), frames=int(get("NumberOfFrames", 1) or 1),
         iop=_floats(get("ImageOrientationPatient"), 6), ipp=_floats(get("ImagePositionPatient"), 3),
-        pixel_spacing=_floats(get("PixelSpacing"), 2), image_type=_strings(get("ImageType")))
+        pixel_spacing=_floats(get("PixelSpacing"), 2), image_type=_strings(get("ImageType")),
+        sop_uid=str(get("SOPInstanceUID", "") or ""), temporal_position=_number(get("TemporalPositionIdentifier")),
+        trigger_time=_number(get("TriggerTime")), acquisition_number=_number(get("AcquisitionNumber")))
+
+
+def _number(value) -> float | None:
+    """A numeric tag's value, or None when absent, empty or not a number."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _strings(value) -> tuple[str, ...]:
@@ -159,6 +175,24 @@ def group_series(headers: list[Header]) -> dict[str, list[Header]]:
     for h in headers:
         groups[series_key(h)].append(h)
     return dict(groups)
+
+
+def unique_instances(headers: list[Header]) -> tuple[list[Header], int]:
+    """``headers`` without repeated copies of one instance (same SOPInstanceUID and frame), and how many were dropped.
+
+    The same file copied into two folders is one image, not two slices at one position; the first path in sorted
+    order is kept so the choice does not depend on the file system's listing order.
+    """
+    seen: dict[tuple[str, int | None], Header] = {}
+    anonymous = []
+    for h in sorted(headers, key=lambda h: h.path.as_posix()):
+        if not h.sop_uid:  # no UID: cannot tell copies apart, keep all (duplicates are then rejected by position)
+            anonymous.append(h)
+        else:
+            seen.setdefault((h.sop_uid, h.frame), h)
+    kept = {id(h) for h in [*seen.values(), *anonymous]}
+    out = [h for h in headers if id(h) in kept]
+    return out, len(headers) - len(out)
 
 
 def non_image_reason(h: Header) -> str | None:

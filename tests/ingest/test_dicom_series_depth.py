@@ -1,0 +1,173 @@
+"""Harder DICOM series: multi-phase (cine, dynamic) splits, enhanced multi-frame files, repeated instances, non-image
+objects, missing slices, and the fast pixel paths against pydicom's own decoding."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import axial_positions, slice_value, write_series
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medseg.ingest.dicom import scan_dicom
+from medseg.ingest.dicom_geometry import series_geometry
+from medseg.ingest.dicom_headers import read_header
+from medseg.ingest.dicom_pixels import read_series
+
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _loaded(scan):
+    return {item.source: item.load() for item in scan.items}
+
+
+def _phase_series(folder, n_pos=4, n_phases=3, tag="TriggerTime", jitter=True):
+    """A cine-like series: every position repeated once per phase, one ``write_series`` call per phase."""
+    pos = axial_positions(n_pos, step=6.0)
+    for p in range(n_phases):
+        for s in range(n_pos):  # TriggerTime drifts a few ms from slice to slice within one phase, as on scanners
+            value = 40.0 * p + (1.5 * s if jitter and tag == "TriggerTime" else 0) if tag == "TriggerTime" else p + 1
+            write_series(folder, [pos[s]], modality="MR", prefix=f"p{p}s{s}_", shuffle_seed=None,
+                         intercept=1000 * p, extra={tag: value})
+
+
+@pytest.mark.parametrize("tag", ["TemporalPositionIdentifier", "TriggerTime", "AcquisitionNumber"])
+def test_phases_split_not_merged(tmp_path, tag):
+    _phase_series(tmp_path / "cine", tag=tag)
+    scan = scan_dicom(tmp_path)
+    assert not scan.rejected, scan.rejected
+    loaded = _loaded(scan)
+    assert len(loaded) == 3 and len({i.case_id for i in scan.items}) == 3
+    for p, (source, case) in enumerate(sorted(loaded.items())):
+        assert source.startswith("cine (phase ") and f"phase {p + 1} of 3, {tag}" in source
+        assert case.image.shape == (3, 4, 4)
+        assert case.image[2, 1, 0] == slice_value(0, 1, 2) + 1000 * p  # phase p carries intercept 1000 p
+    assert {i.phase for i in scan.items} == {"phase 1 of 3", "phase 2 of 3", "phase 3 of 3"}
+
+
+def test_unexplained_duplicates_still_rejected(tmp_path):
+    _phase_series(tmp_path / "same" / "a", tag="TriggerTime", jitter=False, n_phases=1)
+    _phase_series(tmp_path / "same" / "b", tag="TriggerTime", jitter=False, n_phases=1)  # same TriggerTime twice
+    scan = scan_dicom(tmp_path)
+    assert not scan.items and "duplicate slice positions" in scan.rejected[0]["reason"]
+
+
+def test_same_instance_copied_twice_counts_once(tmp_path):
+    paths = write_series(tmp_path / "a", axial_positions(3))
+    (tmp_path / "b").mkdir()
+    shutil.copy(paths[0], tmp_path / "b" / "copy.dcm")
+    scan = scan_dicom(tmp_path)
+    assert not scan.rejected and len(scan.items) == 1 and _loaded(scan)[scan.items[0].source].image.shape[2] == 3
+
+
+def write_enhanced_ct(path, positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.9), rows=4, cols=3, order=None,
+                      slopes=None):
+    """One Enhanced CT file whose frame ``f`` is slice ``order[f]`` (values :func:`slice_value`), per-frame geometry
+    and per-frame rescale (slope ``slopes[s]``, intercept -1024), shared orientation and pixel measures."""
+    n = len(positions)
+    order = list(range(n)) if order is None else order
+    slopes = [1] * n if slopes is None else slopes
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = ENHANCED_CT, ds.file_meta.MediaStorageSOPInstanceUID, "CT"
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = "PAT-MF", generate_uid(), generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber, ds.ImageType = 5, 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    shared = Dataset()
+    orient, measures = Dataset(), Dataset()
+    orient.ImageOrientationPatient = [f"{v:.6f}" for v in iop]
+    measures.PixelSpacing, measures.SliceThickness = [f"{v:g}" for v in spacing], "1"
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames, data = [], []
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    for s in order:
+        item, plane, trans = Dataset(), Dataset(), Dataset()
+        plane.ImagePositionPatient = [f"{v:.4f}" for v in positions[s]]
+        trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = f"{slopes[s]:g}", "-1024", "HU"
+        item.PlanePositionSequence, item.PixelValueTransformationSequence = Sequence([plane]), Sequence([trans])
+        frames.append(item)
+        data.append(slice_value(s, r, c).astype("<i2"))
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = np.stack(data).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_ct_same_as_single_frame_series(tmp_path):
+    pos = axial_positions(5, step=-2.0)  # feet-first frames, stored shuffled
+    write_enhanced_ct(tmp_path / "mf" / "enhanced.dcm", pos, order=[3, 0, 4, 1, 2])
+    write_series(tmp_path / "sf", pos, intercept=-1024, series_uid="1.2.3.77")
+    loaded = _loaded(scan_dicom(tmp_path))
+    mf, sf = loaded["mf/enhanced.dcm"], loaded["sf"]
+    np.testing.assert_allclose(mf.affine, sf.affine, atol=1e-6)
+    np.testing.assert_array_equal(mf.image, sf.image)
+    assert mf.image.dtype == np.int16
+
+
+def test_enhanced_ct_per_frame_rescale(tmp_path):
+    pos = axial_positions(3)
+    write_enhanced_ct(tmp_path / "e.dcm", pos, slopes=[1, 2, 0.5])
+    (item,) = scan_dicom(tmp_path).items
+    image = item.load().image
+    for k, slope in enumerate([1, 2, 0.5]):
+        assert image[2, 1, k] == pytest.approx(slope * slice_value(k, 1, 2) - 1024)
+
+
+NON_IMAGES = {"SR": "1.2.840.10008.5.1.4.1.1.88.22", "RTPLAN": "1.2.840.10008.5.1.4.1.1.481.5",
+              "RTDOSE": "1.2.840.10008.5.1.4.1.1.481.2", "ECG": "1.2.840.10008.5.1.4.1.1.9.1.1"}
+
+
+@pytest.mark.parametrize("modality", sorted(NON_IMAGES))
+def test_non_image_objects_named(tmp_path, modality):
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = NON_IMAGES[modality]
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = NON_IMAGES[modality], generate_uid(), modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "obj.dcm", enforce_file_format=True)
+    (rejected,) = scan_dicom(tmp_path).rejected
+    assert f"{modality} is not an image" in rejected["reason"]
+
+
+def test_plain_multiframe_rejected_by_name(tmp_path):
+    write_series(tmp_path / "m", axial_positions(2), extra={"NumberOfFrames": 2})
+    reasons = [r["reason"] for r in scan_dicom(tmp_path).rejected]
+    assert reasons and all("multi-frame" in r for r in reasons)
+
+
+def test_missing_slice_named(tmp_path):
+    pos = axial_positions(8, step=2.0)
+    write_series(tmp_path / "gap", pos[:3] + pos[5:])
+    (rejected,) = scan_dicom(tmp_path).rejected
+    assert "non-uniform slice spacing" in rejected["reason"] and "2 missing slices" in rejected["reason"]
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_fast_pixel_path_matches_pydicom(tmp_path, signed):
+    """12 bits stored in 16: the frombuffer path masks/sign-extends exactly as pydicom does."""
+    paths = write_series(tmp_path / "s", axial_positions(3), rows=2, cols=2, shuffle_seed=None)
+    raw = np.array([0xF001, 5, 0x0FFF, 0x1800], "<u2")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed
+        ds.PixelData = raw.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    expected = pydicom.dcmread(paths[0]).pixel_array.T
+    geometry = series_geometry([read_header(p) for p in paths])
+    for workers in (1, 4):
+        vol = read_series(geometry, workers=workers)
+        for k in range(3):
+            np.testing.assert_array_equal(vol[:, :, k], expected)
