@@ -37,7 +37,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> dict:
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     from medseg import ingest
 
-    return ingest.run(Path(args.source), Path(args.out), layout=args.layout)
+    return ingest.run(Path(args.source), Path(args.out), layout=args.layout,
+                      id_map=Path(args.write_id_map) if args.write_id_map else None)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> dict:
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder to ingest")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti"])
+    p.add_argument("--write-id-map", metavar="PATH", default=None,
+                   help="also write a private (mode 0600) map case_id -> source identifiers, outside --out")
 
     command("preprocess", _cmd_preprocess, "reorient, resample, normalise, crop; write k-fold patient splits")
     p = command("train", _cmd_train, "train the network chosen in params; logs to MLflow")

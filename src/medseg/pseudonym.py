@@ -8,7 +8,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["pseudonym", "project_secret", "SECRET_ENV", "SECRET_FILE"]
+__all__ = ["pseudonym", "project_secret", "write_id_map", "SECRET_ENV", "SECRET_FILE"]
 
 SECRET_ENV = "MEDSEG_PSEUDONYM_KEY"
 SECRET_FILE = Path(".medseg") / "pseudonym.key"  # git-ignored; created on first use
@@ -34,3 +34,21 @@ def pseudonym(*identifiers: str, prefix: str = "sub", key: bytes | None = None, 
     message = "\x1f".join(str(i) for i in identifiers).encode()
     digest = hmac.new(key, message, hashlib.sha256).hexdigest()[:length]
     return f"{prefix}-{digest}"
+
+
+def write_id_map(path: str | Path, mapping: dict[str, dict[str, str]]) -> Path:
+    """Write the re-identification map ``{case_id: {"patient_id": ..., ...}}`` atomically, readable by the owner only.
+
+    Only written when asked for: it is the one file that links pseudonyms back to patients, so keep it out of the
+    data folder, out of git (``/.medseg/`` is ignored) and out of DVC.
+    """
+    import json
+
+    from medseg.atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)  # before any identifier is written; os.replace keeps the mode
+        tmp.write_text(json.dumps(dict(sorted(mapping.items())), indent=2) + "\n")
+    os.chmod(path, 0o600)
+    return path

@@ -4,12 +4,17 @@
 Every case is checked (3D, finite, label on the image's grid, label values in the label map); a case that fails is
 listed in the report with its reason and the rest are still ingested. Geometry is kept as in the source (no
 reorientation); ``case_id`` and ``subject`` are keyed pseudonyms, and no patient identifier reaches the outputs or the
-log. This package imports neither torch nor MONAI.
+log (the optional ``id_map`` file, written outside the output folder, is the only link back). Cases are ingested in
+parallel threads; a re-run skips the cases whose sources and outputs are unchanged (see :mod:`.cache`). This package
+imports neither torch nor MONAI.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +24,16 @@ from tqdm.auto import tqdm
 from medseg.atomic import save_nifti, write_json
 from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
+from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
 from medseg.ingest.checks import as_3d, check_image, check_label, guess_modality, spacing_of
 from medseg.ingest.common import CaseRejected, Item, Scan
 from medseg.ingest.dicom import scan_dicom
+from medseg.ingest.dicom_headers import quiet_pydicom
 from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_help
 from medseg.ingest.msd import scan_msd
 from medseg.ingest.nifti import scan_nifti
 from medseg.manifest import REPORT_NAME, Case, write_manifest
+from medseg.pseudonym import write_id_map
 
 __all__ = ["run", "detect_layout", "LAYOUTS", "READERS"]
 
@@ -74,8 +82,87 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None) -> tuple[Ca
     return case, values
 
 
+DUPLICATE = "duplicate case: same patient and series/phase as an accepted case"
+
+
+def _ingest_group(group: list[Item], out_dir: Path, allowed: set[int] | None) -> list[dict[str, Any]]:
+    """Ingest the items that share one case_id, in order: the first accepted one wins, later ones are duplicates.
+
+    Grouping keeps two threads from ever writing the same output file.
+    """
+    results: list[dict[str, Any]] = []
+    done = False
+    for item in group:
+        if done:
+            results.append({"source": item.source, "reason": DUPLICATE})
+            continue
+        try:
+            case, values = _ingest_one(item, out_dir, allowed)
+        except CaseRejected as err:
+            results.append({"source": item.source, "reason": str(err)})
+            continue
+        done = True
+        results.append({"source": item.source, "case": case.to_json(), "values": sorted(values)})
+    return results
+
+
+def _outputs(results: list[dict[str, Any]]) -> list[str]:
+    return [p for r in results if "case" in r for p in (r["case"]["image"], r["case"]["label"]) if p]
+
+
+def _identifiers(item: Item) -> dict[str, str]:
+    """Source identifiers of a case for the re-identification map: the DICOM IDs when the reader kept them."""
+    ids = getattr(item, "identifiers", None)
+    if ids is None:
+        # The DICOM reader keeps the series' headers in its loader; only looked at when a map is asked for.
+        import inspect
+
+        geometry = inspect.getclosurevars(item.load).nonlocals.get("geometry")
+        first = geometry.headers[0] if getattr(geometry, "headers", None) else None
+        ids = {} if first is None else {"patient_id": first.patient_id, "study_uid": first.study_uid,
+                                        "series_uid": first.series_uid}
+    return {**ids, "source": item.source}
+
+
+def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,
+               workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """Ingest the cases whose cache entry is stale, ``workers`` at a time.
+
+    Returns:
+        The new cache (entries by case_id) and how many cases were skipped as unchanged.
+
+    numpy, pydicom's pixel copies and zlib release the GIL, so threads overlap decoding and compression. On any
+    exception (Ctrl-C included) pending cases are cancelled and the cases finished so far are still recorded; each
+    output is replaced by rename, so nothing half-written is left either way.
+    """
+    old = load_cache(out_dir)
+    cache = {cid: old[cid] for cid in groups if is_fresh(old.get(cid), keys[cid], out_dir)}
+    todo = [cid for cid in groups if cid not in cache]
+    skipped = len(cache)
+    log.info("%d case(s) unchanged since the last run, %d to ingest with %d worker(s)", len(cache), len(todo),
+             max(1, min(workers, len(todo))))
+    pool = ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    try:
+        # pydicom's quiet_pydicom() swaps process-wide state (logger level, warning filters); holding it around
+        # the pool keeps that state quiet however the threads' own enter/exit interleave.
+        with quiet_pydicom(), tqdm(total=len(todo), desc=desc, unit="case", disable=None) as bar:
+            futures = {pool.submit(_ingest_group, groups[cid], out_dir, allowed): cid for cid in todo}
+            for fut in as_completed(futures):
+                cid = futures[fut]
+                results = fut.result()
+                cache[cid] = {"key": keys[cid], "results": results,
+                              "outputs": output_stats(out_dir, _outputs(results))}
+                bar.update()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if cache:
+            save_cache(out_dir, cache)
+    return cache, skipped
+
+
 def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Delete files in ``images/`` and ``labels/`` that the new manifest does not list."""
+    """Delete files in ``images/`` and ``labels/`` that the new manifest does not list (and temporary files left by
+    a killed run)."""
     for sub in ("images", "labels"):
         folder = out_dir / sub
         if folder.is_dir():
@@ -85,20 +172,26 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
                     path.unlink()
 
 
-def run(source: Path, out_dir: Path, layout: str = "auto") -> dict[str, Any]:
+def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
+        workers: int | None = None) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir``.
 
     Args:
         source: folder to read.
-        out_dir: output folder; receives ``images/``, ``labels/``, ``manifest.json`` and ``ingest_report.json``.
+        out_dir: output folder; receives ``images/``, ``labels/``, ``manifest.json``, ``ingest_report.json`` and
+            the re-run cache ``.ingest_cache.json``.
         layout: "auto" (detect acdc, msd, dicom, nifti in that order) or one of :data:`LAYOUTS`.
+        id_map: if given, a JSON file (mode 0600, outside ``out_dir``) mapping each case_id to its source
+            identifiers (patient_id, study_uid, series_uid for DICOM) and source path, for re-identification.
+        workers: cases ingested at once (default: the number of CPUs).
 
     Returns:
-        Summary: ``layout``, ``out``, counts ``accepted``, ``rejected``, ``labelled``, and the ``manifest`` and
-        ``report`` paths.
+        Summary: ``layout``, ``out``, counts ``accepted``, ``rejected``, ``labelled``, ``skipped`` (unchanged since
+        the last run), and the ``manifest`` and ``report`` paths.
 
     Raises:
-        IngestError: ``source`` does not exist, no layout matches, or no case passed the checks.
+        IngestError: ``source`` does not exist, no layout matches, no case passed the checks, or ``id_map`` lies
+            inside ``out_dir``.
     """
     source = Path(source).expanduser().resolve()
     out_dir = Path(out_dir).expanduser().resolve()
@@ -107,6 +200,10 @@ def run(source: Path, out_dir: Path, layout: str = "auto") -> dict[str, Any]:
                           f"it should be a folder in one of these layouts:\n{layout_help()}")
     if not source.is_dir():
         raise IngestError(f"source {source} is not a folder")
+    if id_map is not None:
+        id_map = Path(id_map).expanduser().resolve()
+        if id_map.is_relative_to(out_dir):  # the data folder is shared and versioned: no identifiers there
+            raise IngestError(f"--write-id-map {id_map} must lie outside the output folder {out_dir}")
     skip = (out_dir,)
     if layout == "auto":
         layout = detect_layout(source, skip)
@@ -118,20 +215,28 @@ def run(source: Path, out_dir: Path, layout: str = "auto") -> dict[str, Any]:
     for r in scan.rejected:
         log.warning("rejected %s: %s", r["source"], r["reason"])
     allowed = set(scan.labels) if scan.labels else None
+    groups: dict[str, list[Item]] = {}
+    for item in scan.items:
+        groups.setdefault(item.case_id, []).append(item)
+    index = SourceIndex(source, skip, [i.source for i in scan.items], code_version(f"layout={layout}"))
+    keys = {cid: hashlib.sha256("\x1f".join(index.key(i.source) for i in g).encode()).hexdigest()
+            for cid, g in groups.items()}
+    cache, skipped = _run_cases(groups, keys, out_dir, allowed, workers or os.cpu_count() or 1, f"ingest {layout}")
+    results = {(cid, r["source"]): r for cid, entry in cache.items() for r in entry["results"]}
     cases: dict[str, Case] = {}
-    accepted, values_seen = [], set()
-    for item in tqdm(scan.items, desc=f"ingest {layout}", unit="case", disable=None):
-        try:
-            if item.case_id in cases:
-                raise CaseRejected("duplicate case: same patient and series/phase as an accepted case")
-            case, values = _ingest_one(item, out_dir, allowed)
-        except CaseRejected as err:
-            rejected.append({"source": item.source, "reason": str(err)})
-            log.warning("rejected %s: %s", item.source, err)
+    accepted, values_seen, ids = [], set(), {}
+    for item in scan.items:  # the scan's order, whatever order the threads finished in
+        r = results[(item.case_id, item.source)]
+        if "reason" in r:
+            rejected.append({"source": item.source, "reason": r["reason"]})
+            log.warning("rejected %s: %s", item.source, r["reason"])
             continue
+        case = Case.from_json(r["case"])
         cases[case.case_id] = case
-        values_seen |= values
+        values_seen |= set(r["values"])
         accepted.append({"source": item.source, "case_id": case.case_id})
+        if id_map is not None:
+            ids[case.case_id] = _identifiers(item)
     if not cases:
         first = "; ".join(f"{r['source']}: {r['reason']}" for r in rejected[:3])
         raise IngestError(f"nothing usable in {source} (layout {layout}: {LAYOUT_HELP[layout]}); "
@@ -141,8 +246,11 @@ def run(source: Path, out_dir: Path, layout: str = "auto") -> dict[str, Any]:
     _remove_stale(out_dir, keep)
     manifest = write_manifest(out_dir, layout, labels, list(cases.values()))
     report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
+    if id_map is not None:
+        write_id_map(id_map, ids)
+        log.info("re-identification map written (%d cases); keep it private", len(ids))
     labelled = sum(c.label is not None for c in cases.values())
-    log.info("ingest: %d cases accepted (%d with labels), %d rejected -> %s", len(cases), labelled, len(rejected),
-             out_dir)
+    log.info("ingest: %d cases accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases), labelled,
+             len(rejected), skipped, out_dir)
     return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "rejected": len(rejected),
-            "labelled": labelled, "manifest": str(manifest), "report": str(report)}
+            "labelled": labelled, "skipped": skipped, "manifest": str(manifest), "report": str(report)}
