@@ -151,3 +151,31 @@ def test_synthetic_series_equal_dcm2niix(tmp_path, kind):
     refs = _dcm2niix(folder, tmp_path / "ref")
     assert len(ours) == 1 and len(refs) == 1
     _same(next(iter(ours.values())), refs[0])
+
+
+@pytest.mark.realdata
+def test_philips_enhanced_mr_equal_dcm2niix(tmp_path):
+    """A real Philips Enhanced MR (176 sagittal frames, per-frame rescale) from nibabel's test data, gunzipped."""
+    import gzip
+
+    gz = SHARED_DICOM.parent / "nifti" / "nibabel_testdata" / "nicom" / "philips_mprage.dcm.gz"
+    if not gz.is_file():
+        pytest.skip(f"{gz} not found")
+    folder = tmp_path / "philips"
+    folder.mkdir()
+    (folder / "mprage.dcm").write_bytes(gzip.decompress(gz.read_bytes()))
+    ours = _ours(folder)
+    assert [o.shape for o in ours.values()] == [(176, 256, 256)]
+    _match(ours, _dcm2niix(folder, tmp_path / "ref"))
+
+
+def test_synthetic_enhanced_ct_equal_dcm2niix(tmp_path):
+    """Frames stored in reverse spatial order. dcm2niix trusts the stored frame order of an enhanced file without a
+    DimensionIndexSequence (it takes the slice step from the first and last frames), so shuffled frames, which we sort
+    by position (see test_dicom_series_depth), are not compared with it."""
+    from test_dicom_series_depth import write_enhanced_ct
+
+    iop, positions, _ = _synthetic("oblique")
+    folder = tmp_path / "src"
+    write_enhanced_ct(folder / "enhanced.dcm", positions, iop=iop, rows=9, cols=11, order=list(range(7))[::-1])
+    _match(_ours(folder), _dcm2niix(folder, tmp_path / "ref"))

@@ -60,8 +60,11 @@ def test_same_instance_copied_twice_counts_once(tmp_path):
     paths = write_series(tmp_path / "a", axial_positions(3))
     (tmp_path / "b").mkdir()
     shutil.copy(paths[0], tmp_path / "b" / "copy.dcm")
+    (tmp_path / "0").mkdir()  # sorts before "a": the copy kept is still the one beside the rest of the series
+    shutil.copy(paths[1], tmp_path / "0" / "copy.dcm")
     scan = scan_dicom(tmp_path)
-    assert not scan.rejected and len(scan.items) == 1 and _loaded(scan)[scan.items[0].source].image.shape[2] == 3
+    assert not scan.rejected and [i.source for i in scan.items] == ["a"]
+    assert _loaded(scan)["a"].image.shape[2] == 3
 
 
 def write_enhanced_ct(path, positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.9), rows=4, cols=3, order=None,

@@ -180,12 +180,16 @@ def group_series(headers: list[Header]) -> dict[str, list[Header]]:
 def unique_instances(headers: list[Header]) -> tuple[list[Header], int]:
     """``headers`` without repeated copies of one instance (same SOPInstanceUID and frame), and how many were dropped.
 
-    The same file copied into two folders is one image, not two slices at one position; the first path in sorted
-    order is kept so the choice does not depend on the file system's listing order.
+    The same file copied into two folders is one image, not two slices at one position. The copy kept is the one in
+    the folder holding most of the series (then the first path in sorted order), so the series' folder stays the
+    folder of its files and the choice does not depend on the file system's listing order.
     """
+    per_folder: dict[Path, int] = defaultdict(int)
+    for h in headers:
+        per_folder[h.path.parent] += 1
     seen: dict[tuple[str, int | None], Header] = {}
     anonymous = []
-    for h in sorted(headers, key=lambda h: h.path.as_posix()):
+    for h in sorted(headers, key=lambda h: (-per_folder[h.path.parent], h.path.as_posix())):
         if not h.sop_uid:  # no UID: cannot tell copies apart, keep all (duplicates are then rejected by position)
             anonymous.append(h)
         else:
