@@ -122,7 +122,10 @@ def read_series(geometry: Geometry, workers: int = READ_WORKERS) -> np.ndarray:
         CaseRejected: a slice has no pixel data, cannot be decoded, or has the wrong size.
     """
     nx, ny, nz = geometry.shape
-    vol = np.empty((nx, ny, nz), dtype=np.float32)
+    # slices are filled contiguously in a (Z, Y, X) buffer and the (X, Y, Z) result is its transposed view: writing
+    # each slice into an (X, Y, Z) C-order array instead strides over memory and cost 10x the decoding; the view is
+    # Fortran-ordered, which is also NIfTI's on-disk order
+    stack = np.empty((nz, ny, nx), dtype=np.float32)
     by_file: dict = {}
     for k, h in enumerate(geometry.headers):  # a multi-frame file is read once for all its frames
         by_file.setdefault(h.path, []).append((k, h))
@@ -138,11 +141,12 @@ def read_series(geometry: Geometry, workers: int = READ_WORKERS) -> np.ndarray:
                 slope, intercept = h.rescale or (slope, intercept)
             integral &= float(slope).is_integer() and float(intercept).is_integer() and \
                 np.issubdtype(arr.dtype, np.integer)
-            vol[:, :, k] = (arr.astype(np.float64) * slope + intercept).T
+            stack[k] = arr.astype(np.float64) * slope + intercept
         return integral
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(by_file)))) as pool:
         integral = all(list(pool.map(fill, by_file.values())))
+    vol = stack.transpose(2, 1, 0)
     if integral and vol.min() >= np.iinfo(np.int16).min and vol.max() <= np.iinfo(np.int16).max:
         return vol.astype(np.int16)
     if integral and abs(vol).max() < 2**24:
