@@ -68,9 +68,10 @@ def test_same_instance_copied_twice_counts_once(tmp_path):
 
 
 def write_enhanced_ct(path, positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.9), rows=4, cols=3, order=None,
-                      slopes=None):
+                      slopes=None, temporal=None):
     """One Enhanced CT file whose frame ``f`` is slice ``order[f]`` (values :func:`slice_value`), per-frame geometry
-    and per-frame rescale (slope ``slopes[s]``, intercept -1024), shared orientation and pixel measures."""
+    and per-frame rescale (slope ``slopes[s]``, intercept -1024), shared orientation and pixel measures; slice ``s``
+    has TemporalPositionIndex ``temporal[s]`` when given."""
     n = len(positions)
     order = list(range(n)) if order is None else order
     slopes = [1] * n if slopes is None else slopes
@@ -98,6 +99,10 @@ def write_enhanced_ct(path, positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.9
         plane.ImagePositionPatient = [f"{v:.4f}" for v in positions[s]]
         trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = f"{slopes[s]:g}", "-1024", "HU"
         item.PlanePositionSequence, item.PixelValueTransformationSequence = Sequence([plane]), Sequence([trans])
+        if temporal is not None:
+            content = Dataset()
+            content.TemporalPositionIndex = temporal[s]
+            item.FrameContentSequence = Sequence([content])
         frames.append(item)
         data.append(slice_value(s, r, c).astype("<i2"))
     ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
@@ -125,6 +130,37 @@ def test_enhanced_ct_per_frame_rescale(tmp_path):
     image = item.load().image
     for k, slope in enumerate([1, 2, 0.5]):
         assert image[2, 1, k] == pytest.approx(slope * slice_value(k, 1, 2) - 1024)
+
+
+def test_enhanced_file_with_two_temporal_positions(tmp_path):
+    pos = axial_positions(3)
+    write_enhanced_ct(tmp_path / "dyn.dcm", pos + pos, temporal=[1, 1, 1, 2, 2, 2], order=[0, 3, 1, 4, 2, 5])
+    scan = scan_dicom(tmp_path)
+    assert not scan.rejected
+    loaded = _loaded(scan)
+    assert sorted(loaded) == ["dyn.dcm (phase 1 of 2, TemporalPositionIdentifier 1)",
+                              "dyn.dcm (phase 2 of 2, TemporalPositionIdentifier 2)"]
+    for p, source in enumerate(sorted(loaded)):
+        assert [loaded[source].image[2, 1, k] for k in range(3)] == [slice_value(3 * p + k, 1, 2) - 1024
+                                                                      for k in range(3)]
+
+
+def test_decoder_missing_or_absent_named(monkeypatch):
+    import pydicom.pixels
+
+    from medseg.ingest.dicom_pixels import decoder_problem
+
+    assert "no pixel data decoder exists" in decoder_problem("1.2.840.10008.1.2.4.94")  # JPIP referenced
+
+    class Missing:
+        is_available = False
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0",
+                                "gdcm - requires gdcm>=3.0.10"]
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: Missing())
+    reason = decoder_problem("1.2.840.10008.1.2.4.90")
+    assert reason == ("cannot decode JPEG 2000 Image Compression (Lossless Only) pixel data: install "
+                      "pylibjpeg + pylibjpeg-openjpeg or python-gdcm")
 
 
 NON_IMAGES = {"SR": "1.2.840.10008.5.1.4.1.1.88.22", "RTPLAN": "1.2.840.10008.5.1.4.1.1.481.5",
