@@ -13,7 +13,7 @@ import dataclasses
 import logging
 
 from medseg.ingest.common import CaseRejected
-from medseg.ingest.dicom_headers import Header, quiet_pydicom
+from medseg.ingest.dicom_headers import Header, _floats, quiet_pydicom  # same tolerant parsing as single frames
 
 __all__ = ["ENHANCED_SOP_CLASSES", "is_enhanced", "frame_headers"]
 
@@ -76,8 +76,8 @@ def frame_headers(h: Header) -> list[Header]:
 
 
 def _frames(h: Header, ds, per_frame, shared) -> list[Header]:
-    from medseg.ingest.dicom_headers import _floats  # the same tolerant parsing as single-frame headers
-
+    """The per-frame headers; FrameContentSequence's TemporalPositionIndex fills ``temporal_position`` and the
+    nominal cardiac trigger delay ``trigger_time``, so multi-phase enhanced files split like single-frame series."""
     top_slope = _float_or(ds.get("RescaleSlope"), 1.0)
     top_intercept = _float_or(ds.get("RescaleIntercept"), 0.0)
     out = []
