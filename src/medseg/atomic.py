@@ -89,5 +89,10 @@ def save_nifti(path: str | Path, array: Any, affine: Any, dtype: Any = None) -> 
     img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        if str(path).endswith(".gz"):  # compression is most of the time: on all cores (see medseg.pgzip)
+            from medseg.pgzip import write_gzip
+
+            write_gzip(tmp, img.to_bytes())
+        else:
+            nib.save(img, str(tmp))
     return Path(path)

@@ -13,6 +13,7 @@ import pytest
 from conftest import axial_positions, read_json, write_series
 
 import medseg.ingest as ingest
+import medseg.pgzip as pgzip
 from medseg.cli import main
 from medseg.ingest.cache import CACHE_NAME
 from medseg.manifest import MANIFEST_NAME
@@ -106,17 +107,17 @@ def test_code_change_redoes_everything(tmp_path, monkeypatch):
 @pytest.mark.parametrize("workers", [1, 3])
 def test_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch, workers):
     src, out = _tree(tmp_path / "src", n=4), tmp_path / "out"
-    real_save, saved = nibabel.save, []
+    real_save, saved = pgzip.write_gzip, []
 
-    def save_then_die(img, filename):
+    def save_then_die(filename, data, *args, **kwargs):
         saved.append(filename)
         if len(saved) == 2:  # the second case dies mid-write, as under Ctrl-C
             with open(filename, "wb") as fh:
-                fh.write(b"\x1f\x8b partial")
+                fh.write(data[:100])
             raise KeyboardInterrupt
-        real_save(img, filename)
+        return real_save(filename, data, *args, **kwargs)
 
-    monkeypatch.setattr(nibabel, "save", save_then_die)
+    monkeypatch.setattr(pgzip, "write_gzip", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         ingest.run(src, out, workers=workers)
     leftovers = [p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
@@ -124,7 +125,7 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch, work
     assert not (out / MANIFEST_NAME).exists()
     for image in (out / "images").glob("*.nii.gz"):
         assert nibabel.load(image).get_fdata().shape[2] >= 4  # every output there is whole
-    monkeypatch.setattr(nibabel, "save", real_save)
+    monkeypatch.setattr(pgzip, "write_gzip", real_save)
     calls = _count_loads(monkeypatch)
     result = ingest.run(src, out, workers=workers)
     assert result["accepted"] == 4 and len(calls) == 4 - result["skipped"]
@@ -137,7 +138,7 @@ def test_interrupted_rerun_keeps_the_old_manifest(tmp_path, monkeypatch):
     manifest = (out / MANIFEST_NAME).read_bytes()
     for path in (out / "images").iterdir():
         path.unlink()
-    monkeypatch.setattr(nibabel, "save", lambda img, filename: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(pgzip, "write_gzip", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         ingest.run(src, out, workers=1)
     assert (out / MANIFEST_NAME).read_bytes() == manifest
@@ -198,3 +199,27 @@ def test_no_id_map_unless_asked(tmp_path):
     src, out = _tree(tmp_path / "src", n=1), tmp_path / "out"
     ingest.run(src, out)
     assert not list(tmp_path.rglob("*id*map*")) and not list(tmp_path.rglob("ids.json"))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("backend", ["zlib", "default"])
+def test_parallel_gzip_is_one_standard_gzip_member(tmp_path, monkeypatch, threads, backend):
+    import zlib
+
+    import numpy as np
+
+    if backend == "zlib":
+        monkeypatch.setattr(pgzip, "_deflate_lib", zlib)
+    monkeypatch.setattr(pgzip, "CHUNK", 1000)  # many chunks, and a last one shorter than the others
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 999, 1000, 5001):
+        data = rng.integers(0, 50, size, dtype=np.uint8).tobytes()
+        path = pgzip.write_gzip(tmp_path / f"{size}.gz", data, threads=threads)
+        raw = path.read_bytes()
+        assert gzip.decompress(raw) == data
+        assert zlib.decompressobj(31).decompress(raw) == data  # one member: zlib alone reads it to the end
+    image = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    from medseg.atomic import save_nifti
+
+    saved = nibabel.load(save_nifti(tmp_path / "x.nii.gz", image, np.eye(4)))
+    assert np.array_equal(np.asarray(saved.dataobj), image) and saved.get_data_dtype() == np.int16

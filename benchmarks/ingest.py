@@ -1,0 +1,139 @@
+"""Wall time of whole conversion processes on one realistic CT series: ``medseg ingest`` against dcm2niix, SimpleITK
+and dicom2nifti, all writing ``.nii.gz``.
+
+Run by hand: ``python benchmarks/ingest.py [--workdir DIR] [--repeats 3] [--slices 300]``. Writes a 300-slice
+512 x 512 int16 CT series (rescale intercept -1024) once, then runs each tool ``--repeats`` times as a fresh process
+(start-up included) into a fresh output folder, and prints the median wall time and its ratio to dcm2niix's.
+Tools that are not installed (``pip install -e ".[bench]"``) are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.ingest")
+
+SITK = ("import sys, SimpleITK as sitk; r = sitk.ImageSeriesReader(); r.SetFileNames(r.GetGDCMSeriesFileNames(sys.argv[1]));"
+        " sitk.WriteImage(r.Execute(), sys.argv[2] + '/ct.nii.gz', useCompression=True)")
+D2N = "import sys, dicom2nifti; dicom2nifti.convert_directory(sys.argv[1], sys.argv[2], compression=True)"
+
+
+def phantom_slice(z: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """HU of one axial slice: air, an elliptic body (fat rim, soft tissue), liver, kidneys, spine, lungs, noise."""
+    y, x = np.mgrid[0:size, 0:size] / size - 0.5
+    t = z / max(n - 1, 1)
+    hu = np.full((size, size), -1000.0)
+    body = (x / 0.42) ** 2 + (y / 0.30) ** 2
+    hu[body < 1] = -90  # subcutaneous fat
+    hu[body < 0.85] = 40  # soft tissue
+    if t > 0.55:  # thorax: lungs
+        for cx in (-0.17, 0.17):
+            hu[((x - cx) / 0.13) ** 2 + ((y + 0.02) / 0.18) ** 2 < 1] = -850
+    else:  # abdomen: liver, kidneys
+        hu[((x + 0.15) / 0.16) ** 2 + ((y + 0.03) / 0.14) ** 2 < 1] = 60
+        for cx in (-0.12, 0.12):
+            hu[((x - cx) / 0.05) ** 2 + ((y - 0.12) / 0.07) ** 2 < 1] = 150 if t > 0.2 else 35
+    hu[(x / 0.04) ** 2 + ((y - 0.2) / 0.04) ** 2 < 1] = 700  # vertebra
+    hu[(x ** 2 + (y + 0.05) ** 2) < 0.03 ** 2] = 200  # aorta, contrast
+    return hu + rng.normal(0, 12, hu.shape)
+
+
+def write_series(folder: Path, slices: int, size: int = 512) -> None:
+    """One CT series, one file per slice: int16 stored values, HU = stored - 1024."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for z in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.PatientName = "CT", "BENCH-1", "Bench^Phantom"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20240101", "120000", 2, z + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-250.0, -250.0, -400.0 + 1.25 * z]
+        ds.SliceThickness, ds.PixelSpacing = 1.25, [0.9765625, 0.9765625]
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+        stored = np.clip(np.round(phantom_slice(z, slices, size, rng)) + 1024, -2048, 4095).astype("<i2")
+        ds.PixelData = stored.tobytes()
+        ds.save_as(folder / f"IM{z:04d}.dcm", enforce_file_format=True)
+
+
+def tools(series: Path) -> dict[str, list[str] | None]:
+    """Command line of each tool (``{out}`` is replaced by the output folder), or None when not installed."""
+    bindir = Path(sys.executable).parent
+    medseg = shutil.which("medseg", path=str(bindir)) or shutil.which("medseg")
+    dcm2niix = shutil.which("dcm2niix", path=str(bindir)) or shutil.which("dcm2niix")
+
+    def importable(name: str) -> bool:
+        return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
+
+    return {
+        "dcm2niix": [dcm2niix, "-z", "y", "-f", "ct", "-o", "{out}", str(series)] if dcm2niix else None,
+        "medseg ingest": [medseg, "ingest", str(series.parent), "--out", "{out}", "--layout", "dicom"]
+        if medseg else None,
+        "SimpleITK": [sys.executable, "-c", SITK, str(series), "{out}"] if importable("SimpleITK") else None,
+        "dicom2nifti": [sys.executable, "-c", D2N, str(series), "{out}"] if importable("dicom2nifti") else None,
+    }
+
+
+def time_once(cmd: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)  # a fresh folder each time: medseg's re-run cache must not skip work
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run([c.replace("{out}", str(out)) for c in cmd], check=True, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if not list(out.rglob("*.nii.gz")):
+        raise RuntimeError(f"{cmd[0]} wrote no .nii.gz")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the series (kept; reused)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medseg-bench-"))
+    series = workdir / "src" / f"ct{args.slices}"
+    if not series.is_dir() or len(list(series.iterdir())) != args.slices:
+        log.info("writing %d-slice 512x512 CT series to %s", args.slices, series)
+        shutil.rmtree(series, ignore_errors=True)
+        write_series(series, args.slices)
+    medians: dict[str, float] = {}
+    for name, cmd in tools(series).items():
+        if cmd is None:
+            log.info("%-14s skipped: not installed", name)
+            continue
+        times = [time_once(cmd, workdir / "out" / name.replace(" ", "_")) for _ in range(args.repeats)]
+        medians[name] = statistics.median(times)
+        log.info("%-14s %s", name, " ".join(f"{t:.2f}" for t in times))
+    ref = medians.get("dcm2niix")
+    log.info("\nmedian wall time over %d runs (whole process, .nii.gz output):", args.repeats)
+    for name, t in medians.items():
+        log.info("%-14s %6.2f s%s", name, t, f"  {t / ref:5.2f}x dcm2niix" if ref else "")
+
+
+if __name__ == "__main__":
+    main()
