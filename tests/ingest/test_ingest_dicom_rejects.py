@@ -74,7 +74,7 @@ def test_each_broken_series_rejected_with_reason(messy_source, tmp_path):
     expected = {"gap": "non-uniform slice spacing", "dupe": "duplicate slice positions", "single/x000": "single slice",
                 "sizes": "inconsistent Rows/Columns", "orient": "inconsistent ImageOrientationPatient",
                 "tilt": "not stacked along the slice normal", "jpeg": "decode", "cut": "cannot be decoded",
-                "rt/rs.dcm": "RTSTRUCT is not an image", "notes/README.txt": "not a DICOM file",
+                "rt/rs.dcm": "RTSTRUCT references series (none), which is not among the image series", "notes/README.txt": "not a DICOM file",
                 "notes/blob.bin": "not a DICOM file", "mosaic": "Siemens mosaic", "pet": "modality PT"}
     for source, words in expected.items():
         assert words in reasons[source], (source, reasons.get(source))

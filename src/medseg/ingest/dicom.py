@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, iter_files, modality_name, read_label_json, rel
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL, Geometry, series_geometry, split_phases
+from medseg.ingest.dicom_label_match import is_label_object, object_loader, plan_labels
 from medseg.ingest.dicom_headers import Header, group_series, non_image_reason, read_header, unique_instances
 from medseg.ingest.dicom_multiframe import frame_headers, is_enhanced
 from medseg.ingest.dicom_pixels import decoder_problem, read_series
@@ -77,7 +78,14 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
             headers.extend(frame_headers(header) if is_enhanced(header) else [header])
         except CaseRejected as err:
             scan.reject(rel(path, source), str(err))
-    for key, group in group_series(headers).items():
+    # DICOM-SEG and RTSTRUCT objects are labels of the series they reference, not series of their own.
+    label_headers = [h for h in headers if is_label_object(h)]
+    groups = group_series([h for h in headers if not is_label_object(h)])
+    plan = plan_labels(label_headers, groups, source, labels)
+    scan.rejected.extend(plan.rejected)
+    if plan.by_series:
+        scan.labels = plan.labels
+    for key, group in groups.items():
         group, copies = unique_instances(group)
         if copies:
             log.info("%d repeated copies of the same instance (SOPInstanceUID) left out of one series", copies)
@@ -104,8 +112,11 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
             case_key = key if phase is None else f"{key}|{phase}"
             case_id = f"{subject}_{pseudonym(case_key, prefix='ser', length=6)}"
             label_path = labels_dir / f"{folder.name}.nii.gz"
-            scan.items.append(Item(source=src, subject=subject, case_id=case_id,
-                                   load=_loader(geometry, label_path if label_path.is_file() else None),
+            if key in plan.by_series:
+                load = object_loader(geometry, plan.by_series[key], plan.labels, read_series)
+            else:
+                load = _loader(geometry, label_path if label_path.is_file() else None)
+            scan.items.append(Item(source=src, subject=subject, case_id=case_id, load=load,
                                    modality=modality_name(modality) if modality else None,
                                    phase=None if phase is None else phase.split(",")[0]))
     return scan
