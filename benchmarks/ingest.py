@@ -1,7 +1,7 @@
 """Wall time of whole conversion processes on one realistic CT series: ``medseg ingest`` against dcm2niix, SimpleITK
 and dicom2nifti, all writing ``.nii.gz``.
 
-Run by hand: ``python benchmarks/ingest.py [--workdir DIR] [--repeats 3] [--slices 300]``. Writes a 300-slice
+Run by hand: ``python benchmarks/ingest.py [--workdir DIR] [--repeats 3] [--slices 300] [--tools ...]``. Writes a 300-slice
 512 x 512 int16 CT series (rescale intercept -1024) once, then runs each tool ``--repeats`` times as a fresh process
 (start-up included) into a fresh output folder, and prints the median wall time and its ratio to dcm2niix's.
 Tools that are not installed (``pip install -e ".[bench]"``) are reported as skipped.
@@ -23,7 +23,8 @@ import numpy as np
 
 log = logging.getLogger("benchmarks.ingest")
 
-SITK = ("import sys, SimpleITK as sitk; r = sitk.ImageSeriesReader(); r.SetFileNames(r.GetGDCMSeriesFileNames(sys.argv[1]));"
+SITK = ("import sys, SimpleITK as sitk; r = sitk.ImageSeriesReader();"
+        " r.SetFileNames(r.GetGDCMSeriesFileNames(sys.argv[1]));"
         " sitk.WriteImage(r.Execute(), sys.argv[2] + '/ct.nii.gz', useCompression=True)")
 D2N = "import sys, dicom2nifti; dicom2nifti.convert_directory(sys.argv[1], sys.argv[2], compression=True)"
 
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the series (kept; reused)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--tools", nargs="*", default=None,
+                        help="subset to run: dcm2niix, 'medseg ingest', SimpleITK, dicom2nifti (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medseg-bench-"))
@@ -121,14 +124,17 @@ def main() -> None:
         log.info("writing %d-slice 512x512 CT series to %s", args.slices, series)
         shutil.rmtree(series, ignore_errors=True)
         write_series(series, args.slices)
-    medians: dict[str, float] = {}
-    for name, cmd in tools(series).items():
-        if cmd is None:
-            log.info("%-14s skipped: not installed", name)
-            continue
-        times = [time_once(cmd, workdir / "out" / name.replace(" ", "_")) for _ in range(args.repeats)]
-        medians[name] = statistics.median(times)
-        log.info("%-14s %s", name, " ".join(f"{t:.2f}" for t in times))
+    commands = {name: cmd for name, cmd in tools(series).items() if not args.tools or name in args.tools}
+    for name in [n for n, cmd in commands.items() if cmd is None]:
+        log.info("%-14s skipped: not installed", name)
+        del commands[name]
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(args.repeats):  # round-robin, so a burst of load elsewhere hits every tool alike
+        for name, cmd in commands.items():
+            times[name].append(time_once(cmd, workdir / "out" / name.replace(" ", "_")))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        log.info("%-14s %s", name, " ".join(f"{x:.2f}" for x in t))
     ref = medians.get("dcm2niix")
     log.info("\nmedian wall time over %d runs (whole process, .nii.gz output):", args.repeats)
     for name, t in medians.items():

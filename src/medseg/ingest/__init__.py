@@ -114,11 +114,16 @@ def _identifiers(item: Item) -> dict[str, str]:
     """Source identifiers of a case for the re-identification map: the DICOM IDs when the reader kept them."""
     ids = getattr(item, "identifiers", None)
     if ids is None:
-        # The DICOM reader keeps the series' headers in its loader; only looked at when a map is asked for.
+        # The DICOM reader keeps the series' headers (a Geometry) in its loader's closure; looked at only when a
+        # map is asked for. Other layouts have no identifiers beyond the source path.
         import inspect
 
-        geometry = inspect.getclosurevars(item.load).nonlocals.get("geometry")
-        first = geometry.headers[0] if getattr(geometry, "headers", None) else None
+        try:
+            found = inspect.getclosurevars(item.load).nonlocals.values()
+        except TypeError:
+            found = ()
+        headers = next((v.headers for v in found if getattr(v, "headers", None)), None)
+        first = headers[0] if headers else None
         ids = {} if first is None else {"patient_id": first.patient_id, "study_uid": first.study_uid,
                                         "series_uid": first.series_uid}
     return {**ids, "source": item.source}
@@ -135,6 +140,8 @@ def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Pat
     exception (Ctrl-C included) pending cases are cancelled and the cases finished so far are still recorded; each
     output is replaced by rename, so nothing half-written is left either way.
     """
+    # The skip pays off for `medseg ingest` run by hand and for the Prefect flow; `dvc repro` deletes the stage's
+    # outputs before running it, so under DVC every case is stale here and DVC's own cache does the skipping.
     old = load_cache(out_dir)
     cache = {cid: old[cid] for cid in groups if is_fresh(old.get(cid), keys[cid], out_dir)}
     todo = [cid for cid in groups if cid not in cache]

@@ -57,7 +57,7 @@ class SourceIndex:
     def __init__(self, source: Path, skip: tuple[Path, ...], case_sources: list[str], salt: str) -> None:
         self._entries = sorted((rel(p, source), *_stat(p)) for p in iter_files(source, skip))
         self._paths = [e[0] for e in self._entries]
-        roots = {s for s in case_sources}
+        roots = set(case_sources)
         shared = [e for e in self._entries if not _under_any(e[0], roots)]
         self._salt = salt + "\x1f" + _digest(shared)
 
