@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -14,6 +15,14 @@ from typing import Any
 __all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "save_nifti"]
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask (reading it means setting it, so once, not per file from several threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; it replaces ``target`` only if the block completes."""
@@ -23,6 +32,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600; outputs get the usual permissions (0666 less the umask), like any file the user writes.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     try:
         yield tmp_path
         os.replace(tmp_path, target)
