@@ -33,7 +33,8 @@ def demo_data_task(params: Params) -> dict:
 def ingest_task(params: Params) -> dict:
     from medseg import ingest
 
-    return ingest.run(Path(params.data.source), Path(params.paths.ingested), layout=params.data.layout)
+    return ingest.run(Path(params.data.source), Path(params.paths.ingested), layout=params.data.layout,
+                      spacing_tolerance=params.data.slice_spacing_tolerance)
 
 
 @task(name="preprocess", cache_policy=NO_CACHE, **IO_RETRIES)

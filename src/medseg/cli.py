@@ -37,8 +37,9 @@ def _cmd_demo_data(args: argparse.Namespace) -> dict:
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     from medseg import ingest
 
+    tolerance = {} if args.spacing_tolerance is None else {"spacing_tolerance": args.spacing_tolerance}
     return ingest.run(Path(args.source), Path(args.out), layout=args.layout,
-                      id_map=Path(args.write_id_map) if args.write_id_map else None)
+                      id_map=Path(args.write_id_map) if args.write_id_map else None, **tolerance)
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> dict:
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder to ingest")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti"])
+    p.add_argument("--spacing-tolerance", type=float, default=None, metavar="REL",
+                   help="refuse DICOM series whose slice steps deviate more than this fraction from their median "
+                        "(default: medseg.ingest.dicom_geometry.SPACING_REL_TOL, 1%%)")
     p.add_argument("--write-id-map", metavar="PATH", default=None,
                    help="also write a private (mode 0600) map case_id -> source identifiers, outside --out")
 

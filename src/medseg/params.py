@@ -38,6 +38,7 @@ class PathsParams:
 class DataParams:
     source: str
     layout: Literal["auto", "acdc", "msd", "dicom", "nifti"]
+    slice_spacing_tolerance: float
 
 
 @dataclass(frozen=True)

@@ -50,3 +50,23 @@ def test_rtstruct_labels_its_series_and_bad_references_are_reported(tmp_path):
     assert int((label == 1).sum()) == 1443
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     assert "non_existent_reference_rt.dcm" in reasons and "invalid_reference_rt.dcm" in reasons
+
+
+def test_spacing_tolerance_reaches_the_dicom_reader_from_the_cli(tmp_path, monkeypatch):
+    import medseg.ingest as ingest_pkg
+    from medseg.cli import main
+
+    seen = {}
+    real = ingest_pkg.scan_dicom
+
+    def spy(source, skip, tolerance):
+        seen["tolerance"] = tolerance
+        return real(source, skip, tolerance)
+
+    monkeypatch.setattr(ingest_pkg, "scan_dicom", spy)
+    monkeypatch.setitem(ingest_pkg.READERS, "dicom", spy)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "x.dcm").write_bytes(b"not dicom")
+    main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--layout", "dicom",
+          "--spacing-tolerance", "0.05"])
+    assert seen["tolerance"] == 0.05

@@ -28,6 +28,7 @@ from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache,
 from medseg.ingest.checks import as_3d, check_image, check_label, guess_modality, spacing_of
 from medseg.ingest.common import CaseRejected, Item, Scan
 from medseg.ingest.dicom import scan_dicom
+from medseg.ingest.dicom_geometry import SPACING_REL_TOL
 from medseg.ingest.dicom_headers import quiet_pydicom
 from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_help
 from medseg.ingest.msd import scan_msd
@@ -180,7 +181,7 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
 
 
 def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
-        workers: int | None = None) -> dict[str, Any]:
+        workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir``.
 
     Args:
@@ -191,6 +192,8 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         id_map: if given, a JSON file (mode 0600, outside ``out_dir``) mapping each case_id to its source
             identifiers (patient_id, study_uid, series_uid for DICOM) and source path, for re-identification.
         workers: cases ingested at once (default: the number of CPUs).
+        spacing_tolerance: relative deviation of a DICOM series' slice steps from their median beyond which the
+            series is refused as non-uniform (``data.slice_spacing_tolerance`` in params.yaml).
 
     Returns:
         Summary: ``layout``, ``out``, counts ``accepted``, ``rejected``, ``labelled``, ``skipped`` (unchanged since
@@ -217,7 +220,8 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
     elif layout not in READERS:
         raise IngestError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
     log.info("ingesting %s as layout %s", source, layout)
-    scan: Scan = READERS[layout](source, skip)
+    reader = READERS[layout]
+    scan: Scan = reader(source, skip, spacing_tolerance) if reader is scan_dicom else reader(source, skip)
     rejected = list(scan.rejected)
     for r in scan.rejected:
         log.warning("rejected %s: %s", r["source"], r["reason"])
