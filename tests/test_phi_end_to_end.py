@@ -1,0 +1,58 @@
+"""No patient identifier from DICOM headers reaches any output of any stage, MLflow's store included."""
+
+import gzip
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from medseg import demo_data, evaluate, ingest, preprocess, register, train
+
+pytestmark = pytest.mark.slow
+
+PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
+            "ReferringPhysicianName")
+
+
+def identifiers(dicom_root: Path) -> set[str]:
+    values = set()
+    for path in dicom_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for tag in PHI_TAGS:
+            value = str(ds.get(tag, "") or "")
+            values |= {v for v in [value, *value.split("^")] if len(v) >= 4}
+    return values
+
+
+def every_byte(root: Path) -> bytes:
+    chunks = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            chunks.append(gzip.decompress(data) if path.name.endswith(".gz") else data)
+    return b"\n".join(chunks)
+
+
+def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
+    caplog.set_level("DEBUG")
+    params = params_for(data={"source": str(tmp_path / "demo" / "pancreas_ct"), "layout": "dicom"},
+                        preprocess={"folds": 2, "target_spacing": [3.0, 3.0, 6.0]}, train={"max_epochs": 1},
+                        register={"model_name": "pancreas-phi-check"})
+    demo_data.run(tmp_path / "demo", seed=3, cardiac_patients=1, ct_patients=2)
+    phi = identifiers(tmp_path / "demo" / "pancreas_ct")
+    assert len(phi) >= 10  # the demo CT carries names, MRNs, birth dates, accession numbers, institutions
+    source_bytes = every_byte(tmp_path / "demo" / "pancreas_ct")
+    assert all(v.encode() in source_bytes for v in phi)  # the search below does find them where they are
+
+    ingest.run(Path(params.data.source), Path(params.paths.ingested), layout="dicom")
+    preprocess.run(params)
+    train.run(params)
+    evaluate.run(params)
+    register.run(params)
+
+    written = b"\n".join(every_byte(tmp_path / name) for name in
+                         ("ingested", "preprocessed", "model", "checkpoints", "evaluation", "mlartifacts"))
+    written += (tmp_path / "mlflow.db").read_bytes() + (tmp_path / "registry.json").read_bytes()
+    written += caplog.text.encode()
+    leaked = sorted(v for v in phi if v.encode() in written)
+    assert not leaked, f"identifiers found in outputs: {leaked}"
