@@ -81,3 +81,21 @@ def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(trained, tmp_path):
     reference = nib.load(str(manifest.image_path(manifest.cases[0])))
     assert written.shape == reference.shape
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
+
+
+def test_nifti_read_as_ingest_reads_it_and_written_with_its_own_affine(trained, tmp_path):
+    """ACDC-style header: sform with 1 mm columns, true spacing only in pixdim."""
+    params, _ = trained
+    image, _ = write_tiny_volume(3, shape=(40, 36, 5))
+    img = nib.Nifti1Image(image, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    img.header.set_zooms((1.5, 1.5, 8.0))
+    img.set_sform(np.diag([-1.0, -1.0, 1.0, 1.0]), code=2)
+    img.set_qform(None, code=0)
+    path = tmp_path / "acdc_like.nii.gz"
+    nib.save(img, str(path))
+    ((_, _, segment_affine, output_affine),) = list(predict.find_inputs(path))
+    np.testing.assert_allclose(np.linalg.norm(segment_affine[:3, :3], axis=0), [1.5, 1.5, 8.0])
+    written = nib.load(predict.run(params.paths.model, path, tmp_path / "out")["written"][0])
+    np.testing.assert_allclose(written.affine, output_affine)
+    np.testing.assert_allclose(written.affine, nib.load(str(path)).affine)
+    assert written.shape == image.shape

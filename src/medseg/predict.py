@@ -19,9 +19,6 @@ __all__ = ["run", "load_model", "segment", "find_inputs"]
 
 log = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
 def load_model(model: str) -> tuple[torch.nn.Module, dict]:
     """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / ``model.pt``."""
     if "://" not in model and ":/" not in model:
@@ -47,10 +44,6 @@ def load_model(model: str) -> tuple[torch.nn.Module, dict]:
     return net.eval(), read_json(configs[0])
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(NIFTI_SUFFIXES)
-
-
 def _dicom_volumes(folder: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """The DICOM series under ``folder``, read exactly as ingest reads them (sorted by position, RAS affine, HU)."""
     from medseg.ingest.common import CaseRejected
@@ -66,23 +59,34 @@ def _dicom_volumes(folder: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]
         yield name, np.asarray(loaded.image), np.asarray(loaded.affine)
 
 
-def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """Yield ``(case name, 3D array, 4x4 RAS affine)`` for a NIfTI file, a DICOM series folder, or a folder of either."""
+def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(case name, 3D array, affine to segment with, affine to write)`` for a NIfTI file, a DICOM series
+    folder, or a folder of either.
+
+    NIfTI goes through ingest's own reader, so the model sees the geometry it was trained on (e.g. ACDC's pixdim
+    spacing where the sform says 1 mm); the output keeps the input file's own affine, on the same voxel grid.
+    """
     import nibabel as nib
+
+    from medseg.ingest.common import CaseRejected
+    from medseg.ingest.nifti import is_nifti, load_nifti, nifti_stem
 
     if not path.exists():
         raise StageInputError(f"input not found: {path}")
-    if _is_nifti(path):
-        img = nib.load(str(path))
-        yield path.name.split(".nii")[0], np.asarray(img.dataobj, dtype=np.float32), img.affine
+    if path.is_file() and is_nifti(path):
+        try:
+            array, affine = load_nifti(path)
+        except CaseRejected as err:
+            raise StageInputError(f"{path}: {err}") from None
+        yield nifti_stem(path), array.astype(np.float32), affine, nib.load(str(path)).affine
         return
-    niftis = sorted(p for p in path.iterdir() if _is_nifti(p))
+    niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     for p in niftis:
         yield from find_inputs(p)
     found = bool(niftis)
     for name, array, affine in _dicom_volumes(path):
         found = True
-        yield name, array.astype(np.float32), affine
+        yield name, array.astype(np.float32), affine, affine
     if not found:
         raise StageInputError(f"no NIfTI file or readable DICOM series in {path}")
 
@@ -120,9 +124,9 @@ def run(model: str, input_path: Path, out_dir: Path, overlap: float = 0.5) -> di
 
     net, config = load_model(model)
     written = []
-    for name, array, affine in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
+    for name, array, affine, output_affine in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
         labels = segment(net, config, array, affine, overlap)
-        written.append(str(save_nifti(Path(out_dir) / f"{name}.nii.gz", labels, affine, dtype=np.uint8)))
+        written.append(str(save_nifti(Path(out_dir) / f"{name}.nii.gz", labels, output_affine, dtype=np.uint8)))
         log.info("%s: %s", name, {config["labels"].get(str(k), k): int((labels == k).sum())
                                   for k in np.unique(labels) if k})
     return {"model": model, "written": written}
