@@ -112,22 +112,8 @@ def _outputs(results: list[dict[str, Any]]) -> list[str]:
 
 
 def _identifiers(item: Item) -> dict[str, str]:
-    """Source identifiers of a case for the re-identification map: the DICOM IDs when the reader kept them."""
-    ids = getattr(item, "identifiers", None)
-    if ids is None:
-        # The DICOM reader keeps the series' headers (a Geometry) in its loader's closure; looked at only when a
-        # map is asked for. Other layouts have no identifiers beyond the source path.
-        import inspect
-
-        try:
-            found = inspect.getclosurevars(item.load).nonlocals.values()
-        except TypeError:
-            found = ()
-        headers = next((v.headers for v in found if getattr(v, "headers", None)), None)
-        first = headers[0] if headers else None
-        ids = {} if first is None else {"patient_id": first.patient_id, "study_uid": first.study_uid,
-                                        "series_uid": first.series_uid}
-    return {**ids, "source": item.source}
+    """Source identifiers of a case for the re-identification map (layouts other than DICOM have only the path)."""
+    return {**item.identifiers, "source": item.source}
 
 
 def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,

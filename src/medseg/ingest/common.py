@@ -46,6 +46,9 @@ class Item:
     modality: str | None = None
     phase: str | None = None
     group: str | None = None
+    # Source identifiers (DICOM: patient_id, study_uid, series_uid): only for the re-identification map asked for with
+    # --write-id-map; never written anywhere else, and kept out of repr so no log line can show them.
+    identifiers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass

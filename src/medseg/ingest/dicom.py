@@ -116,7 +116,8 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
                 load = object_loader(geometry, plan.by_series[key], plan.labels, read_series)
             else:
                 load = _loader(geometry, label_path if label_path.is_file() else None)
-            scan.items.append(Item(source=src, subject=subject, case_id=case_id, load=load,
+            ids = {"patient_id": first.patient_id, "study_uid": first.study_uid, "series_uid": first.series_uid}
+            scan.items.append(Item(source=src, subject=subject, case_id=case_id, load=load, identifiers=ids,
                                    modality=modality_name(modality) if modality else None,
                                    phase=None if phase is None else phase.split(",")[0]))
     return scan
