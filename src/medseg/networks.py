@@ -1,40 +1,230 @@
-"""Networks chosen by parameters: MONAI's U-Net and Attention U-Net, configured, not rewritten."""
+"""Networks and losses chosen by the NETWORK SPEC: MONAI's U-Net, Attention U-Net and DynUNet, configured, not rewritten.
+
+The spec is a plain JSON-able dict (so checkpoints and ``inference_config.json`` carry it)::
+
+    {"name": "unet" | "attention_unet" | "dynunet", "spatial_dims": 2 | 3, "channels": [16, 32, 64, 128],
+     "strides": [2, 2, 2]  (unet, attention_unet: len(channels) - 1 ints or per-axis lists)
+                | [[1, 1], [2, 2], [2, 2], [2, 2]]  (dynunet: len(channels) per-axis lists, the first all ones),
+     "kernel_sizes": [[3, 3], ...]  (dynunet: len(channels) per-axis lists) | null (others),
+     "num_res_units": 0, "norm": "instance" | "batch", "dropout": 0.0, "deep_supervision": false}
+
+Deep supervision (dynunet, attention_unet) follows nnU-Net (Isensee et al. 2021): in ``train()`` mode the network also
+returns logits from the coarser decoder levels, all but the lowest one (at least one), and :func:`build_loss` weights
+their losses 1, 1/2, 1/4, ... In ``eval()`` mode every network returns only the full-resolution logits.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import math
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
-__all__ = ["build_network", "NETWORKS"]
+__all__ = ["NETWORKS", "build_network", "build_loss", "required_divisor", "primary_logits"]
 
-NETWORKS = ("unet", "attention_unet")
+NETWORKS = ("unet", "attention_unet", "dynunet")
+NORMS = ("instance", "batch")
 
 
-def build_network(model: dict[str, Any], in_channels: int, out_channels: int) -> nn.Module:
-    """Build the network described by the ``model`` params section (a plain dict, so checkpoints can carry it).
+def _per_axis(value: Any, spatial_dims: int, key: str, index: int) -> tuple[int, ...]:
+    """One stride or kernel entry as a per-axis tuple of positive ints (an int applies to every axis)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value] * spatial_dims
+    if (not isinstance(value, (list, tuple)) or len(value) != spatial_dims
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+        raise ValueError(f"model.{key}[{index}] must be a positive int or {spatial_dims} positive ints "
+                         f"(one per axis); got {value!r}")
+    return tuple(value)
+
+
+def _validate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Check ``spec`` and return it with strides and kernel sizes as per-axis tuples; errors name the bad key."""
+    name = spec.get("name")
+    if name not in NETWORKS:
+        raise ValueError(f"unknown model.name {name!r}; expected one of {NETWORKS}")
+    required = ["spatial_dims", "channels", "strides", "dropout"]
+    if name != "attention_unet":  # MONAI's AttentionUnet has fixed batch norm and plain conv blocks
+        required += ["num_res_units", "norm"]
+    missing = [key for key in required if key not in spec]
+    if missing:
+        raise ValueError(f"model spec for {name!r} lacks {', '.join('model.' + k for k in missing)}")
+    dims = spec["spatial_dims"]
+    if dims not in (2, 3):
+        raise ValueError(f"model.spatial_dims must be 2 or 3; got {dims!r}")
+    channels = spec["channels"]
+    if (not isinstance(channels, (list, tuple)) or len(channels) < (3 if name == "dynunet" else 2)
+            or not all(isinstance(c, int) and c >= 1 for c in channels)):
+        raise ValueError(f"model.channels must list at least {3 if name == 'dynunet' else 2} positive ints for "
+                         f"{name}; got {channels!r}")
+    if name != "attention_unet" and spec["norm"] not in NORMS:
+        raise ValueError(f"model.norm must be one of {NORMS}; got {spec['norm']!r}")
+    if not 0.0 <= float(spec["dropout"]) < 1.0:
+        raise ValueError(f"model.dropout must be in [0, 1); got {spec['dropout']!r}")
+
+    # dynunet's first stride belongs to the input block (no downsampling); the others' strides sit between levels
+    n_strides = len(channels) if name == "dynunet" else len(channels) - 1
+    strides, kernels = spec["strides"], spec.get("kernel_sizes")
+    if not isinstance(strides, (list, tuple)) or len(strides) != n_strides:
+        raise ValueError(f"model.strides must have {n_strides} entries for {name} with {len(channels)} channels "
+                         f"levels; got {strides!r}")
+    strides = tuple(_per_axis(s, dims, "strides", i) for i, s in enumerate(strides))
+    if name == "dynunet":
+        if any(s != 1 for s in strides[0]):
+            raise ValueError(f"model.strides[0] must be all ones for dynunet (full-resolution output); got "
+                             f"{list(strides[0])}")
+        if not isinstance(kernels, (list, tuple)) or len(kernels) != len(channels):
+            raise ValueError(f"model.kernel_sizes must have {len(channels)} entries (one per channels level) for "
+                             f"dynunet; got {kernels!r}")
+        kernels = tuple(_per_axis(k, dims, "kernel_sizes", i) for i, k in enumerate(kernels))
+    elif kernels is not None:
+        raise ValueError(f"model.kernel_sizes is planned for dynunet only; must be null for {name}, got {kernels!r}")
+
+    deep_supervision = bool(spec.get("deep_supervision", False))
+    if deep_supervision and name == "unet":
+        raise ValueError("model.deep_supervision is supported by dynunet and attention_unet, not unet")
+    if deep_supervision and len(channels) < 3:
+        raise ValueError(f"model.deep_supervision needs at least 3 model.channels levels; got {len(channels)}")
+    return {**spec, "strides": strides, "kernel_sizes": kernels, "deep_supervision": deep_supervision}
+
+
+def _supervised_levels(n_levels: int) -> int:
+    """Coarser decoder outputs to supervise: all but the lowest (nnU-Net gives it zero weight), at least one.
+
+    A U-Net with ``n_levels`` resolution levels has decoder outputs at levels 0 .. n_levels - 2.
+    """
+    return max(1, n_levels - 3)
+
+
+def required_divisor(spec: dict[str, Any]) -> tuple[int, ...]:
+    """Per-axis number each patch size must be divisible by: the product of the strides along that axis.
+
+    Returns one int per spatial axis, e.g. ``(8, 8)`` for strides ``[[1, 1], [2, 2], [2, 2], [2, 2]]`` and
+    ``(4, 4, 2)`` for ``[[1, 1, 1], [2, 2, 1], [2, 2, 2]]``.
+    """
+    strides = _validate(spec)["strides"]
+    return tuple(math.prod(axis) for axis in zip(*strides))
+
+
+class DeepSupervisedAttentionUnet(nn.Module):
+    """MONAI ``AttentionUnet`` (Oktay et al. 2018, "Attention U-Net: Learning Where to Look for the Pancreas") with
+    deep supervision: 1x1 convolution heads on coarser decoder outputs.
+
+    MONAI's class has no supervision heads, so forward hooks on its ``AttentionLayer`` modules keep the decoder
+    features of the supervised levels; the wrapped network itself is unchanged (its weights live under ``net.``).
+
+    Args:
+        net: the ``AttentionUnet`` to supervise.
+        levels: number of coarser decoder levels (1, 2, ...) given a head; level k's output has ``channels[k]``
+            channels at 1 / prod(strides[:k]) of the input size.
+
+    Forward: input ``(B, in_channels, *spatial)``. In ``eval()`` mode: logits ``(B, out_channels, *spatial)``. In
+    ``train()`` mode: a list ``[full-resolution logits, level-1 logits, level-2 logits, ...]``, each at its own
+    resolution (``spatial / prod(strides[:k])``), which :func:`build_loss` consumes.
+    """
+
+    def __init__(self, net: nn.Module, levels: int) -> None:
+        super().__init__()
+        from monai.networks.layers import Conv
+        from monai.networks.nets.attentionunet import AttentionLayer
+
+        self.net = net
+        conv = Conv[Conv.CONV, net.dimensions]
+        self.heads = nn.ModuleList(conv(net.channels[k], net.out_channels, kernel_size=1) for k in range(1, levels + 1))
+        self._features: dict[int, torch.Tensor] = {}
+        decoder = [m for m in net.modules() if isinstance(m, AttentionLayer)]  # pre-order: level 0 first
+        for level in range(1, levels + 1):
+            decoder[level].register_forward_hook(functools.partial(self._keep, level))
+
+    def _keep(self, level: int, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        if self.training:  # eval forwards keep no references to intermediate features
+            self._features[level] = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        logits = self.net(x)
+        if not self.training:
+            return logits
+        features, self._features = self._features, {}
+        return [logits] + [head(features[level]) for level, head in enumerate(self.heads, start=1)]
+
+
+def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> nn.Module:
+    """Build the network described by the NETWORK SPEC ``spec`` (see the module docstring).
 
     - ``unet``: MONAI ``UNet`` (Ronneberger et al. 2015; residual units as in Kerfoot et al. 2018 when
       ``num_res_units`` > 0).
     - ``attention_unet``: MONAI ``AttentionUnet`` (Oktay et al. 2018): additive attention gates on every skip
-      connection, gated by the coarser decoder scale.
+      connection, gated by the upsampled coarser decoder scale; batch norm as in MONAI (``norm`` and
+      ``num_res_units`` do not apply). With deep supervision: :class:`DeepSupervisedAttentionUnet`.
+    - ``dynunet``: MONAI ``DynUNet`` (Isensee et al. 2021, nnU-Net): planned per-axis ``kernel_sizes`` and
+      ``strides``, instance norm with affine (or batch), LeakyReLU, residual blocks when ``num_res_units`` > 0.
+      With deep supervision its ``train()`` output is stacked: ``(B, 1 + n, out_channels, *spatial)``, the coarser
+      logits interpolated to full size.
 
-    Input ``(B, in_channels, *spatial)``, output logits ``(B, out_channels, *spatial)``; each spatial size must be
-    divisible by the product of ``strides``.
+    Input ``(B, in_channels, *spatial)`` with each spatial size divisible by :func:`required_divisor`; in ``eval()``
+    mode the output is the logits ``(B, out_channels, *spatial)``.
+
+    Raises:
+        ValueError: naming the spec key (``model.<key>``) that is missing or wrong.
     """
-    from monai.networks.nets import AttentionUnet, UNet
+    from monai.networks.nets import AttentionUnet, DynUNet, UNet
 
-    name = model["name"]
-    common = dict(
-        spatial_dims=int(model["spatial_dims"]),
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=tuple(model["channels"]),
-        strides=tuple(model["strides"]),
-        dropout=float(model["dropout"]),
-    )
+    spec = _validate(spec)
+    name, dims, channels = spec["name"], int(spec["spatial_dims"]), tuple(spec["channels"])
+    strides, dropout = spec["strides"], float(spec["dropout"])
     if name == "unet":
-        return UNet(**common, num_res_units=int(model["num_res_units"]), norm=model["norm"])
+        return UNet(dims, in_channels, out_channels, channels, strides, num_res_units=int(spec["num_res_units"]),
+                    norm=spec["norm"], dropout=dropout)
     if name == "attention_unet":
-        return AttentionUnet(**common)
-    raise ValueError(f"unknown model.name {name!r}; expected one of {NETWORKS}")
+        net = AttentionUnet(dims, in_channels, out_channels, channels, strides, dropout=dropout)
+        if spec["deep_supervision"]:
+            return DeepSupervisedAttentionUnet(net, _supervised_levels(len(channels)))
+        return net
+    return DynUNet(
+        dims, in_channels, out_channels,
+        kernel_size=spec["kernel_sizes"],
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=channels,
+        dropout=dropout or None,
+        norm_name=("INSTANCE", {"affine": True}) if spec["norm"] == "instance" else "BATCH",
+        deep_supervision=spec["deep_supervision"],
+        deep_supr_num=_supervised_levels(len(channels)),
+        res_block=int(spec["num_res_units"]) > 0,
+    )
+
+
+def primary_logits(output: torch.Tensor | list[torch.Tensor], spatial_dims: int) -> torch.Tensor:
+    """The full-resolution logits ``(B, C, *spatial)`` from any network's output, deep-supervised or not.
+
+    Accepts a list ``[full, coarser...]`` (attention_unet), DynUNet's stacked ``(B, 1 + n, C, *spatial)`` or plain
+    logits ``(B, C, *spatial)``.
+    """
+    if isinstance(output, (list, tuple)):
+        return output[0]
+    return output[:, 0] if output.ndim == spatial_dims + 3 else output
+
+
+def build_loss(spec: dict[str, Any]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    """Return ``loss(output, target)``: MONAI ``DiceCELoss`` (softmax, one-hot target) on the network's output.
+
+    ``target`` is ``(B, 1, *spatial)`` integer labels. ``output`` is what the network returns: logits
+    ``(B, C, *spatial)``; or, when deep-supervised in ``train()`` mode, a list ``[full, coarser...]`` or DynUNet's
+    stacked ``(B, 1 + n, C, *spatial)``, both weighted 1, 1/2, 1/4, ... by MONAI ``DeepSupervisionLoss``
+    (``weight_mode="exp"``), which resizes the target to each coarser output (nearest neighbour). Without deep
+    supervision the value equals plain ``DiceCELoss``. Logits are cast to float32 (safe under autocast).
+    """
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    spatial_dims = int(_validate(spec)["spatial_dims"])
+    loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weight_mode="exp")
+
+    def segmentation_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, torch.Tensor) and output.ndim == spatial_dims + 3:
+            output = list(torch.unbind(output, dim=1))
+        if isinstance(output, list):
+            target = target.float()  # nearest-neighbour resizing of the labels needs a float tensor
+        return loss(output, target)
+
+    return segmentation_loss
