@@ -37,6 +37,13 @@ def ingest_task(params: Params) -> dict:
                       spacing_tolerance=params.data.slice_spacing_tolerance)
 
 
+@task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
+def plan_task(params: Params) -> dict:
+    from medseg import plan
+
+    return plan.run(params)
+
+
 @task(name="preprocess", cache_policy=NO_CACHE, **IO_RETRIES)
 def preprocess_task(params: Params) -> dict:
     from medseg import preprocess
@@ -69,6 +76,7 @@ def register_task(params: Params) -> dict:
 STAGE_TASKS = {
     "demo_data": demo_data_task,
     "ingest": ingest_task,
+    "plan": plan_task,
     "preprocess": preprocess_task,
     "train": train_task,
     "evaluate": evaluate_task,
@@ -83,12 +91,13 @@ def _uses_demo_data(params: Params) -> bool:
 
 @flow(name="medseg-pipeline", log_prints=True)
 def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True) -> dict:
-    """Demo data (when the source is the demo set), ingest, preprocess, train, evaluate, register."""
+    """Demo data (when the source is the demo set), ingest, plan, preprocess, train, evaluate, register."""
     params = load_params(params_file)
     summary: dict = {}
     if _uses_demo_data(params):
         summary["demo_data"] = demo_data_task(params)
     summary["ingest"] = ingest_task(params)
+    summary["plan"] = plan_task(params)
     summary["preprocess"] = preprocess_task(params)
     summary["train"] = train_task(params, resume=resume)
     summary["evaluate"] = evaluate_task(params)

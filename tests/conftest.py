@@ -68,13 +68,22 @@ def tiny_params(tmp_path: Path, **overrides) -> Params:
     raw["paths"] = {k: str(tmp_path / Path(v).name) for k, v in raw["paths"].items()}
     raw["data"]["source"] = str(tmp_path / "source")
     raw["preprocess"].update(folds=3)
+    raw["plan"].update(patch_size=[48, 48, 1], batch_size=4)
     raw["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    raw["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, steps_per_epoch=2, max_epochs=2,
-                        val_interval=1)
+    raw["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=2, val_interval=1)
     raw["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
     for section, values in overrides.items():
         raw[section].update(values)
     return params_from_dict(raw)
+
+
+def planned_and_preprocessed(params: Params) -> Params:
+    """Run the plan and preprocess stages for ``params``; returns ``params``."""
+    from medseg import plan, preprocess
+
+    plan.run(params)
+    preprocess.run(params)
+    return params
 
 
 @pytest.fixture
@@ -93,10 +102,9 @@ def _isolated_mlflow(monkeypatch):
 
 @pytest.fixture
 def trained(tiny_ingested, params_for):
-    """Params whose ingested data has been preprocessed and trained on (2 epochs of a tiny 2D U-Net)."""
-    from medseg import preprocess, train
+    """Params whose ingested data has been planned, preprocessed and trained on (2 epochs of a tiny 2D U-Net)."""
+    from medseg import train
 
-    params = params_for(paths={"ingested": str(tiny_ingested)})
-    preprocess.run(params)
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}))
     summary = train.run(params)
     return params, summary

@@ -13,8 +13,7 @@ def raw_params() -> dict:
 
 def test_project_params_validate():
     params = load_params(REPO / "params.yaml")
-    assert params.model.name in ("unet", "attention_unet")
-    assert params.train.patch_size[-1] == 1 if params.model.spatial_dims == 2 else True
+    assert params.model.name in ("unet", "attention_unet", "dynunet")
     # every key in the file is a dataclass field and vice versa (defaults never hide a typo in the file)
     assert dataclasses.asdict(params).keys() == raw_params().keys()
 
@@ -31,9 +30,12 @@ def test_missing_key_is_named_with_expected_type():
     [
         ("train", "max_epochs", "ten", r"'train.max_epochs' must be integer"),
         ("train", "learning_rate", "fast", r"'train.learning_rate' must be number"),
-        ("model", "name", "resnet", r"'model.name' must be one of 'unet', 'attention_unet'"),
-        ("preprocess", "target_spacing", [1.0, 1.0], r"'preprocess.target_spacing' must be a list of 3 number"),
-        ("train", "amp", "yes", r"'train.amp' must be boolean"),
+        ("model", "name", "resnet", r"'model.name' must be one of 'unet', 'attention_unet', 'dynunet'"),
+        ("plan", "target_spacing", [1.0, 1.0], r"'plan.target_spacing' must be a list of 3 number or null"),
+        ("plan", "spatial_dims", 4, r"'plan.spatial_dims' must be one of 2, 3 or null"),
+        ("train", "amp", True, r"'train.amp' must be one of 'fp16', 'bf16', 'off'"),
+        ("train", "fold", "some", r"'train.fold' must be integer or one of 'all'"),
+        ("model", "deep_supervision", "yes", r"'model.deep_supervision' must be boolean"),
     ],
 )
 def test_mistyped_key_is_named(section, key, value, message):
@@ -54,6 +56,29 @@ def test_inconsistent_network_is_rejected():
     raw = raw_params()
     raw["model"]["strides"] = [2]
     with pytest.raises(ParamsError, match="one entry fewer"):
+        params_from_dict(raw)
+
+
+def test_null_keeps_the_plan_and_values_override_it():
+    raw = raw_params()
+    raw["plan"].update(target_spacing=None, patch_size=[64, 64, 1], spatial_dims=2)
+    params = params_from_dict(raw)
+    assert params.plan.target_spacing is None and params.plan.patch_size == (64, 64, 1)
+
+
+def test_fold_all_trains_every_fold():
+    raw = raw_params()
+    raw["train"]["fold"] = "all"
+    assert params_from_dict(raw).train.folds(5) == [0, 1, 2, 3, 4]
+    raw["train"]["fold"] = 5
+    with pytest.raises(ParamsError, match=r"'train.fold' must be in 0..4 or 'all'"):
+        params_from_dict(raw)
+
+
+def test_deep_supervision_needs_a_network_that_has_it():
+    raw = raw_params()
+    raw["model"].update(name="unet", deep_supervision=True)
+    with pytest.raises(ParamsError, match="model.deep_supervision"):
         params_from_dict(raw)
 
 

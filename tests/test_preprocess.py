@@ -5,13 +5,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg import preprocess
+from medseg import plan, preprocess
 from medseg.errors import StageInputError
 from medseg.manifest import Case
 
 
 def test_outputs_are_ras_at_target_spacing_and_normalised(tiny_ingested, params_for):
-    params = params_for(paths={"ingested": str(tiny_ingested)}, preprocess={"target_spacing": [1.0, 2.0, 8.0]})
+    params = params_for(paths={"ingested": str(tiny_ingested)}, plan={"target_spacing": [1.0, 2.0, 8.0]})
+    plan.run(params)
     summary = preprocess.run(params)
     assert summary["cases"] == 6
     dataset = preprocess.read_dataset(params.paths.preprocessed)
@@ -42,6 +43,7 @@ def test_flipped_input_is_reoriented_not_mirrored(tmp_path, tiny_ingested, param
                 case.spacing, case.shape)
     write_manifest(tiny_ingested, manifest.layout, manifest.labels, [*manifest.cases, copy])
     params = params_for(paths={"ingested": str(tiny_ingested)})
+    plan.run(params)
     preprocess.run(params)
     out = Path(params.paths.preprocessed) / "labels"
     original = np.asarray(nib.load(str(out / f"{case.case_id}.nii.gz")).dataobj)
@@ -51,6 +53,7 @@ def test_flipped_input_is_reoriented_not_mirrored(tmp_path, tiny_ingested, param
 
 def test_splits_keep_each_patient_on_one_side(tiny_ingested, params_for):
     params = params_for(paths={"ingested": str(tiny_ingested)})
+    plan.run(params)
     preprocess.run(params)
     splits = json.loads((Path(params.paths.preprocessed) / "splits.json").read_text())
     assert splits["folds"] == 3 and len(splits["splits"]) == 3
@@ -65,6 +68,7 @@ def test_splits_keep_each_patient_on_one_side(tiny_ingested, params_for):
 
 def test_too_few_patients_for_the_folds(tiny_ingested, params_for):
     params = params_for(paths={"ingested": str(tiny_ingested)}, preprocess={"folds": 4})
+    plan.run(params)
     with pytest.raises(StageInputError, match="3 labelled patients cannot make 4 folds"):
         preprocess.run(params)
     assert not Path(params.paths.preprocessed).exists()
@@ -72,6 +76,7 @@ def test_too_few_patients_for_the_folds(tiny_ingested, params_for):
 
 def test_interrupted_preprocess_leaves_no_output(tiny_ingested, params_for, monkeypatch):
     params = params_for(paths={"ingested": str(tiny_ingested)})
+    plan.run(params)
     calls = {"n": 0}
     real = preprocess._preprocess_case
 
@@ -87,3 +92,9 @@ def test_interrupted_preprocess_leaves_no_output(tiny_ingested, params_for, monk
     out = Path(params.paths.preprocessed)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_preprocess_needs_a_plan(tiny_ingested, params_for):
+    params = params_for(paths={"ingested": str(tiny_ingested)})
+    with pytest.raises(StageInputError, match="plans.json not found: run 'medseg plan'"):
+        preprocess.run(params)

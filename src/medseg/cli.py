@@ -42,6 +42,12 @@ def _cmd_ingest(args: argparse.Namespace) -> dict:
                       id_map=Path(args.write_id_map) if args.write_id_map else None, **tolerance)
 
 
+def _cmd_plan(args: argparse.Namespace) -> dict:
+    from medseg import plan
+
+    return plan.run(_params(args))
+
+
 def _cmd_preprocess(args: argparse.Namespace) -> dict:
     from medseg import preprocess
 
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-id-map", metavar="PATH", default=None,
                    help="also write a private (mode 0600) map case_id -> source identifiers, outside --out")
 
+    command("plan", _cmd_plan, "fingerprint the ingested data; plan spacing, 2D/3D, patch, batch, normalisation")
     command("preprocess", _cmd_preprocess, "reorient, resample, normalise, crop; write k-fold patient splits")
     p = command("train", _cmd_train, "train the network chosen in params; logs to MLflow")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint if it matches params")

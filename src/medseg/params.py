@@ -32,6 +32,8 @@ class PathsParams:
     checkpoints: str
     evaluation: str
     registry: str
+    plans: str
+    cache: str
 
 
 @dataclass(frozen=True)
@@ -49,40 +51,68 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class PlanParams:
+    """Overrides of the data-derived plan; ``None`` keeps the planned value."""
+
+    target_spacing: tuple[float, float, float] | None
+    spatial_dims: Literal[2, 3] | None
+    patch_size: tuple[int, int, int] | None
+    batch_size: int | None
+    ct_clip: tuple[float, float] | None
+    memory_budget_mb: float
+
+
+@dataclass(frozen=True)
 class PreprocessParams:
-    target_spacing: tuple[float, float, float]
-    ct_window: tuple[float, float]
     folds: int
     seed: int
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    name: Literal["unet", "attention_unet"]
-    spatial_dims: Literal[2, 3]
+    name: Literal["unet", "attention_unet", "dynunet"]
     channels: tuple[int, ...]
     strides: tuple[int, ...]
     num_res_units: int
     norm: Literal["instance", "batch"]
     dropout: float
+    deep_supervision: bool
+
+
+@dataclass(frozen=True)
+class AugmentationParams:
+    rotate_prob: float
+    rotate_range_deg: float
+    scale_prob: float
+    scale_range: float
+    flip_prob: float
+    noise_prob: float
+    gamma_prob: float
+    contrast_prob: float
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    fold: int
-    patch_size: tuple[int, int, int]
-    batch_size: int
+    fold: int | Literal["all"]
     samples_per_volume: int
     steps_per_epoch: int
     max_epochs: int
+    optimizer: Literal["adamw", "sgd"]
     learning_rate: float
     weight_decay: float
     val_interval: int
-    cache_rate: float
+    cache: Literal["auto", "memory", "disk", "none"]
     num_workers: int
     seed: int
     device: Literal["auto", "cpu", "cuda"]
-    amp: bool
+    amp: Literal["fp16", "bf16", "off"]
+    compile: bool
+    augment_on_device: bool
+    augmentation: AugmentationParams
+
+    def folds(self, total: int) -> list[int]:
+        """The folds to train: ``fold`` itself, or every fold for ``"all"``."""
+        return list(range(total)) if self.fold == "all" else [int(self.fold)]
 
 
 @dataclass(frozen=True)
@@ -90,6 +120,8 @@ class EvaluateParams:
     sw_overlap: float
     sw_batch_size: int
     overlay_cases: int
+    tta: bool
+    largest_component: bool
 
 
 @dataclass(frozen=True)
@@ -109,6 +141,7 @@ class Params:
     paths: PathsParams
     data: DataParams
     demo: DemoParams
+    plan: PlanParams
     preprocess: PreprocessParams
     model: ModelParams
     train: TrainParams
@@ -123,6 +156,9 @@ class Params:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in typing.get_args(tp) else "")
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is tuple:
@@ -170,7 +206,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise wrong
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
-    if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in the schema today
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        for option in (a for a in typing.get_args(tp) if a is not type(None)):
+            try:
+                return _coerce(value, option, key)
+            except ParamsError:
+                continue
         raise wrong
     raise TypeError(f"unsupported annotation {tp!r} for {key}")
 
@@ -209,12 +252,17 @@ def _check_consistency(p: Params) -> None:
             f"params key 'model.strides' must have one entry fewer than 'model.channels' "
             f"({len(p.model.channels)} channels, {len(p.model.strides)} strides)"
         )
-    if p.model.spatial_dims == 2 and p.train.patch_size[2] != 1:
-        raise ParamsError("params key 'train.patch_size' must end in 1 when 'model.spatial_dims' is 2 (slices)")
-    if not 0 <= p.train.fold < p.preprocess.folds:
-        raise ParamsError(f"params key 'train.fold' must be in 0..{p.preprocess.folds - 1}, got {p.train.fold}")
+    if p.plan.spatial_dims == 2 and p.plan.patch_size is not None and p.plan.patch_size[2] != 1:
+        raise ParamsError("params key 'plan.patch_size' must end in 1 when 'plan.spatial_dims' is 2 (slices)")
+    if p.model.deep_supervision and p.model.name == "unet":
+        raise ParamsError("params key 'model.deep_supervision' needs model.name 'dynunet' or 'attention_unet'")
     if p.preprocess.folds < 2:
         raise ParamsError("params key 'preprocess.folds' must be at least 2")
+    if p.train.fold != "all" and not 0 <= p.train.fold < p.preprocess.folds:
+        raise ParamsError(f"params key 'train.fold' must be in 0..{p.preprocess.folds - 1} or 'all', "
+                          f"got {p.train.fold}")
+    if p.plan.memory_budget_mb <= 0:
+        raise ParamsError("params key 'plan.memory_budget_mb' must be positive")
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:

@@ -1,6 +1,6 @@
 """Preprocess stage: RAS orientation, resampling, normalisation and foreground crop; patient-level k-fold splits.
 
-Reads ``<paths.ingested>/manifest.json``; writes ``<paths.preprocessed>/{images,labels}/<case>.nii.gz``,
+Reads ``<paths.ingested>/manifest.json`` and the plan (``<paths.plans>/plans.json``: target spacing, normalisation); writes ``<paths.preprocessed>/{images,labels}/<case>.nii.gz``,
 ``dataset.json`` (a manifest of the preprocessed cases) and ``splits.json``. The whole output folder is swapped in
 atomically at the end.
 """
@@ -16,6 +16,7 @@ from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
 from medseg.manifest import Case, Manifest, read_manifest, write_manifest
 from medseg.params import Params
+from medseg.plan import Plan, read_plan
 
 __all__ = ["run", "make_splits", "read_splits", "read_dataset", "DATASET_NAME", "SPLITS_NAME"]
 
@@ -53,13 +54,15 @@ def read_splits(preprocessed: str | Path, fold: int) -> dict[str, list[str]]:
     return splits[fold]
 
 
-def _preprocess_case(manifest: Manifest, case: Case, params: Params, out: Path, chains: dict) -> Case:
+def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path, chains: dict) -> Case:
     from medseg.atomic import save_nifti
     from medseg.transforms import IMAGE, LABEL, preprocess_transforms
 
     if case.modality not in chains:
-        chains[case.modality] = preprocess_transforms(
-            case.modality, params.preprocess.target_spacing, params.preprocess.ct_window)
+        if case.modality not in plan.normalization:
+            raise StageInputError(f"case {case.case_id}: modality {case.modality} is not in plans.json "
+                                  f"(planned: {sorted(plan.normalization)}); re-run 'medseg plan'")
+        chains[case.modality] = preprocess_transforms(plan.normalization[case.modality], plan.target_spacing)
     data = chains[case.modality]({IMAGE: str(manifest.image_path(case)), LABEL: str(manifest.label_path(case))})
     image, label = data[IMAGE], data[LABEL]
     affine = image.affine.numpy()
@@ -67,7 +70,7 @@ def _preprocess_case(manifest: Manifest, case: Case, params: Params, out: Path, 
     save_nifti(out / image_rel, image[0].numpy(), affine, dtype="float32")
     save_nifti(out / label_rel, label[0].numpy(), affine, dtype="uint8")
     shape = tuple(int(s) for s in image.shape[1:])
-    spacing = tuple(float(s) for s in params.preprocess.target_spacing)
+    spacing = tuple(float(s) for s in plan.target_spacing)
     return Case(case.case_id, case.subject, image_rel, label_rel, case.modality, spacing, shape, case.phase, case.group)
 
 
@@ -83,9 +86,10 @@ def run(params: Params) -> dict:
     if skipped:
         log.warning("skipping %d cases without labels", skipped)
     splits = make_splits(labelled, params.preprocess.folds, params.preprocess.seed)
+    plan = read_plan(params.paths.plans)
     chains: dict = {}
     with atomic_dir(params.paths.preprocessed) as out:
-        cases = [_preprocess_case(manifest, c, params, out, chains)
+        cases = [_preprocess_case(manifest, c, plan, out, chains)
                  for c in tqdm(labelled, desc="preprocess", unit="case")]
         write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME)
         write_json(out / SPLITS_NAME, {"folds": params.preprocess.folds, "seed": params.preprocess.seed,

@@ -34,18 +34,18 @@ class ForegroundSelect:
 
 
 def preprocess_transforms(
-    modality: str,
+    normalization: dict,
     target_spacing: Sequence[float],
-    ct_window: Sequence[float],
     keys: Sequence[str] = (IMAGE, LABEL),
     load: bool = True,
 ) -> mt.Compose:
-    """Orientation to RAS, resampling to ``target_spacing``, crop to the body, modality-aware normalisation.
+    """Orientation to RAS, resampling to ``target_spacing``, crop to the body, normalisation from the plan.
 
     Args:
-        modality: "CT" clips to ``ct_window`` (HU) before the z-score; anything else gets a per-image z-score.
+        normalization: one modality's entry of ``plans.json``: ``{"scheme": "ct", "clip": [lo, hi], "mean": m,
+            "std": s}`` clips HU and z-scores with the data set's foreground statistics; ``{"scheme": "zscore"}``
+            z-scores each image by itself (MR, whose intensities have no absolute scale).
         target_spacing: output voxel size in mm (RAS x, y, z).
-        ct_window: (low, high) HU clip for CT.
         keys: image key first, then an optional label key.
         load: prepend ``LoadImaged`` + ``EnsureChannelFirstd`` (paths in); without it the dict holds channel-first
             ``MetaTensor`` volumes that carry their affine.
@@ -62,13 +62,21 @@ def preprocess_transforms(
         mt.Orientationd(keys, axcodes="RAS"),
         mt.Spacingd(keys, pixdim=tuple(target_spacing), mode=modes),
     ]
-    if modality.upper() == "CT":
-        lo, hi = ct_window
-        chain.append(mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True))
-    chain += [
-        mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
-        mt.NormalizeIntensityd(image_key),
-    ]
+    scheme = normalization["scheme"]
+    if scheme == "ct":
+        lo, hi = normalization["clip"]
+        chain += [
+            mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+            mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
+            mt.NormalizeIntensityd(image_key, subtrahend=normalization["mean"], divisor=normalization["std"]),
+        ]
+    elif scheme == "zscore":
+        chain += [
+            mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
+            mt.NormalizeIntensityd(image_key),
+        ]
+    else:
+        raise ValueError(f"unknown normalisation scheme {scheme!r} in plans.json (expected 'ct' or 'zscore')")
     return mt.Compose(chain)
 
 

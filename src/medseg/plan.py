@@ -1,0 +1,210 @@
+"""Plan stage: from the dataset fingerprint to ``plans.json``, the training configuration the data calls for.
+
+Rules after nnU-Net's experiment planner, kept few and explicit:
+
+- target spacing: the median spacing of the data set, per RAS axis;
+- 2D (slice-wise) when the slices are more than 3x thicker than the in-plane spacing, else 3D;
+- patch size: the median resampled shape, shrunk on its relatively largest axis until one training step with at
+  least two patches fits ``plan.memory_budget_mb``, rounded to what the network's downsampling needs;
+- batch size: as many patches as the budget holds, at least 2, at most what covers 5% of the data set's voxels;
+- DynUNet topology (per-axis strides and kernels): an axis is downsampled only while it is at most twice as coarse as
+  the finest axis and its feature map stays at least 4 voxels; kernels are 1 on axes still much coarser than that;
+- normalisation per modality: CT is clipped to the 0.5-99.5 foreground percentiles and z-scored with the foreground
+  mean and standard deviation of the whole data set; MR and others get a per-image z-score.
+
+Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``plans.json`` records both.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medseg.atomic import atomic_dir, read_json, write_json
+from medseg.errors import StageInputError
+from medseg.params import Params
+
+__all__ = ["Plan", "run", "make_plan", "read_plan", "dynunet_topology", "estimate_step_mb", "PLANS_NAME"]
+
+log = logging.getLogger(__name__)
+
+PLANS_NAME = "plans.json"
+ANISOTROPY_RATIO = 3.0
+MIN_FEATURE_MAP = 4
+MIN_BATCH = 2
+MAX_BATCH_FRACTION = 0.05  # of the data set's voxels in one batch (nnU-Net)
+# Bytes one voxel of one feature channel costs in a training step: the activations kept for the backward pass
+# (convolution, normalisation and activation outputs in encoder and decoder, fp32) and their gradients.
+BYTES_PER_FEATURE_VOXEL = 4 * 12
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``plans.json`` holds; every field is either planned from the data or overridden in params."""
+
+    spatial_dims: int
+    target_spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    normalization: dict[str, dict[str, Any]]
+    median_shape: tuple[int, int, int]
+    estimated_step_mb: float
+    overridden: tuple[str, ...] = ()
+
+    def network_spec(self, model: dict[str, Any]) -> dict[str, Any]:
+        """The network spec ``medseg.networks.build_network`` takes: the ``model`` params section, completed by the
+        plan (dimensions; per-axis strides and kernel sizes for DynUNet)."""
+        spec = {key: model[key] for key in ("name", "channels", "num_res_units", "norm", "dropout",
+                                            "deep_supervision")}
+        spec["spatial_dims"] = self.spatial_dims
+        spec["channels"] = list(spec["channels"])
+        if model["name"] == "dynunet":
+            spec["strides"], spec["kernel_sizes"] = dynunet_topology(
+                self.target_spacing[: self.spatial_dims], self.patch_size[: self.spatial_dims], len(model["channels"]))
+        else:
+            spec["strides"], spec["kernel_sizes"] = list(model["strides"]), None
+        return spec
+
+
+def dynunet_topology(spacing, patch_size, levels: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Per-level, per-axis strides and kernel sizes for ``levels`` resolution levels (the first never downsamples).
+
+    Anisotropic axes are not downsampled (and get kernel 1) until the others have caught up with their spacing.
+    """
+    spacing, size = [float(s) for s in spacing], [int(s) for s in patch_size]
+    strides, kernels = [[1] * len(size)], [[3 if s <= 2 * min(spacing) else 1 for s in spacing]]
+    for _ in range(levels - 1):
+        finest = min(spacing)
+        stride = [2 if sp <= 2 * finest and sz // 2 >= MIN_FEATURE_MAP else 1 for sp, sz in zip(spacing, size)]
+        spacing = [sp * st for sp, st in zip(spacing, stride)]
+        size = [sz // st for sz, st in zip(size, stride)]
+        strides.append(stride)
+        kernels.append([3 if sp <= 2 * min(spacing) else 1 for sp in spacing])
+    return strides, kernels
+
+
+def _divisor(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[int]:
+    """Per-axis factor the patch must be divisible by for the network to downsample and upsample it exactly."""
+    if model["name"] == "dynunet":
+        strides, _ = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims], len(model["channels"]))
+        return [math.prod(s[axis] for s in strides) for axis in range(spatial_dims)]
+    return [math.prod(model["strides"])] * spatial_dims
+
+
+def estimate_step_mb(model: dict[str, Any], spatial_dims: int, spacing, patch, batch: int) -> float:
+    """Rough training-step activation memory (MB) of ``batch`` patches: features summed over resolution levels."""
+    voxels = math.prod(patch[:spatial_dims])
+    if model["name"] == "dynunet":
+        strides, _ = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims], len(model["channels"]))
+    else:
+        strides = [[1] * spatial_dims] + [[s] * spatial_dims for s in model["strides"]]
+    features, reduction = 0.0, 1
+    for channels, stride in zip(model["channels"], strides):
+        reduction *= math.prod(stride)
+        features += channels / reduction
+    return batch * voxels * features * BYTES_PER_FEATURE_VOXEL / 2**20
+
+
+def _fit_patch(model, spatial_dims, spacing, median_shape, budget_mb) -> list[int]:
+    """The median shape, shrunk on its relatively largest axis until ``MIN_BATCH`` patches fit the budget."""
+    median = [max(1, int(s)) for s in median_shape[:spatial_dims]]
+    patch = list(median)
+    while True:
+        div = _divisor(model, spatial_dims, spacing, patch)
+        rounded = [max(d, math.ceil(p / d) * d) for p, d in zip(patch, div)]
+        if estimate_step_mb(model, spatial_dims, spacing, rounded, MIN_BATCH) <= budget_mb:
+            return rounded
+        shrinkable = [a for a in range(spatial_dims) if rounded[a] > div[a]]
+        if not shrinkable:
+            log.warning("the smallest patch %s exceeds plan.memory_budget_mb=%s; using it anyway", rounded, budget_mb)
+            return rounded
+        axis = max(shrinkable, key=lambda a: rounded[a] / median[a])
+        patch[axis] = rounded[axis] - div[axis]
+
+
+def _normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[str, Any]]:
+    plans = {}
+    for modality, info in fingerprint["modalities"].items():
+        stats = info["foreground_intensity"]
+        if modality.upper() == "CT":
+            if not stats:
+                raise StageInputError("CT cases have no labelled foreground to plan the intensity clip from")
+            lo, hi = ct_clip or (stats["percentile_00_5"], stats["percentile_99_5"])
+            plans[modality] = {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": stats["mean"],
+                               "std": max(stats["std"], 1e-6)}
+        else:
+            plans[modality] = {"scheme": "zscore"}
+    return plans
+
+
+def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
+    """Derive the plan from ``fingerprint`` (see the module docstring), then apply ``params.plan`` overrides."""
+    overrides, model = params.plan, params.section("model")
+    cases = fingerprint["cases"]
+    if not cases:
+        raise StageInputError("the fingerprint has no labelled cases to plan from")
+    spacings = np.array([c["spacing"] for c in cases], dtype=float)
+    target = tuple(float(s) for s in (overrides.target_spacing or np.median(spacings, axis=0)))
+    anisotropic = target[2] > ANISOTROPY_RATIO * max(target[0], target[1])
+    spatial_dims = overrides.spatial_dims or (2 if anisotropic else 3)
+    resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
+    median_shape = tuple(int(round(s)) for s in np.median(resampled, axis=0))
+    if overrides.patch_size is not None:
+        patch = list(overrides.patch_size)
+    else:
+        patch = _fit_patch(model, spatial_dims, target, median_shape, params.plan.memory_budget_mb)
+        patch = patch + [1] * (3 - spatial_dims)
+    div = _divisor(model, spatial_dims, target, patch)
+    bad = [a for a in range(spatial_dims) if patch[a] % div[a]]
+    if bad:
+        raise StageInputError(f"patch size {patch} is not divisible by {div} on axis {bad[0]}: the network "
+                              f"downsamples by that much (plan.patch_size, model.strides)")
+    if spatial_dims == 2 and patch[2] != 1:
+        raise StageInputError(f"a 2D plan needs a patch ending in 1, got {patch} (plan.patch_size)")
+    one_patch = estimate_step_mb(model, spatial_dims, target, patch, 1)
+    if overrides.batch_size is not None:
+        batch = overrides.batch_size
+    else:
+        total_voxels = float(np.prod(resampled, axis=1).sum())
+        cap = max(MIN_BATCH, int(MAX_BATCH_FRACTION * total_voxels / math.prod(patch)))
+        batch = int(min(cap, max(MIN_BATCH, params.plan.memory_budget_mb // one_patch)))
+    overridden = tuple(k for k in ("target_spacing", "spatial_dims", "patch_size", "batch_size", "ct_clip")
+                       if getattr(overrides, k) is not None)
+    return Plan(spatial_dims=spatial_dims, target_spacing=target, patch_size=tuple(int(p) for p in patch),
+                batch_size=batch, normalization=_normalization(fingerprint, overrides.ct_clip),
+                median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1), overridden=overridden)
+
+
+def read_plan(folder: str | Path) -> Plan:
+    """The plan that ``medseg plan`` wrote into ``folder`` (``paths.plans``)."""
+    path = Path(folder) / PLANS_NAME
+    if not path.is_file():
+        raise StageInputError(f"{path} not found: run 'medseg plan' (or 'dvc repro') first")
+    raw = read_json(path)
+    return Plan(spatial_dims=int(raw["spatial_dims"]), target_spacing=tuple(raw["target_spacing"]),
+                patch_size=tuple(raw["patch_size"]), batch_size=int(raw["batch_size"]),
+                normalization=raw["normalization"], median_shape=tuple(raw["median_shape"]),
+                estimated_step_mb=float(raw["estimated_step_mb"]), overridden=tuple(raw["overridden"]))
+
+
+def run(params: Params) -> dict:
+    """Fingerprint the ingested data and write ``fingerprint.json`` and ``plans.json`` into ``paths.plans``."""
+    from medseg.fingerprint import FINGERPRINT_NAME, fingerprint
+    from medseg.manifest import read_manifest
+
+    manifest = read_manifest(params.paths.ingested)
+    prints = fingerprint(manifest, seed=params.preprocess.seed)
+    plan = make_plan(prints, params)
+    with atomic_dir(params.paths.plans) as out:
+        write_json(out / FINGERPRINT_NAME, prints)
+        write_json(out / PLANS_NAME, {**asdict(plan), "network": plan.network_spec(params.section("model")),
+                                      "memory_budget_mb": params.plan.memory_budget_mb})
+    log.info("plan: %dD, spacing %s, patch %s, batch %d (~%.0f MB per step)", plan.spatial_dims,
+             plan.target_spacing, plan.patch_size, plan.batch_size, plan.estimated_step_mb)
+    return {"spatial_dims": plan.spatial_dims, "target_spacing": list(plan.target_spacing),
+            "patch_size": list(plan.patch_size), "batch_size": plan.batch_size, "overridden": list(plan.overridden)}
