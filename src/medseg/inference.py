@@ -1,32 +1,189 @@
-"""Sliding-window inference shared by validation, evaluation and ``medseg predict``."""
+"""Sliding-window inference shared by validation, evaluation and ``medseg predict``: trained-model loading, fold
+ensembles, mirroring test-time augmentation and largest-component post-processing."""
 
 from __future__ import annotations
 
+import math
+import pickle
+import re
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 
-__all__ = ["build_inferer", "select_device"]
+__all__ = ["build_inferer", "select_device", "stitch_device", "load_trained", "check_ensemble", "probabilities",
+           "mirror_axes", "keep_largest_component", "ENSEMBLE_KEYS"]
+
+# inference-config entries that must agree for nets to be averaged: same classes, same input grid and intensities
+ENSEMBLE_KEYS = ("labels", "target_spacing", "normalization", "modality", "in_channels", "out_channels")
+# the stitched output may take this fraction of the accelerator's free memory; the rest is for the network's windows
+STITCH_MEMORY_FRACTION = 0.5
 
 
 def select_device(requested: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is an error, not a silent fallback."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {requested!r} was asked for but no CUDA device is available")
     return torch.device(requested)
 
 
-def build_inferer(patch_size: Sequence[int], spatial_dims: int, overlap: float, sw_batch_size: int) -> Inferer:
+def stitch_device(volume_shape: Sequence[int], num_classes: int, sw_device: torch.device,
+                  free_bytes: int | None = None) -> torch.device:
+    """Where to stitch the windows of a ``volume_shape`` volume into ``num_classes`` probability channels.
+
+    On the accelerator when the stitching buffers fit in ``STITCH_MEMORY_FRACTION`` of its free memory (``free_bytes``,
+    default ``torch.cuda.mem_get_info``), else on the CPU: windows still run on ``sw_device``, only the full-size
+    output lives in host memory. The buffers are float32: MONAI's output and weight-count maps, the softmax and the
+    running ensemble sum (``2 * num_classes + 2`` channels).
+    """
+    if sw_device.type != "cuda":
+        return sw_device
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(sw_device)
+    need = (2 * num_classes + 2) * math.prod(int(s) for s in volume_shape) * 4
+    return sw_device if need <= STITCH_MEMORY_FRACTION * free_bytes else torch.device("cpu")
+
+
+def build_inferer(patch_size: Sequence[int], spatial_dims: int, overlap: float, sw_batch_size: int,
+                  sw_device: torch.device | str | None = None, device: torch.device | str | None = None) -> Inferer:
     """Gaussian-blended sliding windows over ``(B, C, X, Y, Z)`` volumes.
 
     For 2D networks ``patch_size`` is ``(H, W, 1)``: MONAI's ``SliceInferer`` runs the sliding window on each axial
     slice (the last axis) and restacks, so 2D and 3D models take the same 3D input.
+
+    Args:
+        sw_device: where the windows and the network run (None: the input's device).
+        device: where the windows are stitched into the output (None: the input's device); see :func:`stitch_device`.
     """
+    common = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", sw_device=sw_device, device=device)
     if spatial_dims == 2:
-        return SliceInferer(roi_size=tuple(patch_size[:2]), spatial_dim=2, sw_batch_size=sw_batch_size,
-                            overlap=overlap, mode="gaussian", progress=False)
-    return SlidingWindowInferer(roi_size=tuple(patch_size), sw_batch_size=sw_batch_size, overlap=overlap,
-                                mode="gaussian")
+        return SliceInferer(roi_size=tuple(patch_size[:2]), spatial_dim=2, progress=False, **common)
+    return SlidingWindowInferer(roi_size=tuple(patch_size), **common)
+
+
+def _fold_number(path: Path) -> int:
+    match = re.fullmatch(r"fold_(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def load_trained(path: str | Path) -> list[tuple[torch.nn.Module, dict]]:
+    """Networks (``eval()`` mode, on the CPU) and inference configs of a trained model.
+
+    Args:
+        path: a ``model.pt`` file, a ``fold_<k>`` folder holding one, or a model folder holding ``fold_*/model.pt``
+            (every fold, in fold order: an ensemble).
+
+    Raises:
+        StageInputError: nothing loadable at ``path``, or folds whose configs cannot be ensembled.
+    """
+    from medseg.errors import StageInputError
+    from medseg.networks import build_network
+    from medseg.train import MODEL_NAME
+
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif (path / MODEL_NAME).is_file():
+        files = [path / MODEL_NAME]
+    else:
+        files = sorted(path.glob(f"fold_*/{MODEL_NAME}"), key=lambda f: _fold_number(f.parent))
+    if not files:
+        raise StageInputError(f"no trained model at {path}: expected {MODEL_NAME}, a fold_<k>/ folder holding one, "
+                              f"or a model folder with fold_*/{MODEL_NAME}")
+    models = []
+    for file in files:
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            config = saved["config"]
+            net = build_network(config["network"], config["in_channels"], config["out_channels"])
+            net.load_state_dict(saved["state_dict"])
+        except (KeyError, RuntimeError, TypeError, ValueError, OSError, pickle.UnpicklingError) as err:
+            raise StageInputError(f"{file}: not a model written by 'medseg train' ({type(err).__name__}: {err})") \
+                from None
+        models.append((net.eval(), config))
+    check_ensemble([config for _, config in models], [str(f) for f in files])
+    return models
+
+
+def check_ensemble(configs: Sequence[dict], names: Sequence[str]) -> None:
+    """Raise unless every config agrees with the first on :data:`ENSEMBLE_KEYS` (``names`` say which model is which)."""
+    from medseg.errors import StageInputError
+
+    for config, name in zip(configs[1:], names[1:]):
+        for key in ENSEMBLE_KEYS:
+            if config.get(key) != configs[0].get(key):
+                raise StageInputError(f"cannot ensemble {name} with {names[0]}: their {key} differ "
+                                      f"({config.get(key)!r} vs {configs[0].get(key)!r})")
+
+
+def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every combination of the spatial axes of ``(B, C, X, Y, Z)`` a ``spatial_dims``-D network is mirrored over
+    (nnU-Net's test-time mirroring; 2D networks only over X and Y), the identity ``()`` first."""
+    from itertools import combinations
+
+    axes = (2, 3, 4)[:spatial_dims]
+    return [c for n in range(len(axes) + 1) for c in combinations(axes, n)]
+
+
+def probabilities(nets: Sequence[torch.nn.Module], image: torch.Tensor, inferer: Inferer | Sequence[Inferer],
+                  tta: bool = False) -> torch.Tensor:
+    """Class probabilities of ``image`` averaged over ``nets`` (a fold ensemble) and, with ``tta``, over mirrored
+    inputs (each prediction flipped back before averaging).
+
+    Args:
+        nets: networks in ``eval()`` mode, already on the inferer's ``sw_device``.
+        image: ``(1, C, X, Y, Z)``.
+        inferer: one inferer for all nets, or one per net (from :func:`build_inferer`).
+
+    Returns:
+        float32 ``(1, K, X, Y, Z)`` on the inferer's stitching device.
+    """
+    inferers = list(inferer) if isinstance(inferer, Sequence) else [inferer] * len(nets)
+    if len(inferers) != len(nets):
+        raise ValueError(f"{len(inferers)} inferers for {len(nets)} networks")
+    image = image.as_tensor() if hasattr(image, "as_tensor") else image  # windows need no meta data
+    total, count = None, 0
+    with torch.no_grad():
+        for net, inf in zip(nets, inferers):
+            dims = 2 if isinstance(inf, SliceInferer) else 3
+            for axes in mirror_axes(dims) if tta else [()]:
+                logits = inf(image.flip(axes) if axes else image, net)
+                probs = torch.softmax(logits.float(), dim=1)
+                del logits
+                probs = probs.flip(axes) if axes else probs
+                total = probs if total is None else total.add_(probs)
+                count += 1
+    return total.div_(count)
+
+
+def keep_largest_component(labels: np.ndarray | torch.Tensor, classes: Sequence[int]) -> np.ndarray | torch.Tensor:
+    """Keep only the largest connected component of each class in ``classes``; the rest becomes background (0).
+
+    Classes are independent (MONAI ``KeepLargestConnectedComponent(independent=True)``), with full connectivity
+    (26-neighbourhood in 3D) as MONAI's default. Done with ``scipy.ndimage.label`` on the CPU, as MONAI's version needs
+    scikit-image.
+
+    Args:
+        labels: ``(1, *spatial)`` integer label map (numpy or torch; returned as the same type, device and dtype).
+    """
+    from scipy import ndimage
+
+    is_tensor = isinstance(labels, torch.Tensor)
+    array = labels.detach().cpu().numpy().copy() if is_tensor else np.array(labels, copy=True)
+    structure = ndimage.generate_binary_structure(array.ndim, array.ndim)
+    for c in classes:
+        mask = array == c
+        box = ndimage.find_objects(mask.astype(np.uint8))
+        if not box or box[0] is None:
+            continue
+        region = mask[box[0]]  # label only the class's bounding box: much cheaper than the whole volume
+        components, n = ndimage.label(region, structure=structure)
+        if n < 2:
+            continue
+        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+        array[box[0]][region & (components != largest)] = 0
+    return torch.as_tensor(array, device=labels.device) if is_tensor else array
