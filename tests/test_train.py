@@ -1,74 +1,214 @@
+import csv
+import dataclasses
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+import yaml
 
-from medseg import preprocess, train
+from medseg import train
 from medseg.train import CHECKPOINT_NAME, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from tests.conftest import planned_and_preprocessed
 
 
-def optimizer_steps(params) -> int:
-    ckpt = torch.load(Path(params.paths.checkpoints) / CHECKPOINT_NAME, weights_only=False)
+def checkpoint(params, fold=0) -> dict:
+    return torch.load(Path(params.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME, weights_only=False)
+
+
+def optimizer_steps(ckpt: dict) -> int:
     return int(ckpt["optimizer"]["state"][0]["step"])
 
 
-def test_train_writes_model_checkpoint_and_mlflow_run(trained):
+def write_params_yaml(params, path: Path) -> Path:
+    """``params`` as a params.yaml a ``medseg`` subprocess can load (tuples as lists)."""
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(params)))))
+    return path
+
+
+def medseg(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "medseg.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
     params, summary = trained
-    model_dir = Path(params.paths.model)
+    fold_dir = Path(params.paths.model) / "fold_0"
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0"]
     for name in (MODEL_NAME, CONFIG_NAME, RUN_NAME, HISTORY_NAME):
-        assert (model_dir / name).is_file()
-    assert (Path(params.paths.checkpoints) / CHECKPOINT_NAME).is_file()
-    assert summary["epochs"] == 2
+        assert (fold_dir / name).is_file()
+    ckpt = checkpoint(params)
+    (fold,) = summary["folds"]
+    assert fold["epochs"] == 2 == ckpt["state"]["epoch"] and fold["fold"] == 0
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    run = mlflow.get_run(summary["run_id"])
+    run = mlflow.get_run(fold["run_id"])
+    assert run.info.run_name == "unet-fold0" and run.data.tags["fold"] == "0" and run.data.tags["cv_group"]
     assert run.data.params["model.name"] == "unet"
     assert run.data.tags["data_md5"] and run.data.tags["git_commit"]
-    history = mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")
-    assert [m.step for m in history] == [1, 2]
+    client = mlflow.MlflowClient()
+    assert [m.step for m in client.get_metric_history(fold["run_id"], "train_loss")] == [1, 2]
+    waits = [m.value for m in client.get_metric_history(fold["run_id"], "data_wait_fraction")]
+    assert len(waits) == 2 and all(0 < w < 1 for w in waits)
     assert "val_dice" in run.data.metrics
-    config = json.loads((model_dir / CONFIG_NAME).read_text())
-    assert config["out_channels"] == 4 and config["labels"]["3"] == "LV"
+    with (fold_dir / HISTORY_NAME).open() as fh:
+        history = list(csv.DictReader(fh))
+    assert [float(r["data_wait_fraction"]) for r in history] == pytest.approx(waits)
+
+    plan = json.loads((Path(params.paths.plans) / "plans.json").read_text())
+    config = json.loads((fold_dir / CONFIG_NAME).read_text())
+    assert set(config) == {"network", "in_channels", "out_channels", "labels", "modality", "target_spacing",
+                           "normalization", "patch_size", "tta", "largest_component", "fold"}
+    assert config["network"] == plan["network"] and config["patch_size"] == plan["patch_size"]
+    assert config["normalization"] == plan["normalization"] and config["target_spacing"] == plan["target_spacing"]
+    assert config["out_channels"] == 4 and config["labels"]["3"] == "LV" and config["modality"] == "MR"
+    assert config["tta"] is params.evaluate.tta and config["largest_component"] is params.evaluate.largest_component
+    saved = torch.load(fold_dir / MODEL_NAME, weights_only=True)
+    assert saved["config"] == config
+    run_json = json.loads((fold_dir / RUN_NAME).read_text())
+    assert run_json["run_id"] == fold["run_id"] and run_json["model_uri"].startswith("models:/")
 
 
-def test_killed_training_resumes_into_same_run(tiny_ingested, params_for, monkeypatch):
-    params = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 3})
-    preprocess.run(params)
-
-    calls = {"n": 0}
-    real_validate = train.validate
-
-    def dies_in_second_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_validate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "validate", dies_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(params)
-    ckpt = torch.load(Path(params.paths.checkpoints) / CHECKPOINT_NAME, weights_only=False)
-    assert ckpt["state"]["epoch"] == 1
-    steps_per_epoch = optimizer_steps(params)
-    assert steps_per_epoch == params.train.steps_per_epoch
-    assert not Path(params.paths.model).exists(), "an interrupted training must not leave a model behind"
-    mlflow.end_run()
-
-    monkeypatch.setattr(train, "validate", real_validate)
-    summary = train.run(params, resume=True)
-    assert summary["run_id"] == ckpt["state"]["run_id"]
-    assert summary["epochs"] == 3
-    assert optimizer_steps(params) == 3 * steps_per_epoch  # as many steps as an uninterrupted run
+def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, params_for):
+    params = planned_and_preprocessed(params_for(
+        paths={"ingested": str(tiny_ingested)},
+        train={"fold": "all", "max_epochs": 1, "steps_per_epoch": 1, "optimizer": "sgd"}))
+    summary = train.run(params)
+    folds = params.preprocess.folds
+    assert [f["fold"] for f in summary["folds"]] == list(range(folds))
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == [f"fold_{k}" for k in range(folds)]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(summary["run_id"], "train_loss")]
-    assert steps == [1, 2, 3]
+    runs = [mlflow.get_run(f["run_id"]) for f in summary["folds"]]
+    assert len({r.info.run_id for r in runs}) == folds
+    assert [r.info.run_name for r in runs] == [f"unet-fold{k}" for k in range(folds)]
+    assert [r.data.tags["fold"] for r in runs] == [str(k) for k in range(folds)]
+    assert len({r.data.tags["cv_group"] for r in runs}) == 1
+    for k in range(folds):
+        config = json.loads((Path(params.paths.model) / f"fold_{k}" / CONFIG_NAME).read_text())
+        assert config["fold"] == k
+        group = checkpoint(params, k)["optimizer"]["param_groups"][0]
+        assert group["nesterov"] is True and group["momentum"] == 0.99
+    held_out = [c["case_id"] for k in range(folds) for c in train.data_lists(params, k)[1]]
+    assert len(held_out) == len(set(held_out)) == 6  # every case validated exactly once across the folds
+
+
+def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ingested, params_for, tmp_path):
+    """A real SIGKILL during the second epoch; ``--resume`` must end exactly where an uninterrupted run ends."""
+    shared = {"ingested": str(tiny_ingested)}
+    settings = {"max_epochs": 3, "steps_per_epoch": 30, "device": "cpu"}
+    reference = planned_and_preprocessed(params_for(paths=shared, train=settings))
+    killed_paths = {**shared, "plans": reference.paths.plans, "preprocessed": reference.paths.preprocessed,
+                    "model": str(tmp_path / "killed" / "model"),
+                    "checkpoints": str(tmp_path / "killed" / "checkpoints")}
+    killed = params_for(paths=killed_paths, train=settings,
+                        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}",
+                                "artifact_root": str(tmp_path / "killed" / "mlartifacts")})
+    params_file = write_params_yaml(killed, tmp_path / "killed.yaml")
+    ckpt_file = Path(killed.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME
+
+    proc = medseg("train", "--params", str(params_file), cwd=tmp_path)
+    try:
+        while not ckpt_file.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch (30 steps take about a second)
+        proc.send_signal(signal.SIGKILL)
+        output = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, output
+    before = torch.load(ckpt_file, weights_only=False)
+    assert 1 <= before["state"]["epoch"] < settings["max_epochs"]
+    assert not Path(killed.paths.model).exists(), "a killed training must not leave a model folder behind"
+
+    resumed = medseg("train", "--params", str(params_file), "--resume", cwd=tmp_path)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output
+
+    expected = train.run(reference)["folds"][0]  # uninterrupted, same params, in this process
+    after, uninterrupted = checkpoint(killed), checkpoint(reference)
+    run_id = before["state"]["run_id"]
+    assert after["state"]["run_id"] == run_id
+    assert json.loads((Path(killed.paths.model) / "fold_0" / RUN_NAME).read_text())["run_id"] == run_id
+    assert optimizer_steps(after) == optimizer_steps(uninterrupted) == 3 * settings["steps_per_epoch"]
+    for name, weight in uninterrupted["model"].items():
+        assert torch.equal(after["model"][name], weight), name
+    best_killed = torch.load(Path(killed.paths.model) / "fold_0" / MODEL_NAME, weights_only=True)["state_dict"]
+    best_reference = torch.load(Path(reference.paths.model) / "fold_0" / MODEL_NAME, weights_only=True)
+    assert all(torch.equal(best_killed[k], v) for k, v in best_reference["state_dict"].items())
+    assert round(after["state"]["best_dice"], 4) == expected["best_val_dice"]
+
+    client = mlflow.MlflowClient(tracking_uri=killed.mlflow.tracking_uri)
+    assert len(client.search_runs([client.get_experiment_by_name(killed.mlflow.experiment).experiment_id])) == 1
+    for metric in ("train_loss", "lr", "data_wait_fraction", "val_dice"):
+        assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2, 3], metric
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_ignores_checkpoint_from_other_params(tiny_ingested, params_for):
-    params = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1})
-    preprocess.run(params)
-    first = train.run(params)
-    changed = params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1, "learning_rate": params.train.learning_rate * 2})
-    second = train.run(changed, resume=True)
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1}))
+    first = train.run(params)["folds"][0]
+    changed = params_for(paths={"ingested": str(tiny_ingested)},
+                         train={"max_epochs": 1, "learning_rate": params.train.learning_rate * 2})
+    second = train.run(changed, resume=True)["folds"][0]
     assert second["run_id"] != first["run_id"]
+
+
+def test_data_wait_fraction_measures_time_blocked_on_the_loader():
+    """A loader that sleeps far longer than the step computes: most of the epoch is waiting for data."""
+    from monai.losses import DiceCELoss
+
+    net = torch.nn.Conv2d(1, 3, 3, padding=1)
+
+    def slow_loader(n=3):
+        for _ in range(n):
+            time.sleep(0.2)
+            image = torch.randn(2, 1, 16, 16)
+            yield {"image": image, "label": (image > 0).long()}
+
+    optimizer = torch.optim.AdamW(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    stats = train.train_epoch(net, slow_loader(), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
+                              torch.device("cpu"))
+    assert stats["steps"] == 3 and stats["loss"] > 0
+    assert 0.5 < stats["data_wait_fraction"] < 1
+
+
+def test_mixed_precision_is_cuda_only():
+    assert train.amp_settings("fp16", torch.device("cpu")) == (None, False)
+    assert train.amp_settings("off", torch.device("cpu")) == (None, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp, dtype, scaled", [("fp16", torch.float16, True), ("bf16", torch.bfloat16, False)])
+def test_mixed_precision_epoch_on_cuda(amp, dtype, scaled):
+    from medseg.networks import build_loss, build_network
+
+    device = torch.device("cuda")
+    assert train.amp_settings(amp, device) == (dtype, scaled)
+    spec = {"name": "unet", "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "kernel_sizes": None,
+            "num_res_units": 0, "norm": "instance", "dropout": 0.0, "deep_supervision": False}
+    net = build_network(spec, 1, 3).to(device)
+    optimizer = torch.optim.AdamW(net.parameters())
+    scaler = torch.amp.GradScaler("cuda", enabled=scaled)
+    image = torch.randn(4, 1, 64, 64)
+    batches = [{"image": image, "label": (image > 0).long() + (image > 1).long()}] * 3
+    stats = train.train_epoch(net, batches, optimizer, scaler, build_loss(spec), device, dtype)
+    assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"]))
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_network_trains_and_saves_plain_weights(tiny_ingested, params_for):
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},
+                                                 train={"compile": True, "max_epochs": 1, "device": "cuda"}))
+    train.run(params)
+    saved = torch.load(Path(params.paths.model) / "fold_0" / MODEL_NAME, weights_only=True)["state_dict"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved)
