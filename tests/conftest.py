@@ -68,7 +68,7 @@ def tiny_params(tmp_path: Path, **overrides) -> Params:
     raw["paths"] = {k: str(tmp_path / Path(v).name) for k, v in raw["paths"].items()}
     raw["data"]["source"] = str(tmp_path / "source")
     raw["preprocess"].update(folds=3)
-    raw["plan"].update(patch_size=[48, 48, 1], batch_size=4)
+    raw["plan"].update(spatial_dims=2, patch_size=[48, 48, 1], batch_size=4)
     raw["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
     raw["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=2, val_interval=1)
     raw["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))

@@ -31,10 +31,10 @@ def project(tmp_path) -> Path:
     shutil.copy(REPO / ".gitignore", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demo"].update(cardiac_patients=4, ct_patients=1)
-    params["preprocess"].update(folds=2, target_spacing=[3.0, 3.0, 8.0])
+    params["preprocess"].update(folds=2)
+    params["plan"].update(target_spacing=[3.0, 3.0, 8.0], patch_size=[48, 48, 1], batch_size=4)
     params["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    params["train"].update(patch_size=[48, 48, 1], batch_size=2, samples_per_volume=2, steps_per_epoch=2,
-                           max_epochs=1)
+    params["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init", cwd=root)
@@ -45,9 +45,10 @@ def project(tmp_path) -> Path:
 
 def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     first = sh("dvc", "repro", cwd=project)
-    for stage in ("demo_data", "ingest", "preprocess", "train", "evaluate", "register"):
+    for stage in ("demo_data", "ingest", "plan", "preprocess", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
     assert (project / "data/evaluation/metrics.json").is_file()
+    assert (project / "data/plans/plans.json").is_file() and (project / "data/plans/fingerprint.json").is_file()
     assert (project / "data/registry.json").is_file()
     assert (project / "mlflow.db").is_file()
     assert list((project / "data/evaluation/plots").glob("overlay_*.png"))

@@ -20,8 +20,11 @@ def test_evaluate_writes_metrics_csv_plots_and_logs_them(trained):
     assert {"case_id", "dice_LV", "hd95_LV"} <= set(rows[0])
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert "training_curves.png" in pngs and any(p.startswith("overlay_") for p in pngs)
+    assert saved["folds"]["0"]["cases"] == 2 and saved["folds"]["0"]["dice_mean"] == saved["dice_mean"]
+    run_id = summary["folds"][0]["run_id"]
+    assert saved["folds"]["0"]["run_id"] == run_id
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    run = mlflow.get_run(summary["run_id"])
+    run = mlflow.get_run(run_id)
     assert "heldout_dice_mean" in run.data.metrics
-    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(summary["run_id"], "evaluation")]
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")]
     assert "evaluation/metrics.json" in artifacts and "evaluation/plots" in artifacts

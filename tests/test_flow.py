@@ -30,7 +30,7 @@ def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_p
     state = medseg_pipeline(params_file=write_params(tmp_path / "params.yaml", params), return_state=True)
     assert isinstance(state, State) and state.is_completed(), state
     summary = state.result()
-    assert list(summary) == ["demo_data", "ingest", "preprocess", "train", "evaluate", "register"]
+    assert list(summary) == ["demo_data", "ingest", "plan", "preprocess", "train", "evaluate", "register"]
     assert summary["ingest"]["accepted"] == 6
     assert summary["register"]["alias"] == "champion"
     assert 0.0 <= summary["evaluate"]["dice_mean"] <= 1.0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medseg import demo_data, evaluate, ingest, preprocess, register, train
+from medseg import demo_data, evaluate, ingest, plan, preprocess, register, train
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def every_byte(root: Path) -> bytes:
 def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
     caplog.set_level("DEBUG")
     params = params_for(data={"source": str(tmp_path / "demo" / "pancreas_ct"), "layout": "dicom"},
-                        preprocess={"folds": 2, "target_spacing": [3.0, 3.0, 6.0]}, train={"max_epochs": 1},
+                        preprocess={"folds": 2}, plan={"target_spacing": [3.0, 3.0, 6.0]}, train={"max_epochs": 1},
                         register={"model_name": "pancreas-phi-check"})
     demo_data.run(tmp_path / "demo", seed=3, cardiac_patients=1, ct_patients=2)
     phi = identifiers(tmp_path / "demo" / "pancreas_ct")
@@ -45,13 +45,14 @@ def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
     assert all(v.encode() in source_bytes for v in phi)  # the search below does find them where they are
 
     ingest.run(Path(params.data.source), Path(params.paths.ingested), layout="dicom")
+    plan.run(params)
     preprocess.run(params)
     train.run(params)
     evaluate.run(params)
     register.run(params)
 
     written = b"\n".join(every_byte(tmp_path / name) for name in
-                         ("ingested", "preprocessed", "model", "checkpoints", "evaluation", "mlartifacts"))
+                         ("ingested", "plans", "preprocessed", "model", "checkpoints", "evaluation", "mlartifacts"))
     written += (tmp_path / "mlflow.db").read_bytes() + (tmp_path / "registry.json").read_bytes()
     written += caplog.text.encode()
     leaked = sorted(v for v in phi if v.encode() in written)

@@ -74,7 +74,7 @@ def test_params_override_every_planned_value(params_for):
 def test_patch_the_network_cannot_halve_is_refused(params_for):
     prints = fingerprint_of([(1.0, 1.0, 5.0)] * 3, [(64, 64, 10)] * 3)
     with pytest.raises(StageInputError, match=r"not divisible by \[4, 4\]"):
-        make_plan(prints, params_for(plan={"patch_size": [30, 32, 1]}))
+        make_plan(prints, params_for(plan={"patch_size": [30, 32, 1], "spatial_dims": None}))
 
 
 def test_dynunet_topology_waits_for_the_thick_axis():
@@ -95,7 +95,8 @@ def test_dynunet_never_shrinks_a_feature_map_below_four():
 
 
 def test_plan_stage_writes_fingerprint_and_plan(tiny_ingested, params_for):
-    params = params_for(paths={"ingested": str(tiny_ingested)}, plan={"patch_size": None, "batch_size": None})
+    params = params_for(paths={"ingested": str(tiny_ingested)},
+                        plan={"spatial_dims": None, "patch_size": None, "batch_size": None})
     summary = plan.run(params)
     out = Path(params.paths.plans)
     prints = json.loads((out / "fingerprint.json").read_text())

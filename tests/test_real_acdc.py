@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg import evaluate, ingest, preprocess, train
+from medseg import evaluate, ingest, plan, preprocess, train
 from tests.conftest import SHARED_DATA
 
 ACDC = SHARED_DATA / "acdc"
@@ -14,19 +14,21 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow,
 
 
 def test_real_acdc_ingests_and_trains(params_for, tmp_path):
-    params = params_for(data={"source": str(ACDC)}, preprocess={"folds": 5},
-                        train={"max_epochs": 1, "patch_size": [64, 64, 1]})
+    params = params_for(data={"source": str(ACDC)}, preprocess={"folds": 5}, train={"max_epochs": 1},
+                        plan={"spatial_dims": None, "patch_size": None, "batch_size": None})
     summary = ingest.run(Path(params.data.source), Path(params.paths.ingested))
     assert summary["accepted"] == 10 and summary["rejected"] == 0
     manifest = json.loads((Path(params.paths.ingested) / "manifest.json").read_text())
     assert {c["phase"] for c in manifest["cases"]} == {"ED", "ES"}
     assert all(c["spacing"][2] >= 5.0 and c["spacing"][0] < 2.0 for c in manifest["cases"])
+    planned = plan.run(params)
+    assert planned["spatial_dims"] == 2  # 5-10 mm slices, ~1.5 mm in-plane
     preprocess.run(params)
     splits = json.loads((Path(params.paths.preprocessed) / "splits.json").read_text())["splits"]
     for split in splits:  # both frames of a patient on the same side
         val_subjects = {c.rsplit("_", 1)[0] for c in split["val"]}
         assert not val_subjects & {c.rsplit("_", 1)[0] for c in split["train"]}
     result = train.run(params)
-    assert result["epochs"] == 1
+    assert result["folds"][0]["epochs"] == 1
     metrics = evaluate.run(params)
     assert set(metrics["dice"]) == {"RV", "myocardium", "LV"}

@@ -1,9 +1,11 @@
 import mlflow
 import numpy as np
+import pytest
 import torch
 
 from medseg import evaluate, register
 from medseg.atomic import read_json, write_json
+from medseg.errors import StageInputError
 from medseg.evaluate import METRICS_NAME
 
 
@@ -17,18 +19,35 @@ def test_first_model_is_champion_worse_one_is_challenger(trained):
 
     from medseg import train
 
-    worse = train.run(params)  # a second run (new MLflow run id); give it a worse score
+    worse = train.run(params)["folds"][0]  # a second run (new MLflow run id); give it a worse score
     metrics_path = f"{params.paths.evaluation}/{METRICS_NAME}"
-    write_json(metrics_path, {**read_json(metrics_path), "dice_mean": first["heldout_dice_mean"] - 0.05})
+
+    def score_as(dice: float) -> None:
+        metrics = read_json(metrics_path)
+        metrics["folds"]["0"].update(dice_mean=dice, run_id=worse["run_id"])
+        write_json(metrics_path, metrics)
+
+    score_as(first["heldout_dice_mean"] - 0.05)
     second = register.run(params)
     assert second["run_id"] == worse["run_id"] and second["version"] == "2"
     assert second["alias"] == "challenger" and second["previous_champion"] == "1"
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
 
-    write_json(metrics_path, {**read_json(metrics_path), "dice_mean": first["heldout_dice_mean"] + 0.05})
+    score_as(first["heldout_dice_mean"] + 0.05)
     third = register.run(params)
     assert third["version"] == "2" and third["alias"] == "champion"
+
+
+def test_register_refuses_metrics_of_another_run(trained):
+    params, _ = trained
+    evaluate.run(params)
+    metrics_path = f"{params.paths.evaluation}/{METRICS_NAME}"
+    metrics = read_json(metrics_path)
+    metrics["folds"]["0"]["run_id"] = "0123456789abcdef"
+    write_json(metrics_path, metrics)
+    with pytest.raises(StageInputError, match="re-run 'medseg evaluate'"):
+        register.run(params)
 
 
 def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):

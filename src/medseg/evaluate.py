@@ -1,4 +1,5 @@
-"""Evaluate stage: Gaussian-blended sliding-window inference on the held-out fold; Dice and HD95 per class and case.
+"""Evaluate stage: Gaussian-blended sliding-window inference on each trained fold's held-out cases (mirroring TTA and
+largest-component post-processing per params); Dice and HD95 per class and case.
 
 Writes ``<paths.evaluation>/metrics.json`` (DVC metrics), ``per_case.csv``, and ``plots/`` (training curves and
 image/label/prediction overlays); logs all of it to the training run in MLflow.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,9 @@ import torch
 
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.params import Params
+from medseg.train import HISTORY_NAME, RUN_NAME
 
-__all__ = ["run", "load_trained", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
+__all__ = ["run", "fold_dir", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -26,76 +29,88 @@ PER_CASE_NAME = "per_case.csv"
 PLOTS_DIR = "plots"
 
 
-def load_trained(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Network and inference config from a ``paths.model`` folder or a ``model.pt`` file."""
-    from medseg.networks import build_network
-    from medseg.train import MODEL_NAME
-
-    path = Path(model_dir)
-    path = path / MODEL_NAME if path.is_dir() else path
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    config = saved["config"]
-    net = build_network(config["model"], config["in_channels"], config["out_channels"])
-    net.load_state_dict(saved["state_dict"])
-    return net.eval(), config
+def fold_dir(model_root: str | Path, fold: int) -> Path:
+    """Where ``medseg train`` puts fold ``fold``'s model inside ``paths.model``."""
+    return Path(model_root) / f"fold_{fold}"
 
 
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
-def run(params: Params) -> dict:
-    """Score the trained model on the held-out cases of ``train.fold``."""
-    import mlflow
+def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
+    """Per-case Dice and HD95 of fold ``fold``'s model on its held-out cases (TTA and post-processing per params)."""
     from monai.data import Dataset
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
     from monai.networks.utils import one_hot
     from tqdm import tqdm
 
-    from medseg import plots
-    from medseg.inference import build_inferer, select_device
-    from medseg.tracking import configure_mlflow
-    from medseg.train import HISTORY_NAME, RUN_NAME, data_lists
+    from medseg.inference import build_inferer, keep_largest_component, load_trained, probabilities, stitch_device
+    from medseg.train import data_lists
     from medseg.transforms import eval_transforms
 
-    p = params
-    _, val_files, dataset = data_lists(p)
-    net, config = load_trained(p.paths.model)
-    device = select_device(p.train.device)
+    _, val_files, _ = data_lists(p, fold)
+    [(net, config)] = load_trained(fold_dir(p.paths.model, fold))
     net = net.to(device)
-    inferer = build_inferer(config["patch_size"], config["model"]["spatial_dims"], p.evaluate.sw_overlap,
-                            p.evaluate.sw_batch_size)
-    classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
     n = dataset.num_classes
+    classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
     dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-    rows, overlays = [], []
-    with torch.no_grad():
-        for item in tqdm(Dataset(val_files, eval_transforms()), desc="evaluate", unit="case"):
-            image, label = item["image"][None].to(device), item["label"][None]
-            pred = inferer(image, net).argmax(1, keepdim=True).cpu()
-            pred_oh, label_oh = one_hot(pred, n), one_hot(label, n)
-            dice = dice_metric(pred_oh, label_oh)[0].numpy()
-            hd = hd_metric(pred_oh, label_oh, spacing=list(config["target_spacing"]))[0].numpy()
-            row = {"case_id": item["case_id"]}
-            for name, d, h in zip(classes, dice, hd):
-                row[f"dice_{name}"], row[f"hd95_{name}"] = _finite(d), _finite(h)
-            rows.append(row)
-            if len(overlays) < p.evaluate.overlay_cases:
-                overlays.append((item["case_id"], image[0, 0].cpu().numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))
+    rows = []
+    for item in tqdm(Dataset(val_files, eval_transforms()), desc=f"evaluate fold {fold}", unit="case"):
+        image, label = item["image"][None], item["label"][None]
+        inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], p.evaluate.sw_overlap,
+                                p.evaluate.sw_batch_size, sw_device=device,
+                                device=stitch_device(image.shape[2:], n, device))
+        probs = probabilities([net], image.to(device), inferer, tta=p.evaluate.tta)
+        pred = probs.argmax(1, keepdim=True).cpu()
+        if p.evaluate.largest_component:
+            pred = keep_largest_component(pred[0], range(1, n))[None]
+        pred_oh, label_oh = one_hot(pred, n), one_hot(label, n)
+        dice = dice_metric(pred_oh, label_oh)[0].numpy()
+        hd = hd_metric(pred_oh, label_oh, spacing=list(config["target_spacing"]))[0].numpy()
+        row = {"case_id": item["case_id"], "fold": fold}
+        for name, d, h in zip(classes, dice, hd):
+            row[f"dice_{name}"], row[f"hd95_{name}"] = _finite(d), _finite(h)
+        rows.append(row)
+        if len(overlays) < p.evaluate.overlay_cases:
+            overlays.append((item["case_id"], image[0, 0].numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))
+    return rows, read_json(fold_dir(p.paths.model, fold) / RUN_NAME)
 
+
+def _summary(rows: list[dict], classes: list[str]) -> dict:
     def mean(key: str) -> float | None:
         values = [r[key] for r in rows if r[key] is not None]
         return round(float(np.mean(values)), 4) if values else None
 
-    metrics = {
-        "dice_mean": round(float(np.nanmean([mean(f"dice_{c}") or np.nan for c in classes])), 4),
-        "dice": {c: mean(f"dice_{c}") for c in classes},
-        "hd95_mm": {c: mean(f"hd95_{c}") for c in classes},
-        "cases": len(rows),
-        "fold": p.train.fold,
-    }
-    run_info = read_json(Path(p.paths.model) / RUN_NAME)
+    dice = {c: mean(f"dice_{c}") for c in classes}
+    present = [d for d in dice.values() if d is not None]
+    return {"dice_mean": round(float(np.mean(present)), 4) if present else None, "dice": dice,
+            "hd95_mm": {c: mean(f"hd95_{c}") for c in classes}, "cases": len(rows)}
+
+
+def run(params: Params) -> dict:
+    """Score each trained fold's model on its own held-out cases (``train.fold``; ``all``: cross-validation).
+
+    ``metrics.json`` holds the mean over every held-out case, and each fold's own summary under ``folds``.
+    """
+    import mlflow
+
+    from medseg import plots
+    from medseg.inference import select_device
+    from medseg.preprocess import read_dataset
+    from medseg.tracking import configure_mlflow
+
+    p = params
+    dataset = read_dataset(p.paths.preprocessed)
+    device = select_device(p.train.device)
+    classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
+    rows, overlays, folds = [], [], {}
+    for fold in p.train.folds(p.preprocess.folds):
+        fold_rows, run_info = _score_fold(p, fold, dataset, device, overlays)
+        rows += fold_rows
+        folds[str(fold)] = {**_summary(fold_rows, classes), "run_id": run_info["run_id"]}
+    metrics = {**_summary(rows, classes), "fold": p.train.fold, "folds": folds}
     with atomic_dir(p.paths.evaluation) as out:
         write_json(out / METRICS_NAME, metrics)
         with (out / PER_CASE_NAME).open("w", newline="") as fh:
@@ -103,15 +118,18 @@ def run(params: Params) -> dict:
             writer.writeheader()
             writer.writerows(rows)
         (out / PLOTS_DIR).mkdir()
-        plots.training_curves(Path(p.paths.model) / HISTORY_NAME, out / PLOTS_DIR / "training_curves.png")
+        first = fold_dir(p.paths.model, p.train.folds(p.preprocess.folds)[0])
+        shutil.copyfile(first / HISTORY_NAME, out / HISTORY_NAME)  # for `dvc plots`; every fold's is in MLflow
+        plots.training_curves(first / HISTORY_NAME, out / PLOTS_DIR / "training_curves.png")
         for case_id, image, label, pred in overlays:
             plots.overlay(image, label, pred, out / PLOTS_DIR / f"overlay_{case_id}.png", title=case_id)
         configure_mlflow(p.mlflow)
-        with mlflow.start_run(run_id=run_info["run_id"]):
-            flat = {"heldout_dice_mean": metrics["dice_mean"]}
-            flat.update({f"heldout_dice_{c}": v for c, v in metrics["dice"].items() if v is not None})
-            flat.update({f"heldout_hd95_{c}": v for c, v in metrics["hd95_mm"].items() if v is not None})
-            mlflow.log_metrics(flat)
-            mlflow.log_artifacts(str(out), artifact_path="evaluation")
-    log.info("held-out Dice %.4f over %d cases", metrics["dice_mean"], len(rows))
+        for fold, summary in folds.items():
+            with mlflow.start_run(run_id=summary["run_id"]):
+                flat = {"heldout_dice_mean": summary["dice_mean"], "cv_dice_mean": metrics["dice_mean"]}
+                flat.update({f"heldout_dice_{c}": v for c, v in summary["dice"].items() if v is not None})
+                flat.update({f"heldout_hd95_{c}": v for c, v in summary["hd95_mm"].items() if v is not None})
+                mlflow.log_metrics({k: v for k, v in flat.items() if v is not None})
+                mlflow.log_artifacts(str(out), artifact_path="evaluation")
+    log.info("held-out Dice %.4f over %d cases in %d fold(s)", metrics["dice_mean"], len(rows), len(folds))
     return metrics

@@ -1,4 +1,4 @@
-"""Register stage: the trained model becomes a version in the MLflow Model Registry.
+"""Register stage: each trained fold's model becomes a version in the MLflow Model Registry (tagged ``fold``).
 
 The alias ``champion`` moves to the new version only when its held-out (validation-fold) Dice beats the current
 champion's; otherwise the new version is aliased ``challenger``. Promotion is by aliases, never by stages.
@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from medseg.atomic import read_json, write_json
+from medseg.errors import StageInputError
 from medseg.params import Params
 
 __all__ = ["run", "CHAMPION", "CHALLENGER", "SCORE_TAG"]
@@ -30,27 +31,12 @@ def _champion_score(client, name: str) -> tuple[str | None, float]:
     return str(champion.version), float(champion.tags.get(SCORE_TAG, "-inf"))
 
 
-def run(params: Params) -> dict:
-    """Register ``paths.model``'s MLflow run and set ``champion`` or ``challenger``."""
+def _register_version(client, name: str, run_info: dict, score: float, fold: int) -> dict:
+    """One fold's run as a model version, aliased ``champion`` if it beats the current champion, else
+    ``challenger``."""
     import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    from medseg.evaluate import METRICS_NAME
-    from medseg.tracking import configure_mlflow
-    from medseg.train import RUN_NAME
-
-    p = params
-    name = p.register.model_name
-    run_info = read_json(Path(p.paths.model) / RUN_NAME)
     run_id = run_info["run_id"]
-    score = float(read_json(Path(p.paths.evaluation) / METRICS_NAME)["dice_mean"])
-    configure_mlflow(p.mlflow)
-    client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="medseg segmentation model; 'champion' serves predictions")
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
     if existing:
@@ -58,16 +44,41 @@ def run(params: Params) -> dict:
     else:
         version = str(mlflow.register_model(run_info["model_uri"], name, tags={SCORE_TAG: f"{score:.6f}"}).version)
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
+    client.set_model_version_tag(name, version, "fold", str(fold))
     champion_version, champion_score = _champion_score(client, name)
-    if champion_version == version or score > champion_score:
-        alias = CHAMPION
-    else:
-        alias = CHALLENGER
+    alias = CHAMPION if champion_version == version or score > champion_score else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
-    log.info("%s version %s: held-out Dice %.4f -> %s (previous champion %s, %.4f)",
-             name, version, score, alias, champion_version, champion_score)
-    summary = {"model_name": name, "version": str(version), "alias": alias, "heldout_dice_mean": score,
-               "previous_champion": champion_version, "run_id": run_id}
+    log.info("%s version %s (fold %d): held-out Dice %.4f -> %s (previous champion %s, %.4f)",
+             name, version, fold, score, alias, champion_version, champion_score)
+    return {"version": version, "alias": alias, "heldout_dice_mean": score, "previous_champion": champion_version,
+            "run_id": run_id, "fold": fold}
+
+
+def run(params: Params) -> dict:
+    """Register each evaluated fold's MLflow run (in fold order) and set ``champion`` or ``challenger``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from medseg.evaluate import METRICS_NAME, fold_dir
+    from medseg.tracking import configure_mlflow
+    from medseg.train import RUN_NAME
+
+    p = params
+    name = p.register.model_name
+    metrics = read_json(Path(p.paths.evaluation) / METRICS_NAME)
+    configure_mlflow(p.mlflow)
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="medseg segmentation model; 'champion' serves predictions")
+    versions = []
+    for fold, fold_metrics in sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
+        run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)
+        if run_info["run_id"] != fold_metrics["run_id"]:
+            raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
+                                  f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
+        versions.append(_register_version(client, name, run_info, float(fold_metrics["dice_mean"]), int(fold)))
+    summary = {"model_name": name, **versions[-1], "versions": versions}
     write_json(p.paths.registry, summary)
     return summary
-
