@@ -1,4 +1,4 @@
-"""Networks and losses chosen by the NETWORK SPEC: MONAI's U-Net, Attention U-Net and DynUNet, configured, not rewritten.
+"""Networks and losses chosen by the NETWORK SPEC: MONAI U-Net, Attention U-Net and DynUNet, configured, not rewritten.
 
 The spec is a plain JSON-able dict (so checkpoints and ``inference_config.json`` carry it)::
 
