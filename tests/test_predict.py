@@ -7,6 +7,13 @@ import pytest
 from medseg import evaluate, predict, register
 from medseg.cli import main
 from tests.conftest import write_tiny_volume
+from tests.test_inference import inference_config, write_folds, write_model
+
+
+@pytest.fixture
+def model(tmp_path):
+    """A model folder with two folds (random weights): geometry does not depend on training."""
+    return write_folds(tmp_path / "model", folds=(0, 1))
 
 
 def rotation(axis: int, degrees: float) -> np.ndarray:
@@ -27,13 +34,12 @@ AFFINES = {
 
 
 @pytest.mark.parametrize("name", list(AFFINES))
-def test_prediction_has_input_shape_and_affine(trained, tmp_path, name):
-    params, _ = trained
+def test_prediction_has_input_shape_and_affine(model, tmp_path, name):
     image, _ = write_tiny_volume(7, shape=(44, 38, 6))
     path = tmp_path / "inputs" / f"{name}.nii.gz"
     path.parent.mkdir()
     nib.save(nib.Nifti1Image(image, AFFINES[name]), str(path))
-    summary = predict.run(params.paths.model, path, tmp_path / "out")
+    summary = predict.run(str(model), path, tmp_path / "out", tta=True, largest_component=True)
     out = nib.load(summary["written"][0])
     assert out.shape == image.shape
     np.testing.assert_allclose(out.affine, AFFINES[name], atol=1e-5)
@@ -62,17 +68,16 @@ def test_predict_names_a_missing_model_or_input(tmp_path, capsys):
     assert "model not found" in capsys.readouterr().err
 
 
-def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(trained, tmp_path):
+def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(model, tmp_path):
     from pathlib import Path
 
     from medseg import demo_data, ingest
     from medseg.manifest import read_manifest
 
-    params, _ = trained
     demo_data.run(tmp_path / "demo", seed=5, cardiac_patients=1, ct_patients=1)
     ct_root = tmp_path / "demo" / "pancreas_ct"
     series = sorted(p for p in (ct_root / "dicom").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))[0]
-    summary = predict.run(params.paths.model, series, tmp_path / "pred", overlap=0.25)
+    summary = predict.run(str(model), series, tmp_path / "pred", overlap=0.25)
     written = nib.load(summary["written"][0])
     assert Path(summary["written"][0]).name == f"{series.name}.nii.gz"
 
@@ -83,9 +88,8 @@ def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(trained, tmp_path):
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
 
 
-def test_nifti_read_as_ingest_reads_it_and_written_with_its_own_affine(trained, tmp_path):
+def test_nifti_read_as_ingest_reads_it_and_written_with_its_own_affine(model, tmp_path):
     """ACDC-style header: sform with 1 mm columns, true spacing only in pixdim."""
-    params, _ = trained
     image, _ = write_tiny_volume(3, shape=(40, 36, 5))
     img = nib.Nifti1Image(image, np.diag([-1.0, -1.0, 1.0, 1.0]))
     img.header.set_zooms((1.5, 1.5, 8.0))
@@ -93,9 +97,49 @@ def test_nifti_read_as_ingest_reads_it_and_written_with_its_own_affine(trained, 
     img.set_qform(None, code=0)
     path = tmp_path / "acdc_like.nii.gz"
     nib.save(img, str(path))
-    ((_, _, segment_affine, output_affine),) = list(predict.find_inputs(path))
-    np.testing.assert_allclose(np.linalg.norm(segment_affine[:3, :3], axis=0), [1.5, 1.5, 8.0])
-    written = nib.load(predict.run(params.paths.model, path, tmp_path / "out")["written"][0])
-    np.testing.assert_allclose(written.affine, output_affine)
+    (found,) = list(predict.find_inputs(path))
+    assert found.modality is None and found.dicom_files == ()
+    np.testing.assert_allclose(np.linalg.norm(found.affine[:3, :3], axis=0), [1.5, 1.5, 8.0])
+    written = nib.load(predict.run(str(model), path, tmp_path / "out")["written"][0])
+    np.testing.assert_allclose(written.affine, found.output_affine)
     np.testing.assert_allclose(written.affine, nib.load(str(path)).affine)
     assert written.shape == image.shape
+
+
+def test_a_folder_of_folds_ensembles_them_like_naming_each_fold(model, tmp_path):
+    image, _ = write_tiny_volume(9, shape=(40, 36, 5))
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
+    assert main(["predict", "--model", str(model), str(path), "--out", str(tmp_path / "a"), "--tta"]) == 0
+    assert main(["predict", "--model", str(model / "fold_0"), "--model", str(model / "fold_1"), str(path),
+                 "--out", str(tmp_path / "b"), "--tta"]) == 0
+    assert main(["predict", "--model", str(model / "fold_0"), str(path), "--out", str(tmp_path / "c"), "--tta"]) == 0
+    a, b, c = (np.asarray(nib.load(str(tmp_path / d / "case.nii.gz")).dataobj) for d in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c), "two folds with different weights should not predict like one of them"
+
+
+def test_tta_and_largest_component_default_to_the_model_config(tmp_path):
+    config = inference_config() | {"tta": True, "largest_component": True}
+    model = write_model(tmp_path / "model", config)
+    image, _ = write_tiny_volume(9, shape=(40, 36, 5))
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
+    summary = predict.run(str(model), path, tmp_path / "a")
+    assert (summary["tta"], summary["largest_component"]) == (True, True)
+    summary = predict.run(str(model), path, tmp_path / "b", tta=False, largest_component=False)
+    assert (summary["tta"], summary["largest_component"]) == (False, False)
+    from scipy import ndimage
+
+    labels = np.asarray(nib.load(str(tmp_path / "a" / "case.nii.gz")).dataobj)
+    for k in np.unique(labels[labels > 0]):
+        assert ndimage.label(labels == k, structure=np.ones((3, 3, 3)))[1] == 1
+
+
+def test_models_that_cannot_be_ensembled_are_refused(model, tmp_path, capsys):
+    other = write_model(tmp_path / "ct_model", inference_config(labels={"0": "background", "1": "pancreas"}))
+    image, _ = write_tiny_volume(9)
+    path = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
+    assert main(["predict", "--model", str(model), "--model", str(other), str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot ensemble" in capsys.readouterr().err

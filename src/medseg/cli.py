@@ -75,7 +75,9 @@ def _cmd_register(args: argparse.Namespace) -> dict:
 def _cmd_predict(args: argparse.Namespace) -> dict:
     from medseg import predict
 
-    return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap)
+    return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap, tta=args.tta,
+                       largest_component=args.largest_component, device=args.device,
+                       sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> dict:
@@ -127,10 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     command("register", _cmd_register, "register the model in MLflow; move 'champion' only if it is better")
 
     p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder or a folder of either", params=False)
-    p.add_argument("--model", required=True, help="checkpoint/model folder, or models:/NAME@champion")
+    p.add_argument("--model", required=True, action="append",
+                   help="model folder (its fold_* are ensembled), fold_<k> folder, model.pt, or models:/NAME@champion; "
+                        "repeat to ensemble several models")
     p.add_argument("input", help="NIfTI file, DICOM series folder, or folder of either")
-    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz")
+    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz (and <case>.seg.dcm)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--sw-batch-size", type=int, default=8, help="windows per network call")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="mirroring test-time augmentation (default: the model's inference config)")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each class's largest connected component (default: the model's inference config)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (where the network runs)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="for DICOM series inputs, also write <case>.seg.dcm, a DICOM-SEG referencing the series")
 
     command("pipeline", _cmd_pipeline, "run all stages as the Prefect flow 'medseg-pipeline'")
     p = command("serve", _cmd_serve, "serve the Prefect deployment that retrains on a cron schedule")

@@ -1,13 +1,16 @@
-"""``medseg predict``: segment NIfTI files or DICOM series with a checkpoint or a registered MLflow model.
+"""``medseg predict``: segment NIfTI files or DICOM series with trained models (folders, folds or MLflow URIs).
 
 Each output ``<case>.nii.gz`` has exactly the shape and affine of its input image: the preprocessing chain
-(reorientation, resampling, crop, normalisation) is inverted on the prediction with MONAI's ``Invertd``.
+(reorientation, resampling, crop, normalisation) is inverted on the label map with MONAI's ``Invertd``. Several models,
+or a model folder with ``fold_*``, are ensembled (softmax averaged); ``--tta`` adds mirroring; ``--dicom-seg`` also
+writes a DICOM-SEG for DICOM inputs (:mod:`medseg.dicom_seg`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +18,39 @@ import torch
 
 from medseg.errors import StageInputError
 
-__all__ = ["run", "load_model", "segment", "find_inputs"]
+__all__ = ["run", "load_models", "segment", "find_inputs", "Input"]
 
 log = logging.getLogger(__name__)
 
-def load_model(model: str) -> tuple[torch.nn.Module, dict]:
-    """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / ``model.pt``."""
-    if "://" not in model and ":/" not in model:
-        from medseg.evaluate import load_trained
+Model = tuple[torch.nn.Module, dict]
 
+
+@dataclass(frozen=True)
+class Input:
+    """One image to segment.
+
+    Attributes:
+        name: output stem (NIfTI file stem or DICOM series folder name).
+        image: float32 ``(X, Y, Z)``.
+        affine: RAS affine the model sees the image with (ingest's reading of the file).
+        output_affine: affine written to the output (the NIfTI file's own; for DICOM the same as ``affine``).
+        modality: the DICOM Modality ("CT"/"MR"), None for NIfTI (the model's modality is used).
+        dicom_files: DICOM source files in sorted slice order (``image[..., k]`` is ``dicom_files[k]``), else empty.
+    """
+
+    name: str
+    image: np.ndarray = field(repr=False)
+    affine: np.ndarray = field(repr=False)
+    output_affine: np.ndarray = field(repr=False)
+    modality: str | None = None
+    dicom_files: tuple[Path, ...] = field(default=(), repr=False)
+
+
+def _load_one(model: str) -> list[Model]:
+    """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / fold / ``model.pt``."""
+    from medseg.inference import load_trained
+
+    if "://" not in model and ":/" not in model:
         if not Path(model).exists():
             raise StageInputError(f"model not found: {model} (a model folder, model.pt, or models:/NAME@champion)")
         return load_trained(model)
@@ -41,27 +68,70 @@ def load_model(model: str) -> tuple[torch.nn.Module, dict]:
     if not configs:
         raise StageInputError(f"{model} has no {CONFIG_NAME}: was it logged by 'medseg train'?")
     net = mlflow.pytorch.load_model(str(local), map_location="cpu")
-    return net.eval(), read_json(configs[0])
+    return [(net.eval(), read_json(configs[0]))]
 
 
-def _dicom_volumes(folder: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    """The DICOM series under ``folder``, read exactly as ingest reads them (sorted by position, RAS affine, HU)."""
-    from medseg.ingest.common import CaseRejected
-    from medseg.ingest.dicom import scan_dicom
+def load_models(models: str | Sequence[str]) -> list[Model]:
+    """Every network of every model given (each fold of a folder with ``fold_*``), checked to be ensemble-able."""
+    from medseg.inference import check_ensemble
 
-    for item in scan_dicom(folder).items:
+    names, loaded = [], []
+    for model in [models] if isinstance(models, (str, Path)) else models:
+        found = _load_one(str(model))
+        loaded += found
+        names += [str(model)] * len(found)
+    if not loaded:
+        raise StageInputError("no model given")
+    check_ensemble([config for _, config in loaded], names)
+    return loaded
+
+
+def _dicom_inputs(folder: Path) -> Iterator[Input]:
+    """The image series under ``folder``, read as ingest reads them (same checks, slice order, RAS affine, HU).
+
+    Ingest's building blocks are used directly rather than ``scan_dicom``: its items do not expose the sorted source
+    files that a DICOM-SEG must reference. SEG/RTSTRUCT files (e.g. an earlier ``--dicom-seg`` output) are skipped.
+    """
+    import os
+
+    from medseg.ingest.common import CaseRejected, iter_files, modality_name, rel
+    from medseg.ingest.dicom_geometry import series_geometry, split_phases
+    from medseg.ingest.dicom_headers import group_series, non_image_reason, read_header, unique_instances
+    from medseg.ingest.dicom_label_match import is_label_object
+    from medseg.ingest.dicom_multiframe import frame_headers, is_enhanced
+    from medseg.ingest.dicom_pixels import read_series
+
+    headers = []
+    for path in iter_files(folder):
         try:
-            loaded = item.load()
-        except CaseRejected as err:
-            log.warning("skipping DICOM series %s: %s", item.source, err)
-            continue
-        name = folder.name if item.source == "." else Path(item.source).name
-        yield name, np.asarray(loaded.image), np.asarray(loaded.affine)
+            header = read_header(path)
+            headers.extend(frame_headers(header) if is_enhanced(header) else [header])
+        except CaseRejected:
+            continue  # not DICOM (a note, a NIfTI file beside the series)
+    for group in group_series([h for h in headers if not is_label_object(h)]).values():
+        group, _ = unique_instances(group)
+        where = Path(os.path.commonpath([str(h.path.parent) for h in group]))
+        name = folder.name if where == folder else where.name
+        reason = next((r for r in map(non_image_reason, group) if r), None)
+        if not reason and group[0].modality not in ("CT", "MR", ""):
+            reason = f"modality {group[0].modality} is not supported (CT or MR only)"
+        for phase, members in [(None, group)] if reason else split_phases(group):
+            source = name if phase is None else f"{name} ({phase})"
+            try:
+                if reason:
+                    raise CaseRejected(reason)
+                geometry = series_geometry(members)
+                image = read_series(geometry)
+            except CaseRejected as err:
+                log.warning("skipping DICOM series %s: %s", rel(where, folder), err)
+                continue
+            modality = modality_name(group[0].modality) if group[0].modality else None
+            yield Input(source, np.asarray(image, dtype=np.float32), geometry.affine, geometry.affine, modality,
+                        tuple(h.path for h in geometry.headers))
 
 
-def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(case name, 3D array, affine to segment with, affine to write)`` for a NIfTI file, a DICOM series
-    folder, or a folder of either.
+def find_inputs(path: Path) -> Iterator[Input]:
+    """Every image to segment in a NIfTI file, a DICOM series folder, or a folder of either.
 
     NIfTI goes through ingest's own reader, so the model sees the geometry it was trained on (e.g. ACDC's pixdim
     spacing where the sform says 1 mm); the output keeps the input file's own affine, on the same voxel grid.
@@ -78,55 +148,112 @@ def find_inputs(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.nd
             array, affine = load_nifti(path)
         except CaseRejected as err:
             raise StageInputError(f"{path}: {err}") from None
-        yield nifti_stem(path), array.astype(np.float32), affine, nib.load(str(path)).affine
+        yield Input(nifti_stem(path), np.asarray(array, dtype=np.float32), affine, nib.load(str(path)).affine)
         return
+    if not path.is_dir():
+        raise StageInputError(f"{path}: neither a NIfTI file nor a folder")
     niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
     for p in niftis:
         yield from find_inputs(p)
     found = bool(niftis)
-    for name, array, affine in _dicom_volumes(path):
+    for item in _dicom_inputs(path):
         found = True
-        yield name, array.astype(np.float32), affine, affine
+        yield item
     if not found:
         raise StageInputError(f"no NIfTI file or readable DICOM series in {path}")
 
 
-def segment(net: torch.nn.Module, config: dict, array: np.ndarray, affine: np.ndarray, overlap: float = 0.5,
-            device: torch.device | None = None) -> np.ndarray:
-    """Label map (uint8) on the input grid for one 3D image ``array`` with RAS ``affine``."""
+def _normalization(config: dict, modality: str | None, name: str) -> dict:
+    """The model's normalisation for an input of ``modality`` (None: the model's own modality)."""
+    norms = config["normalization"]
+    if modality in norms:
+        return norms[modality]
+    if modality is not None:
+        log.warning("%s is %s but the model was trained on %s: normalised as %s", name, modality,
+                    "/".join(norms), config["modality"])
+    if config["modality"] not in norms:
+        raise StageInputError(f"the model's inference config has no normalisation for its modality "
+                              f"{config['modality']!r} (has: {sorted(norms)})")
+    return norms[config["modality"]]
+
+
+def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, modality: str | None = None,
+            tta: bool = False, largest_component: bool = False, overlap: float = 0.5, sw_batch_size: int = 8,
+            device: str = "auto", name: str = "image") -> np.ndarray:
+    """Label map (uint8, shape of ``image``) on the input grid for one ``(X, Y, Z)`` image with RAS ``affine``.
+
+    Softmax averaged over ``models`` (and mirrored inputs with ``tta``), argmax, optionally the largest component of
+    each class, then the preprocessing inverted on the labels (nearest neighbour).
+    """
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
-    from medseg.inference import build_inferer, select_device
+    from medseg.inference import build_inferer, keep_largest_component, probabilities, select_device, stitch_device
     from medseg.transforms import IMAGE, preprocess_transforms
 
-    device = device or select_device("auto")
-    pre = preprocess_transforms(config["modality"], config["target_spacing"], config["ct_window"], keys=[IMAGE],
+    config = models[0][1]
+    pre = preprocess_transforms(_normalization(config, modality, name), config["target_spacing"], keys=[IMAGE],
                                 load=False)
-    image = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
-    data = pre({IMAGE: image})
-    inferer = build_inferer(config["patch_size"], config["model"]["spatial_dims"], overlap, sw_batch_size=8)
-    with torch.no_grad():
-        logits = inferer(data[IMAGE][None].to(device), net.to(device))
-    data["pred"] = logits[0].argmax(0, keepdim=True).cpu().float()
+    data = pre({IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+                                  affine=torch.as_tensor(affine, dtype=torch.float64))})
+    volume = data[IMAGE].as_tensor()[None]
+    sw_device = select_device(device)
+    out_device = stitch_device(volume.shape[2:], int(config["out_channels"]), sw_device)
+    inferers = [build_inferer(c["patch_size"], c["network"]["spatial_dims"], overlap, sw_batch_size,
+                              sw_device=sw_device, device=out_device) for _, c in models]
+    nets = [net.to(sw_device) for net, _ in models]
+    probs = probabilities(nets, volume, inferers, tta=tta)
+    labels = probs.argmax(1).to(device="cpu", dtype=torch.uint8)  # (1, *spatial): the inversion needs labels only
+    del probs
+    if largest_component:
+        labels = keep_largest_component(labels, range(1, int(config["out_channels"])))
+    data["pred"] = MetaTensor(labels, meta=data[IMAGE].meta)
     inverted = Invertd("pred", transform=pre, orig_keys=IMAGE, nearest_interp=True)(data)["pred"]
     result = np.asarray(inverted[0]).round().astype(np.uint8)
-    if result.shape != array.shape:
-        raise RuntimeError(f"inverted prediction has shape {result.shape}, input {array.shape}")
+    if result.shape != image.shape:
+        raise RuntimeError(f"inverted prediction has shape {result.shape}, input {image.shape}")
     return result
 
 
-def run(model: str, input_path: Path, out_dir: Path, overlap: float = 0.5) -> dict:
-    """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz``."""
+def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float = 0.5, tta: bool | None = None,
+        largest_component: bool | None = None, device: str = "auto", sw_batch_size: int = 8,
+        dicom_seg: bool = False) -> dict:
+    """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``).
+
+    Args:
+        model: one or more model folders (a folder with ``fold_*`` ensembles its folds), ``model.pt`` files or MLflow
+            model URIs; all are ensembled.
+        tta, largest_component: None follows the (first) model's inference config.
+        dicom_seg: also write a DICOM-SEG for each DICOM series (an error for NIfTI inputs).
+    """
     from tqdm import tqdm
 
     from medseg.atomic import save_nifti
+    from medseg.dicom_seg import write_dicom_seg
 
-    net, config = load_model(model)
-    written = []
-    for name, array, affine, output_affine in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
-        labels = segment(net, config, array, affine, overlap)
-        written.append(str(save_nifti(Path(out_dir) / f"{name}.nii.gz", labels, output_affine, dtype=np.uint8)))
-        log.info("%s: %s", name, {config["labels"].get(str(k), k): int((labels == k).sum())
-                                  for k in np.unique(labels) if k})
-    return {"model": model, "written": written}
+    models = load_models(model)
+    config = models[0][1]
+    tta = bool(config.get("tta", False)) if tta is None else tta
+    largest_component = bool(config.get("largest_component", False)) if largest_component is None \
+        else largest_component
+    names = [model] if isinstance(model, (str, Path)) else list(model)
+    log.info("%d network(s) from %s; tta=%s, largest_component=%s", len(models), ", ".join(map(str, names)), tta,
+             largest_component)
+    written, dicom_segs = [], []
+    for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
+        if dicom_seg and not item.dicom_files:
+            raise StageInputError(f"--dicom-seg needs DICOM inputs: {item.name} is NIfTI")
+        labels = segment(models, item.image, item.affine, item.modality, tta, largest_component, overlap,
+                         sw_batch_size, device, item.name)
+        written.append(str(save_nifti(Path(out_dir) / f"{item.name}.nii.gz", labels, item.output_affine,
+                                      dtype=np.uint8)))
+        if dicom_seg:
+            dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"], ", ".join(map(str, names)),
+                                                  Path(out_dir) / f"{item.name}.seg.dcm")))
+        log.info("%s: %s", item.name, {config["labels"].get(str(k), k): int((labels == k).sum())
+                                       for k in np.unique(labels) if k})
+    summary = {"model": [str(m) for m in names], "written": written, "tta": tta,
+               "largest_component": largest_component}
+    if dicom_seg:
+        summary["dicom_seg"] = dicom_segs
+    return summary
