@@ -28,3 +28,27 @@ def test_evaluate_writes_metrics_csv_plots_and_logs_them(trained):
     assert "heldout_dice_mean" in run.data.metrics
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluation")]
     assert "evaluation/metrics.json" in artifacts and "evaluation/plots" in artifacts
+
+
+def test_all_folds_cross_validate_and_register_one_version_each(tiny_ingested, params_for):
+    """train.fold: all -> one model per fold; every case is held out exactly once; TTA and largest component on."""
+    from medseg import register, train
+    from tests.conftest import planned_and_preprocessed
+
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},
+                                                 train={"fold": "all", "max_epochs": 1},
+                                                 evaluate={"tta": True, "largest_component": True}))
+    trained = train.run(params)
+    assert [f["fold"] for f in trained["folds"]] == [0, 1, 2]
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0", "fold_1", "fold_2"]
+    metrics = evaluate.run(params)
+    assert metrics["fold"] == "all" and sorted(metrics["folds"]) == ["0", "1", "2"]
+    rows = list(csv.DictReader((Path(params.paths.evaluation) / "per_case.csv").open()))
+    assert len(rows) == metrics["cases"] == 6 and len({r["case_id"] for r in rows}) == 6
+    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    assert {f["run_id"] for f in metrics["folds"].values()} == {f["run_id"] for f in trained["folds"]}
+    registered = register.run(params)
+    assert [v["fold"] for v in registered["versions"]] == [0, 1, 2]
+    assert [v["version"] for v in registered["versions"]] == ["1", "2", "3"]
+    client = mlflow.MlflowClient()
+    assert {client.get_model_version(params.register.model_name, v).tags["fold"] for v in "123"} == {"0", "1", "2"}
