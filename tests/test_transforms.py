@@ -1,10 +1,16 @@
 import numpy as np
 import pytest
+import torch
 from monai.transforms import Randomizable
 
 from medseg.atomic import save_nifti
+from medseg.params import load_params
 from medseg.transforms import ForegroundSelect, train_transforms
-from tests.conftest import write_tiny_volume
+from tests.conftest import REPO, write_tiny_volume
+
+
+def augmentation():
+    return load_params(REPO / "params.yaml").train.augmentation
 
 
 @pytest.mark.parametrize(("dims", "patch"), [(2, (32, 32, 1)), (3, (32, 32, 4))])
@@ -13,22 +19,38 @@ def test_train_patches_have_patch_shape(tmp_path, dims, patch):
     affine = np.diag([1.5, 1.5, 8.0, 1.0])
     item = {"image": str(save_nifti(tmp_path / "i.nii.gz", image, affine)),
             "label": str(save_nifti(tmp_path / "l.nii.gz", label, affine, dtype=np.uint8))}
-    chain = train_transforms(dims, patch, samples_per_volume=3, num_classes=4)
-    samples = chain(item)
+    cached, random = train_transforms(dims, patch, samples_per_volume=3, num_classes=4, augmentation=augmentation())
+    samples = random(cached(item))
     assert len(samples) == 3
     expected = patch[:2] if dims == 2 else patch
     for s in samples:
         assert tuple(s["image"].shape) == (1, *expected) and tuple(s["label"].shape) == (1, *expected)
+        assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.int64
+        assert set(s) == {"image", "label"}  # the cached class positions do not reach the batch
 
 
-def test_loading_and_padding_sit_in_the_cached_prefix():
-    """CacheDataset caches up to the first random transform: loading and padding must come before it."""
-    from monai.transforms import LoadImaged, SpatialPadd
+def test_the_cached_part_is_deterministic_and_the_random_part_holds_every_random_transform():
+    """A cache holds ``cached``'s output once: no random transform may sit in it, and loading and padding must."""
+    from monai.transforms import ClassesToIndicesd, LoadImaged, RandCropByLabelClassesd, SpatialPadd
 
-    chain = train_transforms(2, (32, 32, 1), 2, 4).transforms
-    first_random = next(i for i, t in enumerate(chain) if isinstance(t, Randomizable))
-    prefix = [type(t) for t in chain[:first_random]]
-    assert LoadImaged in prefix and SpatialPadd in prefix
+    cached, random = train_transforms(2, (32, 32, 1), 2, 4, augmentation())
+    assert not any(isinstance(t, Randomizable) for t in cached.transforms)
+    assert {LoadImaged, SpatialPadd, ClassesToIndicesd} <= {type(t) for t in cached.transforms}
+    assert isinstance(random.transforms[0], RandCropByLabelClassesd)
+
+
+def test_zero_probabilities_leave_augmentation_out():
+    import dataclasses
+
+    off = dataclasses.replace(augmentation(), rotate_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0,
+                              gamma_prob=0.0, contrast_prob=0.0)
+    _, random = train_transforms(3, (16, 16, 4), 1, 4, off)
+    assert [type(t).__name__ for t in random.transforms] == ["RandCropByLabelClassesd", "DeleteItemsd", "EnsureTyped"]
+    _, random = train_transforms(3, (16, 16, 4), 1, 4, augmentation())
+    names = [type(t).__name__ for t in random.transforms]
+    assert names.count("RandFlipd") == 3
+    assert {"RandRotated", "RandZoomd", "RandGaussianNoised", "RandAdjustContrastd",
+            "RandScaleIntensityFixedMeand"} <= set(names)
 
 
 def test_foreground_select_excludes_air():

@@ -7,14 +7,20 @@ with the cacheable deterministic prefix (load, pad) and puts every random transf
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from monai import transforms as mt
 
-__all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "eval_transforms", "IMAGE", "LABEL"]
+__all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "augmentation_transforms", "eval_transforms",
+           "IMAGE", "LABEL", "MAX_INDICES_PER_CLASS"]
 
 IMAGE, LABEL = "image", "label"
+# Voxel positions kept per class for the class-balanced crop (nnU-Net keeps 10,000): bounds the cache's size.
+MAX_INDICES_PER_CLASS = 10_000
 
 
 class ForegroundSelect:
@@ -80,42 +86,89 @@ def preprocess_transforms(
     return mt.Compose(chain)
 
 
-def train_transforms(spatial_dims: int, patch_size: Sequence[int], samples_per_volume: int,
-                     num_classes: int) -> mt.Compose:
-    """Training chain for preprocessed volumes: the deterministic prefix (load, pad) first, so MONAI's
-    ``CacheDataset`` caches it, and every random transform after it.
+def train_transforms(
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    samples_per_volume: int,
+    num_classes: int,
+    augmentation: Any,
+    device: torch.device | str | None = None,
+) -> tuple[mt.Compose, mt.Compose]:
+    """Training chain for preprocessed volumes, as two parts: the deterministic prefix a cache holds and the random
+    rest that runs on every draw.
 
-    For ``spatial_dims == 2`` the patch is ``(H, W, 1)`` and its last axis is squeezed: 2D slices of 3D volumes.
+    The prefix loads the volume channel-first (image float32, label uint8, no meta data), pads it to the patch and
+    lists up to ``MAX_INDICES_PER_CLASS`` voxel positions per class, so the crop does not scan the volume each time.
+    The random part moves the volume to ``device`` (when given), crops ``samples_per_volume`` patches centred on each
+    class in turn, then augments: rotation, scaling, flips per axis, Gaussian noise, gamma, contrast.
+
+    Args:
+        spatial_dims: 2 crops patches ``(H, W, 1)`` and squeezes the last axis; 3 keeps ``(X, Y, Z)``.
+        patch_size: 3 ints, voxels.
+        samples_per_volume: patches cropped from one loaded volume (the random part returns a list of that many).
+        num_classes: label classes including background.
+        augmentation: ``params.train.augmentation`` (``*_prob`` of 0 leaves that transform out).
+        device: where the random part runs; ``None`` leaves the tensors where the cache holds them (CPU).
+
+    Returns:
+        ``(cached, random)``: apply ``cached`` to ``{"image": path, "label": path}``, then ``random`` to its output,
+        which gives ``samples_per_volume`` dicts with "image" float32 and "label" int64, each ``(1, *patch)``.
     """
     keys = [IMAGE, LABEL]
-    cached: list = [
+    patch = tuple(int(s) for s in patch_size)
+    indices_key = f"{LABEL}_cls_indices"
+    cached = mt.Compose([
         mt.LoadImaged(keys, image_only=True),
-        mt.EnsureChannelFirstd(keys),
-        mt.EnsureTyped(IMAGE, dtype=np.float32, track_meta=False),
-        mt.EnsureTyped(LABEL, dtype=np.uint8, track_meta=False),
-        mt.SpatialPadd(keys, spatial_size=tuple(patch_size)),
-    ]
-    random: list = [
-        mt.RandCropByLabelClassesd(
-            keys, label_key=LABEL, spatial_size=tuple(patch_size), num_classes=num_classes,
-            num_samples=samples_per_volume, warn=False,
-        ),
-    ]
+        # Preprocessed volumes are 3D without a channel: said explicitly, so the prefix also works without meta data.
+        mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        mt.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
+        mt.EnsureTyped(LABEL, dtype=torch.uint8, track_meta=False),
+        mt.SpatialPadd(keys, spatial_size=patch),
+        mt.ClassesToIndicesd(LABEL, num_classes=num_classes, max_samples_per_class=MAX_INDICES_PER_CLASS),
+    ])
+    random: list = []
+    if device is not None:
+        random.append(mt.EnsureTyped(keys, device=torch.device(device), track_meta=False))
+    random.append(mt.RandCropByLabelClassesd(
+        keys, label_key=LABEL, spatial_size=patch, num_classes=num_classes, num_samples=samples_per_volume,
+        indices_key=indices_key, warn=False,
+    ))
+    random.append(mt.DeleteItemsd(indices_key))
     if spatial_dims == 2:
         random.append(mt.SqueezeDimd(keys, dim=-1))
-    random += [
-        mt.RandAffined(keys, prob=0.3, rotate_range=[0.26] * (1 if spatial_dims == 2 else 3),
-                       scale_range=[0.1] * spatial_dims, mode=["bilinear", "nearest"], padding_mode="zeros"),
-        mt.RandGaussianNoised(IMAGE, prob=0.15, std=0.1),
-        mt.RandAdjustContrastd(IMAGE, prob=0.15, gamma=(0.7, 1.5)),
-        mt.RandScaleIntensityd(IMAGE, prob=0.15, factors=0.15),
-        mt.EnsureTyped(LABEL, dtype=np.int64),
-    ]
-    return mt.Compose(cached + random)
+    random += augmentation_transforms(spatial_dims, augmentation)
+    random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
+    return cached, mt.Compose(random)
+
+
+def augmentation_transforms(spatial_dims: int, a: Any) -> list:
+    """nnU-Net's augmentation families as MONAI transforms on channel-first patches, from
+    ``params.train.augmentation``; a probability of 0 leaves the transform out."""
+    keys = [IMAGE, LABEL]
+    linear = "bilinear" if spatial_dims == 2 else "trilinear"
+    angle = math.radians(a.rotate_range_deg)
+    chain: list = []
+    if a.rotate_prob > 0:
+        ranges = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
+        chain.append(mt.RandRotated(keys, prob=a.rotate_prob, mode=["bilinear", "nearest"], padding_mode="zeros",
+                                    keep_size=True, **ranges))
+    if a.scale_prob > 0:
+        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=1 - a.scale_range, max_zoom=1 + a.scale_range,
+                                  mode=[linear, "nearest"], padding_mode="constant", keep_size=True))
+    if a.flip_prob > 0:
+        chain += [mt.RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+    if a.noise_prob > 0:
+        chain.append(mt.RandGaussianNoised(IMAGE, prob=a.noise_prob, std=0.1))
+    if a.gamma_prob > 0:
+        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5)))
+    if a.contrast_prob > 0:
+        # nnU-Net's contrast: scale about the mean, clipped to the patch's original range.
+        chain.append(mt.RandScaleIntensityFixedMeand(IMAGE, prob=a.contrast_prob, factors=0.25, preserve_range=True))
+    return chain
 
 
 def eval_transforms() -> mt.Compose:
-    """Load a preprocessed image/label pair for validation and evaluation (no randomness)."""
+    """Load a preprocessed image/label pair for validation and evaluation (no randomness; meta data kept)."""
     keys = [IMAGE, LABEL]
     return mt.Compose([
         mt.LoadImaged(keys, image_only=True),
