@@ -69,3 +69,33 @@ def test_every_path_in_dvc_comes_from_params():
     text = (REPO / "dvc.yaml").read_text()
     assert "data/" not in text, "paths belong in params.yaml, interpolated into dvc.yaml"
     load_params(REPO / "params.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "presets").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_validate_and_share_the_project_paths(preset):
+    params = load_params(preset)
+    project = load_params(REPO / "params.yaml")
+    assert params.paths == project.paths and params.mlflow == project.mlflow  # each path written once, in step
+    assert params.model.name == "dynunet" and params.model.deep_supervision and params.train.fold == "all"
+
+
+@pytest.mark.parametrize(("preset", "spacing", "shape", "dims"), [
+    ("acdc-gpu.yaml", (1.5, 1.5, 10.0), (220, 240, 10), 2),
+    ("pancreas-gpu.yaml", (0.8, 0.8, 2.5), (512, 512, 90), 3),
+])
+def test_gpu_presets_plan_a_network_that_runs(preset, spacing, shape, dims):
+    import torch
+
+    from medseg.networks import build_network
+    from medseg.plan import make_plan
+
+    params = load_params(REPO / "presets" / preset)
+    cases = [{"case_id": f"c{i}", "modality": "MR", "spacing": list(spacing), "shape": list(shape),
+              "foreground_fraction": 0.05} for i in range(20)]
+    plan = make_plan({"cases": cases, "modalities": {"MR": {"cases": 20, "foreground_intensity": {}}}}, params)
+    assert plan.spatial_dims == dims and plan.batch_size >= 2
+    assert plan.estimated_step_mb <= params.plan.memory_budget_mb
+    with torch.device("meta"):  # shapes only: a full-size GPU network on the planned patch, without the compute
+        net = build_network(plan.network_spec(params.section("model")), 1, 3).eval()
+        out = net(torch.zeros(1, 1, *plan.patch_size[:dims]))
+    assert out.shape == (1, 3, *plan.patch_size[:dims])
