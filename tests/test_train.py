@@ -76,7 +76,7 @@ def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
 
 def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, params_for):
     params = planned_and_preprocessed(params_for(
-        paths={"ingested": str(tiny_ingested)},
+        paths={"ingested": str(tiny_ingested)}, preprocess={"folds": 2}, plan={"patch_size": [32, 32, 1]},
         train={"fold": "all", "max_epochs": 1, "steps_per_epoch": 1, "optimizer": "sgd"}))
     summary = train.run(params)
     folds = params.preprocess.folds
@@ -100,14 +100,14 @@ def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, para
 def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ingested, params_for, tmp_path):
     """A real SIGKILL during the second epoch; ``--resume`` must end exactly where an uninterrupted run ends."""
     shared = {"ingested": str(tiny_ingested)}
-    settings = {"max_epochs": 3, "steps_per_epoch": 30, "device": "cpu"}
-    reference = planned_and_preprocessed(params_for(paths=shared, train=settings))
+    small = {"patch_size": [32, 32, 1], "batch_size": 2}
+    settings = {"max_epochs": 3, "steps_per_epoch": 8, "device": "cpu"}
+    reference = planned_and_preprocessed(params_for(paths=shared, plan=small, train=settings))
     killed_paths = {**shared, "plans": reference.paths.plans, "preprocessed": reference.paths.preprocessed,
                     "model": str(tmp_path / "killed" / "model"),
                     "checkpoints": str(tmp_path / "killed" / "checkpoints")}
-    killed = params_for(paths=killed_paths, train=settings,
-                        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}",
-                                "artifact_root": str(tmp_path / "killed" / "mlartifacts")})
+    # Same store, own experiment: "one run" below counts the killed-and-resumed training alone.
+    killed = params_for(paths=killed_paths, plan=small, train=settings, mlflow={"experiment": "killed"})
     params_file = write_params_yaml(killed, tmp_path / "killed.yaml")
     ckpt_file = Path(killed.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME
 
@@ -115,7 +115,7 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
     try:
         while not ckpt_file.exists() and proc.poll() is None:
             time.sleep(0.05)
-        time.sleep(0.3)  # into the next epoch (30 steps take about a second)
+        time.sleep(0.3)  # into the next epoch (8 steps take a second or more on 2 cores)
         proc.send_signal(signal.SIGKILL)
         output = proc.communicate(timeout=60)[0]
     finally:

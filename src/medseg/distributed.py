@@ -6,8 +6,9 @@ same command runs on one device or many::
     torchrun --standalone --nproc_per_node=4 -m medseg.cli train --params params.yaml [--resume]
 
 Each rank trains on its own shard of random patches (rank-specific loader seeds) with a ``DistributedDataParallel``
-network, so one optimiser step sees ``nproc_per_node`` times the planned batch. Validation, logging, MLflow,
-checkpoints and the model folder are rank 0's alone; the others wait at a barrier. The backend is ``nccl`` on CUDA
+network, so one optimiser step sees ``nproc_per_node`` times the planned batch. Validation cases are shared out and
+their scores pooled; logging, MLflow, checkpoints (which hold every rank's random state) and the model folder are
+rank 0's alone, and the others wait for it at the next collective or barrier. The backend is ``nccl`` on CUDA
 (one GPU per rank, ``cuda:LOCAL_RANK``) and ``gloo`` on CPU. Without ``torchrun`` everything here is a no-op.
 """
 

@@ -10,7 +10,8 @@ scheduler, AMP scaler, every rank's torch/NumPy/Python/CUDA RNG and loader state
 ``resume=True`` continues from it when params, plan, data, code and world size match, so a run killed with SIGKILL
 ends with the same weights and optimiser steps as an uninterrupted one and logs into the same MLflow run.
 
-Under ``torchrun`` training is data-parallel (see :mod:`medseg.distributed`); rank 0 alone validates and writes.
+Under ``torchrun`` training is data-parallel (see :mod:`medseg.distributed`): each rank scores its share of the
+validation cases, and rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
@@ -132,19 +133,32 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, devi
 
 
 def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device,
-             amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Mean Dice per foreground class over the loader's ``(1, 1, X, Y, Z)`` volumes."""
-    from monai.metrics import DiceMetric
+             amp_dtype: torch.dtype | None = None, ctx: Any = None) -> np.ndarray:
+    """Mean Dice per foreground class, shape ``(num_classes - 1,)``, over the loader's ``(1, 1, X, Y, Z)`` volumes.
+
+    Under ``torchrun`` each rank scores its own share of the volumes (``loader`` may then be empty) and the per-case
+    scores of all ranks are pooled; classes absent from a case's ground truth do not count for that case.
+    """
+    import warnings
+
+    from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+    from medseg import distributed as dd
+
+    rows = []
     net.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for batch in loader:
             logits = inferer(batch["image"].to(device), net)
-            pred = one_hot(logits.argmax(1, keepdim=True), num_classes)
-            metric(pred.cpu(), one_hot(batch["label"].long(), num_classes))
-    return metric.aggregate().cpu().numpy()
+            pred = one_hot(logits.argmax(1, keepdim=True).cpu(), num_classes)
+            rows.append(compute_dice(pred, one_hot(batch["label"].long(), num_classes), include_background=False,
+                                     ignore_empty=True).numpy())
+    if ctx is not None:
+        rows = [row for rank_rows in dd.all_gather(rows, ctx) for row in rank_rows]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case: NaN, as DiceMetric
+        return np.nanmean(np.concatenate(rows), axis=0)
 
 
 def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = False) -> str:
@@ -223,7 +237,8 @@ def _train_fold(p: Params, plan: Any, fold: int, resume: bool, ctx, out: Path | 
     loss_fn = build_loss(spec)
     train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
                                      rank=ctx.rank, world_size=ctx.world_size)
-    val_loader = make_val_loader(val_files) if ctx.is_main else None
+    val_share = val_files[ctx.rank::ctx.world_size]
+    val_loader = make_val_loader(val_share) if val_share else []
     inferer = build_inferer(plan.patch_size, spec["spatial_dims"], p.evaluate.sw_overlap, p.evaluate.sw_batch_size)
 
     ckpt_path = Path(p.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME
@@ -266,14 +281,15 @@ def _train_fold(p: Params, plan: Any, fold: int, resume: bool, ctx, out: Path | 
                       "lr": scheduler.get_last_lr()[0],
                       "data_wait_fraction": dd.mean_over_ranks(stats["data_wait_fraction"], ctx),
                       "epoch_seconds": stats["seconds"]}
-            if ctx.is_main and ((epoch + 1) % t.val_interval == 0 or epoch + 1 == t.max_epochs):
-                per_class = validate(net, val_loader, inferer, num_classes, device, amp_dtype)
+            if (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.max_epochs:
+                per_class = validate(net, val_loader, inferer, num_classes, device, amp_dtype, ctx)
                 record["val_dice"] = float(np.nanmean(per_class))
                 for label, dice in zip(sorted(dataset.labels)[1:], per_class):
                     record[f"val_dice_{dataset.labels[label]}"] = float(dice)
-                if record["val_dice"] > state["best_dice"]:
-                    state.update(best_dice=record["val_dice"], best_epoch=epoch + 1,
-                                 best_state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+                if record["val_dice"] > state["best_dice"]:  # the same decision on every rank
+                    state.update(best_dice=record["val_dice"], best_epoch=epoch + 1, best_state=None)
+                    if ctx.is_main:  # the only rank that writes the weights out
+                        state["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             state["history"].append(record)
             state["epoch"] = epoch + 1
             save_checkpoint()
