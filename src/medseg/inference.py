@@ -175,15 +175,15 @@ def keep_largest_component(labels: np.ndarray | torch.Tensor, classes: Sequence[
     is_tensor = isinstance(labels, torch.Tensor)
     array = labels.detach().cpu().numpy().copy() if is_tensor else np.array(labels, copy=True)
     structure = ndimage.generate_binary_structure(array.ndim, array.ndim)
+    boxes = ndimage.find_objects(array)  # every class's bounding box in one pass (integer labels, any width)
     for c in classes:
-        mask = array == c
-        box = ndimage.find_objects(mask.astype(np.uint8))
-        if not box or box[0] is None:
+        if c < 1 or c > len(boxes) or boxes[c - 1] is None:
             continue
-        region = mask[box[0]]  # label only the class's bounding box: much cheaper than the whole volume
+        box = boxes[c - 1]
+        region = array[box] == c  # label only the class's bounding box: much cheaper than the whole volume
         components, n = ndimage.label(region, structure=structure)
         if n < 2:
             continue
         largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
-        array[box[0]][region & (components != largest)] = 0
+        array[box][region & (components != largest)] = 0
     return torch.as_tensor(array, device=labels.device) if is_tensor else array

@@ -203,7 +203,9 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
                               sw_device=sw_device, device=out_device) for _, c in models]
     nets = [net.to(sw_device) for net, _ in models]
     probs = probabilities(nets, volume, inferers, tta=tta)
-    labels = probs.argmax(1).to(device="cpu", dtype=torch.uint8)  # (1, *spatial): the inversion needs labels only
+    # (1, *spatial): only labels are inverted. max().indices, not argmax(): on the CPU, torch's argmax over the
+    # channel axis is 5-10x slower than max() (2.5 s for 3 x 4M voxels on 2 cores)
+    labels = probs.max(1).indices.to(device="cpu", dtype=torch.uint8)
     del probs
     if largest_component:
         labels = keep_largest_component(labels, range(1, int(config["out_channels"])))

@@ -1,0 +1,213 @@
+"""End-to-end ``medseg predict`` time against the sliding-window model time alone, and peak memory, on a synthetic CT.
+
+Run by hand: ``python benchmarks/predict.py [--size 512 512 300] [--dicom] [--profile]``. Writes a synthetic abdominal
+CT (int16 HU, NIfTI; with ``--dicom`` also a DICOM series) and a small but real 3D U-Net in the model-folder layout
+``medseg train`` writes, then measures, each in a fresh child process:
+
+- ``e2e``: ``predict.run`` (load, preprocess, sliding window, invert, write), the model already on disk;
+- ``model``: the sliding-window inference alone (``SlidingWindowInferer(volume, net)``) on the same preprocessed volume.
+
+Prints seconds (the fastest of ``--repeat`` interleaved runs), the ratio e2e/model (issue 4 target: at most 1.3x; nnU-Net users report export taking far longer than
+the network) and each child's peak RSS (``ru_maxrss``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"0": "background", "1": "pancreas", "2": "tumour"}
+
+
+def write_ct(path: Path, size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0) -> np.ndarray:
+    """An abdomen-like int16 HU volume: air, a fat-ringed body, liver, spine, a pancreas-like blob, CT noise."""
+    from medseg.atomic import save_nifti
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size
+    x = (np.arange(nx) - nx / 2)[:, None] * spacing[0]
+    y = (np.arange(ny) - ny / 2)[None, :] * spacing[1]
+    volume = np.empty(size, np.int16)
+    for k in range(nz):  # slice by slice: the float work never holds the whole volume
+        z = (k - nz / 2) * spacing[2]
+        body = (x / 160) ** 2 + (y / 120) ** 2
+        hu = np.where(body < 1, -100.0, -1000.0)
+        hu[body < 0.85] = 40.0
+        hu[((x + 60) / 70) ** 2 + ((y + 10) / 55) ** 2 + (z / 120) ** 2 < 1] = 60.0  # liver
+        hu[(x / 18) ** 2 + ((y - 70) / 18) ** 2 < 1] = 700.0  # spine
+        hu[((x - 30) / 35) ** 2 + ((y + 5) / 12) ** 2 + (z / 40) ** 2 < 1] = 100.0  # pancreas
+        volume[:, :, k] = np.rint(hu + rng.normal(0, 15, hu.shape)).astype(np.int16)
+    save_nifti(path, volume, np.diag([*spacing, 1.0]), dtype=np.int16)
+    return volume
+
+
+def write_dicom(folder: Path, volume: np.ndarray, spacing: tuple[float, float, float]) -> None:
+    """The volume as a CT DICOM series, one file per slice (LPS: the RAS x and y axes negated)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(k), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.update({"SOPClassUID": CTImageStorage, "SOPInstanceUID": meta.MediaStorageSOPInstanceUID, "Modality": "CT",
+                   "PatientID": "BENCH", "StudyInstanceUID": study, "SeriesInstanceUID": series,
+                   "FrameOfReferenceUID": frame, "InstanceNumber": k + 1,
+                   "ImageOrientationPatient": ["-1", "0", "0", "0", "-1", "0"],
+                   "ImagePositionPatient": ["0", "0", f"{k * spacing[2]:.3f}"],
+                   "PixelSpacing": [f"{spacing[1]:g}", f"{spacing[0]:g}"], "Rows": volume.shape[1],
+                   "Columns": volume.shape[0], "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2",
+                   "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
+                   "RescaleSlope": "1", "RescaleIntercept": "0"})
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].T).tobytes()
+        ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
+
+
+def write_model(folder: Path, channels: list[int], patch: list[int], target_spacing: list[float]) -> Path:
+    """A 3D U-Net (random weights; speed does not depend on them) saved as ``fold_0/model.pt`` like train saves it."""
+    import torch
+
+    from medseg.atomic import write_json
+    from medseg.networks import build_network
+
+    spec = {"name": "unet", "spatial_dims": 3, "channels": channels, "strides": [2] * (len(channels) - 1),
+            "kernel_sizes": None, "num_res_units": 0, "norm": "instance", "dropout": 0.0, "deep_supervision": False}
+    config = {"network": spec, "in_channels": 1, "out_channels": len(LABELS), "labels": LABELS, "modality": "CT",
+              "target_spacing": target_spacing,
+              "normalization": {"CT": {"scheme": "ct", "clip": [-150.0, 250.0], "mean": 80.0, "std": 60.0}},
+              "patch_size": patch, "tta": False, "largest_component": True, "fold": 0}
+    fold = folder / "fold_0"
+    fold.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = build_network(spec, 1, len(LABELS))
+    torch.save({"state_dict": net.state_dict(), "config": config}, fold / "model.pt")
+    write_json(fold / "inference_config.json", config)
+    return folder
+
+
+def _e2e(model: str, image: str, out: str, args: dict) -> dict:
+    start = time.perf_counter()
+    import monai.inferers  # noqa: F401  (the fixed start-up cost of any MONAI command, reported apart)
+    import monai.transforms  # noqa: F401
+
+    from medseg import predict
+
+    imports = time.perf_counter() - start
+    start = time.perf_counter()
+    if args["profile"]:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(predict.run, model, Path(image), Path(out), overlap=args["overlap"],
+                         sw_batch_size=args["sw_batch_size"], device="cpu")
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    else:
+        predict.run(model, Path(image), Path(out), overlap=args["overlap"], sw_batch_size=args["sw_batch_size"],
+                    device="cpu")
+    return {"seconds": time.perf_counter() - start, "imports_seconds": imports}
+
+
+def _model_only(model: str, image: str, out: str, args: dict) -> dict:
+    """The sliding window alone, on the volume exactly as predict preprocesses it (preprocessing not timed)."""
+    import torch
+    from monai.data import MetaTensor
+
+    from medseg.inference import build_inferer, load_trained
+    from medseg.predict import find_inputs
+    from medseg.transforms import IMAGE, preprocess_transforms
+
+    [(net, config)] = load_trained(model)
+    (item,) = list(find_inputs(Path(image)))
+    pre = preprocess_transforms(config["normalization"]["CT"], config["target_spacing"], keys=[IMAGE], load=False)
+    volume = pre({IMAGE: MetaTensor(torch.from_numpy(item.image)[None], affine=torch.as_tensor(item.affine))})[IMAGE]
+    volume = volume.as_tensor()[None]
+    del item
+    inferer = build_inferer(config["patch_size"], 3, args["overlap"], args["sw_batch_size"])
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = inferer(volume, net)
+    return {"seconds": time.perf_counter() - start, "preprocessed_shape": list(volume.shape[2:]),
+            "logits_mb": logits.numel() * 4 / 2**20}
+
+
+def _child(kind: str, queue, *args) -> None:
+    result = {"e2e": _e2e, "model": _model_only}[kind](*args)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    queue.put(result)
+
+
+def measure(kind: str, *args) -> dict:
+    """Run one measurement in a fresh process, so each peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kind, queue, *args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
+    parser.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 2.0], help="input voxel size (mm)")
+    parser.add_argument("--target-spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5])
+    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 64])
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--dicom", action="store_true", help="also time predict on the volume as a DICOM series")
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per side; the fastest is reported")
+    parser.add_argument("--profile", action="store_true", help="cProfile the e2e run (top 25 by cumulative time)")
+    parser.add_argument("--workdir", default=None, help="keep inputs and outputs here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        size, spacing = tuple(args.size), tuple(args.spacing)
+        image = work / "ct.nii.gz"
+        start = time.perf_counter()
+        volume = write_ct(image, size, spacing)
+        inputs = [("nifti", image)]
+        if args.dicom:
+            write_dicom(work / "dicom" / "ct", volume, spacing)
+            inputs.append(("dicom", work / "dicom" / "ct"))
+        del volume
+        model = write_model(work / "model", args.channels, args.patch, args.target_spacing)
+        print(f"inputs written in {time.perf_counter() - start:.1f} s: {size} voxels of {spacing} mm; 3D U-Net "
+              f"{args.channels}, patch {args.patch}, overlap {args.overlap}, target spacing {args.target_spacing}",
+              flush=True)
+        options = {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "profile": args.profile}
+        runs: dict[str, list[dict]] = {"model": [], **{name: [] for name, _ in inputs}}
+        for _ in range(args.repeat):  # interleaved, so a busy spell on a shared machine hits both sides alike
+            runs["model"].append(measure("model", str(model), str(image), str(work / "unused"), options))
+            for name, path in inputs:
+                runs[name].append(measure("e2e", str(model), str(path), str(work / f"out_{name}"), options))
+        results = {name: min(r, key=lambda m: m["seconds"]) | {"all_seconds": [round(m["seconds"], 2) for m in r]}
+                   for name, r in runs.items()}
+        alone = results["model"]
+        print(f"model alone    {alone['seconds']:7.1f} s   peak RSS {alone['peak_rss_mb']:7.0f} MB   "
+              f"(preprocessed {alone['preprocessed_shape']}; runs {alone['all_seconds']})")
+        for name, _ in inputs:
+            e2e = results[name]
+            print(f"e2e {name:6s}     {e2e['seconds']:7.1f} s   peak RSS {e2e['peak_rss_mb']:7.0f} MB   "
+                  f"ratio e2e/model x{e2e['seconds'] / alone['seconds']:.2f} (target <= 1.3); with the "
+                  f"{e2e['imports_seconds']:.1f} s of importing torch+MONAI "
+                  f"x{(e2e['seconds'] + e2e['imports_seconds']) / alone['seconds']:.2f}   (runs {e2e['all_seconds']})")
+        print(json.dumps({"size": size, **results}, default=str))
+
+
+if __name__ == "__main__":
+    main()
