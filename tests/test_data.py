@@ -72,6 +72,19 @@ def test_training_iterates_without_meta_data_and_restores_tracking(tmp_path):
     assert get_track_meta()
 
 
+@pytest.mark.parametrize(("dims", "patch"), [(2, (24, 24, 1)), (3, (24, 24, 4))])
+def test_augmentation_never_writes_into_the_cache(tmp_path, dims, patch):
+    """Patches are views of the cached volume until a transform copies them: none may modify it in place."""
+    every = {k: 1.0 for k in NO_AUGMENTATION}
+    loader = data.make_train_loader(write_volumes(tmp_path, 2), make_plan(dims, patch, 4), make_train(every),
+                                    num_classes=4, device=CPU, seed=0, cache_dir=None)
+    cache = loader.dataset.data._cache
+    before = [(item["image"].clone(), item["label"].clone()) for item in cache]
+    epoch(loader)
+    for (image, label), item in zip(before, cache, strict=True):
+        assert torch.equal(image, item["image"]) and torch.equal(label, item["label"])
+
+
 def test_patches_are_centred_on_each_class_in_turn(tmp_path):
     """Small foreground in a large volume: a uniform crop would rarely see it, the class-balanced crop mostly does."""
     files = write_volumes(tmp_path, 2, shape=(120, 120, 4))

@@ -102,7 +102,7 @@ def _cached_dataset(files: list[dict], prefix, where: str, rate: float, cache_di
     if where == "none":
         return Dataset(files, prefix)
     if where == "memory":
-        return CacheDataset(files, prefix, cache_rate=1.0, progress=False, copy_cache=False)
+        return CacheDataset(files, prefix, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
     if cache_dir is None:
         raise StageInputError(f"train.cache {where!r} needs a cache directory (params paths.cache)")
     disk = PersistentDataset(files, prefix, cache_dir=cache_dir, hash_func=functools.partial(_cache_key,
@@ -110,7 +110,7 @@ def _cached_dataset(files: list[dict], prefix, where: str, rate: float, cache_di
     if where == "disk":
         return disk
     # The first ``rate`` of the volumes stay in RAM; the others are read back from their on-disk cache each draw.
-    return CacheDataset(disk, Compose([]), cache_rate=rate, progress=False, copy_cache=False)
+    return CacheDataset(disk, Compose([]), cache_rate=rate, num_workers=None, progress=False, copy_cache=False)
 
 
 class _TrainLoader:
