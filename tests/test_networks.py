@@ -149,6 +149,20 @@ def test_deep_supervised_network_pickles(name, dims):
     assert len(out) == 2 if name == "attention_unet" else out.shape[1] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["attention_unet", "dynunet"])
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_deep_supervision_loss_under_autocast_on_cuda(name, amp_dtype):
+    spec = make_spec(name, 3, levels=4, deep_supervision=True)
+    net = build_network(spec, 1, 3).cuda().train()
+    x = torch.randn(2, 1, *SIZES[3], device="cuda")
+    with torch.autocast("cuda", dtype=amp_dtype):
+        loss = build_loss(spec)(net(x), labels(x.shape, 3).cuda())
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    heads = net.heads if name == "attention_unet" else net.deep_supervision_heads
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in heads.parameters())
+
 def test_primary_logits():
     full = torch.randn(2, 3, 8, 8)
     assert primary_logits(full, 2) is full
