@@ -1,4 +1,4 @@
-"""``medseg train`` under ``torchrun`` with two CPU processes (gloo): one run, one checkpoint, one model, equal weights."""
+"""``medseg train`` under ``torchrun``, two CPU processes (gloo): one run, one checkpoint, one model, equal weights."""
 
 import dataclasses
 import json
@@ -74,6 +74,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tiny_ingested, params_for, tmp_p
         [MODEL_NAME, CONFIG_NAME, RUN_NAME, HISTORY_NAME])
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(f".{model_dir.name}")]
     assert output.count("model written to") == 1
+    assert result.stdout.count('"folds"') == 1  # one summary printed, by rank 0
 
     client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment).experiment_id])

@@ -1,7 +1,6 @@
 import csv
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys

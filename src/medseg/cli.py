@@ -55,9 +55,12 @@ def _cmd_preprocess(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict:
+    import os
+
     from medseg import train
 
-    return train.run(_params(args), resume=args.resume)
+    summary = train.run(_params(args), resume=args.resume)
+    return summary if os.environ.get("RANK", "0") == "0" else {}  # under torchrun, one summary, from rank 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -123,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("plan", _cmd_plan, "fingerprint the ingested data; plan spacing, 2D/3D, patch, batch, normalisation")
     command("preprocess", _cmd_preprocess, "reorient, resample, normalise, crop; write k-fold patient splits")
-    p = command("train", _cmd_train, "train the network chosen in params; logs to MLflow")
+    p = command("train", _cmd_train, "train the planned network on train.fold (or all folds); logs to MLflow; "
+                                     "under torchrun: data-parallel (DDP)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint if it matches params")
     command("evaluate", _cmd_evaluate, "sliding-window inference on held-out cases; Dice, HD95, plots")
     command("register", _cmd_register, "register the model in MLflow; move 'champion' only if it is better")

@@ -198,34 +198,35 @@ def run(params: Params, resume: bool = False) -> dict:
     """Train every fold ``train.fold`` names; returns ``{"model": paths.model, "folds": [per-fold summary]}``."""
     from medseg import distributed as dd
     from medseg.plan import read_plan
+    from medseg.tracking import data_version
 
     plan = read_plan(params.paths.plans)
     folds = params.train.folds(params.preprocess.folds)
+    version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
     with dd.distributed(params.train.device) as ctx:
         summaries = []
         with atomic_dir(params.paths.model) if ctx.is_main else contextlib.nullcontext() as out:
             for fold in folds:
-                summaries.append(_train_fold(params, plan, fold, resume, ctx, out))
+                summaries.append(_train_fold(params, plan, version, fold, resume, ctx, out))
         if ctx.is_main:
             log.info("model written to %s (%s)", params.paths.model, ", ".join(f"fold_{k}" for k in folds))
         dd.barrier(ctx)  # the model folder is in place before any rank returns
     return {"model": params.paths.model, "folds": summaries}
 
 
-def _train_fold(p: Params, plan: Any, fold: int, resume: bool, ctx, out: Path | None) -> dict:
+def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ctx, out: Path | None) -> dict:
+    """Train (or finish, or just re-export) one fold; every rank runs this, rank 0 writes into ``out``."""
     from monai.utils import set_determinism
 
     from medseg import distributed as dd
     from medseg.data import loader_random_state, make_train_loader, make_val_loader, set_loader_random_state
     from medseg.inference import build_inferer
     from medseg.networks import build_loss, build_network
-    from medseg.tracking import data_version
 
     t, device = p.train, ctx.device
     train_files, val_files, dataset = data_lists(p, fold)
     num_classes = dataset.num_classes
     spec = plan.network_spec(p.section("model"))
-    version = data_version(p.paths.preprocessed)
     fingerprint = _digest(p, plan, version["data_md5"], fold, ctx.world_size, code=True)
     amp_dtype, use_scaler = amp_settings(t.amp, device)
 
