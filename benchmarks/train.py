@@ -81,25 +81,32 @@ def peer_loader(files, plan, train, workers: int):
                       num_workers=workers, persistent_workers=workers > 0)
 
 
-def measure(name: str, loader, spec: dict, train, batch_size: int, device: torch.device, epochs: int) -> dict:
-    """Patches per second and data-wait fraction over ``epochs`` epochs after a warm-up one."""
-    from medseg.networks import build_loss, build_network
-    from medseg.train import amp_settings, train_epoch
+class Loop:
+    """One training loop (network, optimiser, loader) whose epochs are timed one at a time."""
 
-    torch.manual_seed(0)
-    net = build_network(spec, 1, 4).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
-    amp_dtype, scaled = amp_settings(train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=scaled)
-    loss_fn = build_loss(spec)
-    train_epoch(net, loader, optimizer, scaler, loss_fn, device, amp_dtype)  # warm-up: workers, allocator, cuDNN
-    steps = seconds = wait = 0.0
-    for _ in range(epochs):
-        stats = train_epoch(net, loader, optimizer, scaler, loss_fn, device, amp_dtype)
-        steps += stats["steps"]
-        seconds += stats["seconds"]
-        wait += stats["data_wait_fraction"] * stats["seconds"]
-    return {"name": name, "rate": steps * batch_size / seconds, "wait": wait / seconds}
+    def __init__(self, name: str, loader, spec: dict, train, device: torch.device) -> None:
+        from medseg.networks import build_loss, build_network
+        from medseg.train import amp_settings
+
+        torch.manual_seed(0)
+        self.name, self.loader, self.device = name, loader, device
+        self.net = build_network(spec, 1, 4).to(device)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train.learning_rate,
+                                           weight_decay=train.weight_decay)
+        self.amp_dtype, scaled = amp_settings(train.amp, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=scaled)
+        self.loss_fn = build_loss(spec)
+        self.steps = self.seconds = self.wait = 0.0
+
+    def epoch(self, timed: bool = True) -> None:
+        from medseg.train import train_epoch
+
+        stats = train_epoch(self.net, self.loader, self.optimizer, self.scaler, self.loss_fn, self.device,
+                            self.amp_dtype)
+        if timed:
+            self.steps += stats["steps"]
+            self.seconds += stats["seconds"]
+            self.wait += stats["data_wait_fraction"] * stats["seconds"]
 
 
 def main() -> None:
@@ -107,7 +114,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop, after one warm-up epoch")
     parser.add_argument("--samples-per-volume", type=int, default=None, help="default: params train.samples_per_volume")
     parser.add_argument("--peer-workers", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args()
@@ -139,14 +146,19 @@ def main() -> None:
         built = time.perf_counter()
         ours = make_train_loader(files, plan, train, 4, device, seed=0, cache_dir=Path(tmp) / "cache")
         print(f"medseg cache built in {time.perf_counter() - built:.2f} s (not in the timings)", flush=True)
-        peer_name = f"monai-tutorial ({args.peer_workers} workers)"
-        results = [measure("medseg", ours, spec, train, plan.batch_size, device, args.epochs),
-                   measure(peer_name, peer_loader(files, plan, train, args.peer_workers), spec, train,
-                           plan.batch_size, device, args.epochs)]
-    peer = results[1]["rate"]
-    for r in results:
-        print(f"{r['name']:32s} {r['rate']:8.1f} patches/s   x{r['rate'] / peer:5.2f} vs monai-tutorial   "
-              f"data wait {100 * r['wait']:5.1f}% of step time", flush=True)
+        loops = [Loop("medseg", ours, spec, train, device),
+                 Loop(f"monai-tutorial ({args.peer_workers} workers)",
+                      peer_loader(files, plan, train, args.peer_workers), spec, train, device)]
+        for loop in loops:
+            loop.epoch(timed=False)  # warm-up: worker start, allocator, cuDNN autotuning
+        # Epochs alternate between the loops, so a busy machine slows both alike.
+        for _ in range(args.epochs):
+            for loop in loops:
+                loop.epoch()
+    rates = [loop.steps * plan.batch_size / loop.seconds for loop in loops]
+    for loop, rate in zip(loops, rates):
+        print(f"{loop.name:32s} {rate:8.1f} patches/s   x{rate / rates[1]:5.2f} vs monai-tutorial   "
+              f"data wait {100 * loop.wait / loop.seconds:5.1f}% of step time", flush=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 from medseg.errors import StageInputError
 
-__all__ = ["make_train_loader", "make_val_loader", "loader_random_state", "set_loader_random_state",
+__all__ = ["make_train_loader", "make_val_loader", "TrainLoader", "loader_random_state", "set_loader_random_state",
            "estimate_cache_bytes", "available_ram_bytes", "choose_cache", "RAM_FRACTION"]
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def _cache_key(item: dict, signature: str) -> bytes:
 def _cached_dataset(files: list[dict], prefix, where: str, rate: float, cache_dir: str | Path | None,
                     signature: str):
     from monai.data import CacheDataset, Dataset, PersistentDataset
+    from monai.data.utils import json_hashing
     from monai.transforms import Compose
 
     if where == "none":
@@ -105,15 +106,15 @@ def _cached_dataset(files: list[dict], prefix, where: str, rate: float, cache_di
         return CacheDataset(files, prefix, cache_rate=1.0, num_workers=None, progress=False, copy_cache=False)
     if cache_dir is None:
         raise StageInputError(f"train.cache {where!r} needs a cache directory (params paths.cache)")
-    disk = PersistentDataset(files, prefix, cache_dir=cache_dir, hash_func=functools.partial(_cache_key,
-                                                                                             signature=signature))
+    disk = PersistentDataset(files, prefix, cache_dir=cache_dir, hash_transform=json_hashing,
+                             hash_func=functools.partial(_cache_key, signature=signature))
     if where == "disk":
         return disk
     # The first ``rate`` of the volumes stay in RAM; the others are read back from their on-disk cache each draw.
     return CacheDataset(disk, Compose([]), cache_rate=rate, num_workers=None, progress=False, copy_cache=False)
 
 
-class _TrainLoader:
+class TrainLoader:
     """A ``ThreadDataLoader`` iterated with MONAI's meta data tracking off (restored after each epoch), so the
     training path skips meta data while validation and inference in the same process keep it."""
 
@@ -136,7 +137,7 @@ class _TrainLoader:
 
 
 def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int, device: torch.device, seed: int,
-                      cache_dir: str | Path | None, rank: int = 0, world_size: int = 1) -> _TrainLoader:
+                      cache_dir: str | Path | None, rank: int = 0, world_size: int = 1) -> TrainLoader:
     """The training loader: ``train.steps_per_epoch`` batches per epoch of ``plan.batch_size`` random patches.
 
     Args:
@@ -162,7 +163,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     if not files:
         raise StageInputError("no training volumes: the training file list is empty")
     if not 0 <= rank < world_size:
-        raise StageInputError(f"rank {rank} is outside 0..{world_size - 1}")
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     per_volume, batch = int(train.samples_per_volume), int(plan.batch_size)
     if per_volume < 1 or batch % per_volume:
         raise StageInputError(f"params train.samples_per_volume ({per_volume}) must be a positive divisor of the "
@@ -176,7 +177,12 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     where, rate = choose_cache(train.cache, needed, available, len(files))
     log.info("training cache: %s (train.cache=%s; %.1f MB for %d volumes, %.1f MB RAM available, %.0f%% in RAM)",
              where, train.cache, needed / 2**20, len(files), available / 2**20, 100 * rate)
-    signature = repr((tuple(plan.patch_size), num_classes))
+    if where == "memory" and needed > RAM_FRACTION * available:
+        log.warning("train.cache=memory: the cache needs %.1f MB and %.1f MB RAM is available; train.cache=auto "
+                    "would keep what does not fit on disk", needed / 2**20, available / 2**20)
+    from medseg.transforms import MAX_INDICES_PER_CLASS
+
+    signature = repr((tuple(plan.patch_size), num_classes, MAX_INDICES_PER_CLASS))
     dataset = Dataset(_cached_dataset(files, cached, where, rate, cache_dir, signature), random)
 
     # Per-rank streams from one seed: SeedSequence keeps them independent without hand-made offsets.
@@ -189,7 +195,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     workers = 0 if on_device else int(train.num_workers)
     loader = ThreadDataLoader(dataset, batch_size=volumes_per_step, sampler=sampler, num_workers=workers,
                               generator=torch.Generator().manual_seed(int(loader_seed)))
-    return _TrainLoader(loader, sampler)
+    return TrainLoader(loader, sampler)
 
 
 def make_val_loader(files: list[dict]):
@@ -226,7 +232,7 @@ def _random_states(transform) -> list[np.random.RandomState]:
     return found
 
 
-def loader_random_state(loader: _TrainLoader) -> dict[str, Any]:
+def loader_random_state(loader: TrainLoader) -> dict[str, Any]:
     """Every random generator of a training loader: the volume sampler, the loader's worker seeds and each random
     transform. Take it between epochs (the loader's thread reads ahead within an epoch)."""
     return {
@@ -236,7 +242,7 @@ def loader_random_state(loader: _TrainLoader) -> dict[str, Any]:
     }
 
 
-def set_loader_random_state(loader: _TrainLoader, state: dict[str, Any]) -> None:
+def set_loader_random_state(loader: TrainLoader, state: dict[str, Any]) -> None:
     """Restore ``loader_random_state``'s output into a loader built with the same arguments."""
     states = _random_states(loader.dataset.transform)
     if len(states) != len(state["transforms"]):
