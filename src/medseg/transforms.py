@@ -1,8 +1,8 @@
 """All MONAI transform chains, in one place.
 
 ``preprocess_transforms`` is the deterministic geometry and intensity chain shared by the preprocess stage and by
-``medseg predict`` (which inverts it with ``Invertd`` to return to the input's geometry). ``train_transforms`` starts
-with the cacheable deterministic prefix (load, pad) and puts every random transform after it.
+``medseg predict`` (which inverts it with ``Invertd`` to return to the input's geometry). ``train_transforms`` returns
+the cacheable deterministic prefix (load, pad, class positions) and, separately, every random transform after it.
 """
 
 from __future__ import annotations
