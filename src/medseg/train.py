@@ -42,6 +42,9 @@ MODEL_NAME = "model.pt"
 CONFIG_NAME = "inference_config.json"
 RUN_NAME = "run.json"
 HISTORY_NAME = "history.csv"
+# The modules whose code shapes the weights (the train stage's code deps in dvc.yaml): a checkpoint made with other
+# versions of them is not resumed.
+TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py")
 
 
 def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: str, params: Params,
@@ -162,29 +165,30 @@ def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: to
 
 
 def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = False) -> str:
-    """Hash of what shapes training (params sections without ``train.fold``, plan, data), plus ``extra``."""
+    """Hash of what shapes training: params sections (``train.fold`` aside), plan, data, ``extra`` and, with
+    ``code``, the source of :data:`TRAINING_CODE`."""
     digest = hashlib.sha256()
     sections = {name: params.section(name) for name in ("plan", "preprocess", "model", "train")}
     sections["train"].pop("fold")
     digest.update(json.dumps([sections, dataclasses.asdict(plan), data_md5, *extra], sort_keys=True,
                              default=str).encode())
     if code:
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            digest.update(path.read_bytes())
+        for name in TRAINING_CODE:
+            digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
@@ -253,7 +257,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
-            _set_rng_state(ckpt["ranks"][ctx.rank]["rng"])
+            _set_rng_state(ckpt["ranks"][ctx.rank]["rng"], device)
             set_loader_random_state(train_loader, ckpt["ranks"][ctx.rank]["loader"])
             state = ckpt["state"]
             log.info("fold %d: resuming from %s after epoch %d", fold, ckpt_path, state["epoch"])
@@ -266,7 +270,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
         model = torch.compile(model)  # weights stay shared with ``net``, whose state_dict is what gets saved
 
     def save_checkpoint() -> None:
-        ranks = dd.all_gather({"rng": _rng_state(), "loader": loader_random_state(train_loader)}, ctx)
+        ranks = dd.all_gather({"rng": _rng_state(device), "loader": loader_random_state(train_loader)}, ctx)
         if ctx.is_main:
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
