@@ -122,6 +122,30 @@ def test_auto_cache_takes_ram_when_it_fits_and_disk_when_not(tmp_path, monkeypat
     assert len(epoch(loader)) == 3
 
 
+def test_every_cache_mode_yields_the_same_batches(tmp_path):
+    files = write_volumes(tmp_path)
+    plan = make_plan(2, (24, 24, 1), 4)
+    epochs = {mode: epoch(data.make_train_loader(files, plan, make_train(cache=mode), 4, CPU, 0, tmp_path / mode))
+              for mode in ("memory", "disk", "none")}
+    for a, b, c in zip(epochs["memory"], epochs["disk"], epochs["none"], strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["label"], c["label"])
+
+
+def test_disk_cache_is_reused_and_renewed_when_a_volume_is_rewritten(tmp_path):
+    files = write_volumes(tmp_path, 2)
+    plan, train, cache = make_plan(2, (24, 24, 1), 2), make_train(cache="disk", steps_per_epoch=16), tmp_path / "c"
+    epoch(data.make_train_loader(files, plan, train, 4, CPU, 0, cache))
+    written = sorted(cache.glob("*.pt"))
+    assert len(written) == 2
+    epoch(data.make_train_loader(files, plan, train, 4, CPU, 0, cache))
+    assert sorted(cache.glob("*.pt")) == written
+    image, label = write_tiny_volume(7, shape=(40, 36, 5))
+    save_nifti(files[0]["image"], image, np.diag([1.5, 1.5, 8.0, 1.0]))
+    epoch(data.make_train_loader(files, plan, train, 4, CPU, 0, cache))
+    assert len(list(cache.glob("*.pt"))) == 3
+
+
 def test_cache_estimate_counts_padded_voxels_from_the_headers(tmp_path):
     files = write_volumes(tmp_path, 2, shape=(40, 36, 5))
     voxels = 48 * 48 * 5  # padded to the patch; fewer than 4 classes x 10,000 positions, so all listed
