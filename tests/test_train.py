@@ -111,12 +111,17 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
     ckpt_file = Path(killed.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME
 
     proc = medseg("train", "--params", str(params_file), cwd=tmp_path)
+    seen = []
     try:
-        while not ckpt_file.exists() and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the next epoch (8 steps take a second or more on 2 cores)
+        # The epoch's log line comes after its checkpoint and its MLflow metrics, just before the next epoch starts.
+        for line in proc.stdout:
+            seen.append(line)
+            if "fold 0 epoch 1/3" in line:
+                break
+        assert ckpt_file.exists(), "".join(seen)
+        time.sleep(0.2)  # a few steps into epoch 2 (logging the final model alone takes longer than this)
         proc.send_signal(signal.SIGKILL)
-        output = proc.communicate(timeout=60)[0]
+        output = "".join(seen) + proc.communicate(timeout=60)[0]
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, output
@@ -127,7 +132,7 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
     resumed = medseg("train", "--params", str(params_file), "--resume", cwd=tmp_path)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
-    assert "resuming from" in output
+    assert "resuming from" in output, output[-3000:]
 
     expected = train.run(reference)["folds"][0]  # uninterrupted, same params, in this process
     after, uninterrupted = checkpoint(killed), checkpoint(reference)

@@ -249,9 +249,12 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
     ckpt_path = Path(p.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME
     state = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "best_state": None, "history": [], "run_id": None,
              "model_uri": None}
-    if resume and ckpt_path.is_file():
-        # Restored last: building the network and loaders above consumed randomness the checkpoint supersedes.
+    ckpt = None
+    if resume and ctx.is_main and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = dd.broadcast(ckpt, ctx)  # one reader; ranks on other nodes need no shared file system
+    if ckpt is not None:
+        # Restored last: building the network and loaders above consumed randomness the checkpoint supersedes.
         if ckpt.get("fingerprint") == fingerprint:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
