@@ -3,6 +3,8 @@
 Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest -m gpu``.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ def test_auto_device_is_cuda():
     assert select_device("auto").type == "cuda"
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", ["unet", "attention_unet"])
-def test_amp_training_steps_and_inference_on_cuda(name):
+def test_amp_training_steps_and_inference_on_cuda(name, amp_dtype):
     from monai.losses import DiceCELoss
 
     from medseg.inference import build_inferer
@@ -32,14 +35,15 @@ def test_amp_training_steps_and_inference_on_cuda(name):
 
     device = torch.device("cuda")
     model = {"name": name, "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0,
-             "norm": "instance", "dropout": 0.0}
+             "norm": "instance", "dropout": 0.0, "kernel_sizes": None, "deep_supervision": False}
     net = build_network(model, 1, 3).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    scaler = torch.amp.GradScaler("cuda", enabled=True)
-    losses = train_epoch(net, list(tiny_batches()), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
-                         device, use_amp=True)
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert scaler.get_scale() > 0 and scaler.is_enabled()
+    fp16 = amp_dtype == torch.float16  # bf16 has fp32's range: no loss scaling
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+    stats = train_epoch(net, list(tiny_batches()), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
+                        device, amp_dtype)
+    assert stats["steps"] == 3 and math.isfinite(stats["loss"])
+    assert scaler.is_enabled() == fp16
     volume = [{"image": torch.randn(1, 1, 80, 72, 5), "label": torch.randint(0, 3, (1, 1, 80, 72, 5))}]
     dice = validate(net, volume, build_inferer([64, 64, 1], 2, 0.5, 4), 3, device)
     assert dice.shape == (2,)
