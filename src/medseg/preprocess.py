@@ -1,7 +1,8 @@
 """Preprocess stage: RAS orientation, resampling, normalisation and foreground crop; patient-level k-fold splits.
 
-Reads ``<paths.ingested>/manifest.json`` and the plan (``<paths.plans>/plans.json``: target spacing, normalisation); writes ``<paths.preprocessed>/{images,labels}/<case>.nii.gz``,
-``dataset.json`` (a manifest of the preprocessed cases) and ``splits.json``. The whole output folder is swapped in
+Reads ``<paths.ingested>/manifest.json`` and the plan (``<paths.plans>/plans.json``: target spacing,
+normalisation); writes ``<paths.preprocessed>/{images,labels}/<case>.nii.gz``, ``dataset.json`` (a manifest of the
+preprocessed cases) and ``splits.json``. The whole output folder is swapped in
 atomically at the end.
 """
 

@@ -303,9 +303,9 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
             save_checkpoint()
             if ctx.is_main:  # after the checkpoint: a resumed run re-logs only what never reached MLflow
                 _log_epoch(record)
+                dice = f"{record['val_dice']:.4f}" if "val_dice" in record else "-"
                 log.info("fold %d epoch %d/%d: loss %.4f, val Dice %s, data wait %.0f%%", fold, epoch + 1,
-                         t.max_epochs, record["train_loss"], f"{record.get('val_dice', float('nan')):.4f}",
-                         100 * record["data_wait_fraction"])
+                         t.max_epochs, record["train_loss"], dice, 100 * record["data_wait_fraction"])
         if log.isEnabledFor(logging.DEBUG):  # lets the torchrun test check that every rank ends with equal weights
             log.debug("rank %d fold %d final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
         if ctx.is_main:
@@ -377,7 +377,8 @@ def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> N
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["out_channels"], *spatial))]),
         )
         # Pickle, not the pt2 default: pt2 bakes the example's shape into the graph, and segmentation networks
-        # must run on any patch and batch size. The classes pickled are MONAI's, which are stable across releases.
+        # must run on any patch and batch size. The classes pickled are MONAI's, which are stable across releases,
+        # except an Attention U-Net with deep supervision: medseg.networks.DeepSupervisedAttentionUnet (must not move).
         info = mlflow.pytorch.log_model(best, name="model", serialization_format="pickle", signature=signature,
                                         extra_files=[str(out / CONFIG_NAME)],
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai",
