@@ -7,7 +7,7 @@ CT (int16 HU, NIfTI; with ``--dicom`` also a DICOM series) and a small but real 
 - ``e2e``: ``predict.run`` (load, preprocess, sliding window, invert, write), the model already on disk;
 - ``model``: the sliding-window inference alone (``SlidingWindowInferer(volume, net)``) on the same preprocessed volume.
 
-Prints seconds (the fastest of ``--repeat`` interleaved runs), the ratio e2e/model (issue 4 target: at most 1.3x; nnU-Net users report export taking far longer than
+Prints seconds (the fastest of ``--repeat`` interleaved runs) and CPU seconds, the ratios e2e/model (issue 4 target: at most 1.3x; nnU-Net users report export taking far longer than
 the network) and each child's peak RSS (``ru_maxrss``).
 """
 
@@ -97,6 +97,11 @@ def write_model(folder: Path, channels: list[int], patch: list[int], target_spac
     return folder
 
 
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _e2e(model: str, image: str, out: str, args: dict) -> dict:
     start = time.perf_counter()
     import monai.inferers  # noqa: F401  (the fixed start-up cost of any MONAI command, reported apart)
@@ -105,7 +110,7 @@ def _e2e(model: str, image: str, out: str, args: dict) -> dict:
     from medseg import predict
 
     imports = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     if args["profile"]:
         import cProfile
         import pstats
@@ -117,7 +122,7 @@ def _e2e(model: str, image: str, out: str, args: dict) -> dict:
     else:
         predict.run(model, Path(image), Path(out), overlap=args["overlap"], sw_batch_size=args["sw_batch_size"],
                     device="cpu")
-    return {"seconds": time.perf_counter() - start, "imports_seconds": imports}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu() - cpu, "imports_seconds": imports}
 
 
 def _model_only(model: str, image: str, out: str, args: dict) -> dict:
@@ -136,10 +141,10 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
     volume = volume.as_tensor()[None]
     del item
     inferer = build_inferer(config["patch_size"], 3, args["overlap"], args["sw_batch_size"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     with torch.no_grad():
         logits = inferer(volume, net)
-    return {"seconds": time.perf_counter() - start, "preprocessed_shape": list(volume.shape[2:]),
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu() - cpu, "preprocessed_shape": list(volume.shape[2:]),
             "logits_mb": logits.numel() * 4 / 2**20}
 
 
@@ -199,17 +204,20 @@ def main() -> None:
             runs["model"].append(measure("model", str(model), str(image), str(work / "unused"), options))
             for name, path in inputs:
                 runs[name].append(measure("e2e", str(model), str(path), str(work / f"out_{name}"), options))
-        results = {name: min(r, key=lambda m: m["seconds"]) | {"all_seconds": [round(m["seconds"], 2) for m in r]}
+        results = {name: min(r, key=lambda m: m["seconds"]) | {"all_seconds": [round(m["seconds"], 2) for m in r],
+                                                                "min_cpu_seconds": min(m["cpu_seconds"] for m in r)}
                    for name, r in runs.items()}
         alone = results["model"]
         print(f"model alone    {alone['seconds']:7.1f} s   peak RSS {alone['peak_rss_mb']:7.0f} MB   "
-              f"(preprocessed {alone['preprocessed_shape']}; runs {alone['all_seconds']})")
+              f"(preprocessed {alone['preprocessed_shape']}; runs {alone['all_seconds']}; "
+              f"CPU {alone['min_cpu_seconds']:.1f} s)")
         for name, _ in inputs:
             e2e = results[name]
             print(f"e2e {name:6s}     {e2e['seconds']:7.1f} s   peak RSS {e2e['peak_rss_mb']:7.0f} MB   "
                   f"ratio e2e/model x{e2e['seconds'] / alone['seconds']:.2f} (target <= 1.3); with the "
                   f"{e2e['imports_seconds']:.1f} s of importing torch+MONAI "
-                  f"x{(e2e['seconds'] + e2e['imports_seconds']) / alone['seconds']:.2f}   (runs {e2e['all_seconds']})")
+                  f"x{(e2e['seconds'] + e2e['imports_seconds']) / alone['seconds']:.2f}   (runs {e2e['all_seconds']}); "
+                  f"CPU-time ratio x{e2e['min_cpu_seconds'] / alone['min_cpu_seconds']:.2f} (steadier on a shared machine)")
         print(json.dumps({"size": size, **results}, default=str))
 
 
