@@ -170,7 +170,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
     parser.add_argument("--spacing", type=float, nargs=3, default=[0.7, 0.7, 2.0], help="input voxel size (mm)")
     parser.add_argument("--target-spacing", type=float, nargs=3, default=[0.8, 0.8, 2.5])
-    parser.add_argument("--channels", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128],
+                        help="U-Net filters per level (default: params.yaml's default network)")
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 64])
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--sw-batch-size", type=int, default=2)
