@@ -213,10 +213,11 @@ def _invert_labels(pre, image, labels: torch.Tensor):
     # 'border' padding: a source voxel past the resampled grid takes its edge value, as MONAI's nearest sampling does
     index = [np.clip(np.rint(scale[a] * np.arange(n) + voxel_map[a, 3]), 0, pred.shape[a + 1] - 1).astype(np.intp)
              for a, n in enumerate(op["orig_size"])]
-    array = pred.as_tensor()[0].numpy()
-    gathered = array[index[0]][:, index[1]][:, :, index[2]]
+    gathered = pred.as_tensor()[0].numpy()
+    for axis, at in enumerate(index):  # np.take per axis: contiguous copies (chained fancy indexing is 15x slower)
+        gathered = np.take(gathered, at, axis=axis)
     ops = pred.applied_operations[:-1]
-    pred = MetaTensor(torch.from_numpy(np.ascontiguousarray(gathered))[None], affine=torch.as_tensor(src_affine),
+    pred = MetaTensor(torch.from_numpy(gathered)[None], affine=torch.as_tensor(src_affine),
                       meta={k: v for k, v in pred.meta.items() if k != "affine"}, applied_operations=ops)
     with allow_missing_keys_mode(before):
         return before.inverse({IMAGE: pred})[IMAGE]
