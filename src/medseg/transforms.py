@@ -66,7 +66,8 @@ def preprocess_transforms(
         mt.EnsureTyped(keys[1:], dtype=np.uint8, allow_missing_keys=True) if len(keys) > 1 else mt.Identityd(keys),
         mt.EnsureTyped(image_key, dtype=np.float32),
         mt.Orientationd(keys, axcodes="RAS"),
-        mt.Spacingd(keys, pixdim=tuple(target_spacing), mode=modes),
+        # float32, not MONAI's float64 default: half the time and memory on a 512x512x300 CT, same labels
+        mt.Spacingd(keys, pixdim=tuple(target_spacing), mode=modes, dtype=np.float32),
     ]
     scheme = normalization["scheme"]
     if scheme == "ct":
