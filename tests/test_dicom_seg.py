@@ -20,19 +20,11 @@ from medseg.ingest.dicom_headers import read_header
 from medseg.ingest.dicom_labels import rasterise_seg
 from tests.conftest import write_tiny_volume
 from tests.test_inference import CARDIAC, write_folds
+from tests.test_predict import rotation
 
 PATIENT = {"PatientName": "Doe^Jane^Q", "PatientID": "MRN-7771234", "PatientBirthDate": "19610203",
            "AccessionNumber": "ACC-99887766"}
 SERIES_UID = "1.2.826.0.1.3680043.8.498.4242.1"
-
-
-def rotation(axis: int, degrees: float) -> np.ndarray:
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 # (row direction, column direction) in LPS: axial; left-right flipped with feet-first slices; doubly oblique
