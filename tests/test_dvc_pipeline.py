@@ -32,7 +32,7 @@ def project(tmp_path) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["demo"].update(cardiac_patients=4, ct_patients=1)
     params["preprocess"].update(folds=2)
-    params["plan"].update(target_spacing=[3.0, 3.0, 8.0], patch_size=[48, 48, 1], batch_size=4)
+    params["plan"].update(target_spacing=[3.0, 3.0, 8.0], spatial_dims=2, patch_size=[48, 48, 1], batch_size=4)
     params["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
     params["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -77,6 +77,12 @@ def test_patch_the_network_cannot_halve_is_refused(params_for):
         make_plan(prints, params_for(plan={"patch_size": [30, 32, 1], "spatial_dims": None}))
 
 
+def test_2d_patch_on_a_3d_plan_says_what_to_set(params_for):
+    prints = fingerprint_of([(1.0, 1.0, 1.5)] * 3, [(64, 64, 40)] * 3)
+    with pytest.raises(StageInputError, match="set plan.spatial_dims: 2"):
+        make_plan(prints, params_for(plan={"patch_size": [48, 48, 1], "spatial_dims": None}))
+
+
 def test_dynunet_topology_waits_for_the_thick_axis():
     strides, kernels = dynunet_topology((0.8, 0.8, 4.0), (160, 160, 20), levels=5)
     assert strides[0] == [1, 1, 1]

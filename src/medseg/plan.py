@@ -159,6 +159,9 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     else:
         patch = _fit_patch(model, spatial_dims, target, median_shape, params.plan.memory_budget_mb)
         patch = patch + [1] * (3 - spatial_dims)
+    if spatial_dims == 3 and patch[2] == 1:
+        raise StageInputError(f"patch size {patch} is a 2D patch but the plan is 3D: set plan.spatial_dims: 2 "
+                              f"(or give a 3D plan.patch_size)")
     div = _divisor(model, spatial_dims, target, patch)
     bad = [a for a in range(spatial_dims) if patch[a] % div[a]]
     if bad:
