@@ -88,21 +88,24 @@ def dynunet_topology(spacing, patch_size, levels: int) -> tuple[list[list[int]],
     return strides, kernels
 
 
-def _divisor(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[int]:
-    """Per-axis factor the patch must be divisible by for the network to downsample and upsample it exactly."""
+def _level_strides(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[list[int]]:
+    """Per-level, per-axis strides of the network, the full-resolution level (all ones) first."""
     if model["name"] == "dynunet":
         strides, _ = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims], len(model["channels"]))
-        return [math.prod(s[axis] for s in strides) for axis in range(spatial_dims)]
-    return [math.prod(model["strides"])] * spatial_dims
+        return strides
+    return [[1] * spatial_dims] + [[s] * spatial_dims for s in model["strides"]]
+
+
+def _divisor(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[int]:
+    """Per-axis factor the patch must be divisible by for the network to downsample and upsample it exactly."""
+    strides = _level_strides(model, spatial_dims, spacing, patch)
+    return [math.prod(s[axis] for s in strides) for axis in range(spatial_dims)]
 
 
 def estimate_step_mb(model: dict[str, Any], spatial_dims: int, spacing, patch, batch: int) -> float:
     """Rough training-step activation memory (MB) of ``batch`` patches: features summed over resolution levels."""
     voxels = math.prod(patch[:spatial_dims])
-    if model["name"] == "dynunet":
-        strides, _ = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims], len(model["channels"]))
-    else:
-        strides = [[1] * spatial_dims] + [[s] * spatial_dims for s in model["strides"]]
+    strides = _level_strides(model, spatial_dims, spacing, patch)
     features, reduction = 0.0, 1
     for channels, stride in zip(model["channels"], strides):
         reduction *= math.prod(stride)
