@@ -130,7 +130,8 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
     import torch
     from monai.data import MetaTensor
 
-    from medseg.inference import build_inferer, load_trained
+    from medseg.inference import build_inferer
+    from medseg.model_folder import load_trained
     from medseg.predict import find_inputs
     from medseg.transforms import IMAGE, preprocess_transforms
 

@@ -80,7 +80,7 @@ def _cmd_predict(args: argparse.Namespace) -> dict:
 
     return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap, tta=args.tta,
                        largest_component=args.largest_component, device=args.device,
-                       sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg)
+                       sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg, ensemble=args.ensemble)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> dict:
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder or a folder of either", params=False)
     p.add_argument("--model", required=True, action="append",
-                   help="model folder (its fold_* are ensembled), fold_<k> folder, model.pt, or models:/NAME@champion; "
+                   help="model folder (its all-data model fold_all, else its fold_* ensembled), fold_<k> folder, "
+                        "model.pt, or models:/NAME@champion; "
                         "repeat to ensemble several models")
     p.add_argument("input", help="NIfTI file, DICOM series folder, or folder of either")
     p.add_argument("--out", required=True, help="output folder for <case>.nii.gz (and <case>.seg.dcm)")
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mirroring test-time augmentation (default: the model's inference config)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each class's largest connected component (default: the model's inference config)")
+    p.add_argument("--ensemble", action="store_true",
+                   help="a model folder gives every fold: the cross-validation models with the all-data model "
+                        "(slower by the number of folds, usually a little more accurate)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (where the network runs)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="for DICOM series inputs, also write <case>.seg.dcm, a DICOM-SEG referencing the series")

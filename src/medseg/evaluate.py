@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from medseg.atomic import atomic_dir, read_json, write_json
+from medseg.model_folder import HISTORY_NAME, RUN_NAME, fold_dir
 from medseg.params import Params
-from medseg.train import HISTORY_NAME, RUN_NAME
 
-__all__ = ["run", "fold_dir", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
+__all__ = ["run", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,20 @@ PER_CASE_NAME = "per_case.csv"
 PLOTS_DIR = "plots"
 
 
-def fold_dir(model_root: str | Path, fold: int) -> Path:
-    """Where ``medseg train`` puts fold ``fold``'s model inside ``paths.model``."""
-    return Path(model_root) / f"fold_{fold}"
-
-
 def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
 def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
-    """Per-case Dice and HD95 of fold ``fold``'s model on its held-out cases (TTA and post-processing per params)."""
+    """Per-case Dice and HD95 of fold ``fold``'s model on its held-out cases (TTA per params, post-processing as the
+    model's inference config decided it)."""
     from monai.data import Dataset
     from monai.metrics import DiceMetric, HausdorffDistanceMetric
     from monai.networks.utils import one_hot
     from tqdm import tqdm
 
-    from medseg.inference import build_inferer, keep_largest_component, load_trained, probabilities, stitch_device
+    from medseg.inference import build_inferer, keep_largest_component, probabilities, stitch_device
+    from medseg.model_folder import largest_component_classes, load_trained
     from medseg.train import data_lists
     from medseg.transforms import eval_transforms
 
@@ -53,6 +50,7 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
     [(net, config)] = load_trained(fold_dir(p.paths.model, fold))
     net = net.to(device)
     n = dataset.num_classes
+    largest = largest_component_classes(config, n)
     classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
     dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
@@ -64,8 +62,8 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
                                 device=stitch_device(image.shape[2:], n, device))
         probs = probabilities([net], image.to(device), inferer, tta=p.evaluate.tta)
         pred = probs.argmax(1, keepdim=True).cpu()
-        if p.evaluate.largest_component:
-            pred = keep_largest_component(pred[0], range(1, n))[None]
+        if largest:
+            pred = keep_largest_component(pred[0], largest)[None]
         pred_oh, label_oh = one_hot(pred, n), one_hot(label, n)
         dice = dice_metric(pred_oh, label_oh)[0].numpy()
         hd = hd_metric(pred_oh, label_oh, spacing=list(config["target_spacing"]))[0].numpy()

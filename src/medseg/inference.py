@@ -1,11 +1,9 @@
-"""Sliding-window inference shared by validation, evaluation and ``medseg predict``: trained-model loading, fold
-ensembles, mirroring test-time augmentation and largest-component post-processing."""
+"""Sliding-window inference shared by validation, evaluation and ``medseg predict``: fold ensembles, mirroring
+test-time augmentation and largest-component post-processing. (Loading a trained model: :mod:`medseg.model_folder`.)"""
 
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 
-__all__ = ["build_inferer", "select_device", "stitch_device", "load_trained", "check_ensemble", "probabilities",
+__all__ = ["build_inferer", "select_device", "stitch_device", "check_ensemble", "probabilities",
            "mirror_axes", "keep_largest_component", "ENSEMBLE_KEYS"]
 
 # inference-config entries that must agree for nets to be averaged: same classes, same input grid and intensities
@@ -63,50 +61,6 @@ def build_inferer(patch_size: Sequence[int], spatial_dims: int, overlap: float, 
     if spatial_dims == 2:
         return SliceInferer(roi_size=tuple(patch_size[:2]), spatial_dim=2, progress=False, **common)
     return SlidingWindowInferer(roi_size=tuple(patch_size), **common)
-
-
-def _fold_number(path: Path) -> int:
-    match = re.fullmatch(r"fold_(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def load_trained(path: str | Path) -> list[tuple[torch.nn.Module, dict]]:
-    """Networks (``eval()`` mode, on the CPU) and inference configs of a trained model.
-
-    Args:
-        path: a ``model.pt`` file, a ``fold_<k>`` folder holding one, or a model folder holding ``fold_*/model.pt``
-            (every fold, in fold order: an ensemble).
-
-    Raises:
-        StageInputError: nothing loadable at ``path``, or folds whose configs cannot be ensembled.
-    """
-    from medseg.errors import StageInputError
-    from medseg.networks import build_network
-    from medseg.train import MODEL_NAME
-
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif (path / MODEL_NAME).is_file():
-        files = [path / MODEL_NAME]
-    else:
-        files = sorted(path.glob(f"fold_*/{MODEL_NAME}"), key=lambda f: _fold_number(f.parent))
-    if not files:
-        raise StageInputError(f"no trained model at {path}: expected {MODEL_NAME}, a fold_<k>/ folder holding one, "
-                              f"or a model folder with fold_*/{MODEL_NAME}")
-    models = []
-    for file in files:
-        try:
-            saved = torch.load(file, map_location="cpu", weights_only=True)
-            config = saved["config"]
-            net = build_network(config["network"], config["in_channels"], config["out_channels"])
-            net.load_state_dict(saved["state_dict"])
-        except (KeyError, RuntimeError, TypeError, ValueError, OSError, pickle.UnpicklingError) as err:
-            raise StageInputError(f"{file}: not a model written by 'medseg train' ({type(err).__name__}: {err})") \
-                from None
-        models.append((net.eval(), config))
-    check_ensemble([config for _, config in models], [str(f) for f in files])
-    return models
 
 
 def check_ensemble(configs: Sequence[dict], names: Sequence[str]) -> None:

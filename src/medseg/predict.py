@@ -46,20 +46,20 @@ class Input:
     dicom_files: tuple[Path, ...] = field(default=(), repr=False)
 
 
-def _load_one(model: str) -> list[Model]:
-    """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / fold / ``model.pt``."""
-    from medseg.inference import load_trained
+def _load_one(model: str, ensemble: bool = False) -> list[Model]:
+    """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / fold / ``model.pt``
+    (a model folder: its all-data model, or with ``ensemble`` every fold; see :func:`medseg.model_folder.model_files`)."""
+    from medseg.model_folder import CONFIG_NAME, load_trained
 
     if "://" not in model and ":/" not in model:
         if not Path(model).exists():
             raise StageInputError(f"model not found: {model} (a model folder, model.pt, or models:/NAME@champion)")
-        return load_trained(model)
+        return load_trained(model, ensemble)
     import mlflow
 
     from medseg.atomic import read_json
     from medseg.params import DEFAULT_PARAMS_FILE, load_params
     from medseg.tracking import tracking_uri
-    from medseg.train import CONFIG_NAME
 
     mlflow_params = load_params(DEFAULT_PARAMS_FILE).mlflow if Path(DEFAULT_PARAMS_FILE).is_file() else None
     mlflow.set_tracking_uri(tracking_uri(mlflow_params))
@@ -71,13 +71,14 @@ def _load_one(model: str) -> list[Model]:
     return [(net.eval(), read_json(configs[0]))]
 
 
-def load_models(models: str | Sequence[str]) -> list[Model]:
-    """Every network of every model given (each fold of a folder with ``fold_*``), checked to be ensemble-able."""
+def load_models(models: str | Sequence[str], ensemble: bool = False) -> list[Model]:
+    """Every network of every model given (``ensemble``: every fold of a model folder), checked to be
+    ensemble-able."""
     from medseg.inference import check_ensemble
 
     names, loaded = [], []
     for model in [models] if isinstance(models, (str, Path)) else models:
-        found = _load_one(str(model))
+        found = _load_one(str(model), ensemble)
         loaded += found
         names += [str(model)] * len(found)
     if not loaded:
@@ -224,7 +225,8 @@ def _invert_labels(pre, image, labels: torch.Tensor):
 
 
 def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, modality: str | None = None,
-            tta: bool = False, largest_component: bool = False, overlap: float = 0.5, sw_batch_size: int = 8,
+            tta: bool = False, largest_component: bool | Sequence[int] = False, overlap: float = 0.5,
+            sw_batch_size: int = 8,
             device: str = "auto", name: str = "image") -> np.ndarray:
     """Label map (uint8, shape of ``image``) on the input grid for one ``(X, Y, Z)`` image with RAS ``affine``.
 
@@ -253,8 +255,10 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
     # channel axis is 5-10x slower than max() (2.5 s for 3 x 4M voxels on 2 cores)
     labels = probs.max(1).indices.to(device="cpu", dtype=torch.uint8)
     del probs
+    if largest_component is True:
+        largest_component = range(1, int(config["out_channels"]))
     if largest_component:
-        labels = keep_largest_component(labels, range(1, int(config["out_channels"])))
+        labels = keep_largest_component(labels, largest_component)
     inverted = _invert_labels(pre, data[IMAGE], labels)
     if inverted is None:  # a chain the fast path does not know: MONAI's generic inversion
         data["pred"] = MetaTensor(labels, meta=data[IMAGE].meta)
@@ -267,13 +271,15 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
 
 def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float = 0.5, tta: bool | None = None,
         largest_component: bool | None = None, device: str = "auto", sw_batch_size: int = 8,
-        dicom_seg: bool = False) -> dict:
+        dicom_seg: bool = False, ensemble: bool = False) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``).
 
     Args:
-        model: one or more model folders (a folder with ``fold_*`` ensembles its folds), ``model.pt`` files or MLflow
-            model URIs; all are ensembled.
-        tta, largest_component: None follows the (first) model's inference config.
+        model: one or more model folders (its all-data model ``fold_all`` when it has one, else every fold),
+            ``model.pt`` files or MLflow model URIs; all are ensembled.
+        tta, largest_component: None follows the (first) model's inference config (``largest_component``: the
+            classes cross-validation chose); True or False applies to every class.
+        ensemble: a model folder gives every fold, the cross-validation folds and the all-data model alike.
         dicom_seg: also write a DICOM-SEG for each DICOM series (an error for NIfTI inputs).
     """
     from tqdm import tqdm
@@ -281,19 +287,22 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     from medseg.atomic import save_nifti
     from medseg.dicom_seg import write_dicom_seg
 
-    models = load_models(model)
+    from medseg.model_folder import largest_component_classes
+
+    models = load_models(model, ensemble)
     config = models[0][1]
     tta = bool(config.get("tta", False)) if tta is None else tta
-    largest_component = bool(config.get("largest_component", False)) if largest_component is None \
-        else largest_component
+    num_classes = int(config["out_channels"])
+    largest = largest_component_classes(config if largest_component is None else
+                                        {"largest_component": largest_component}, num_classes)
     names = [model] if isinstance(model, (str, Path)) else list(model)
-    log.info("%d network(s) from %s; tta=%s, largest_component=%s", len(models), ", ".join(map(str, names)), tta,
-             largest_component)
+    log.info("%d network(s) from %s; tta=%s, largest component kept for classes %s", len(models),
+             ", ".join(map(str, names)), tta, largest)
     written, dicom_segs = [], []
     for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
         if dicom_seg and not item.dicom_files:
             raise StageInputError(f"--dicom-seg needs DICOM inputs: {item.name} is NIfTI")
-        labels = segment(models, item.image, item.affine, item.modality, tta, largest_component, overlap,
+        labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
                          sw_batch_size, device, item.name)
         written.append(str(save_nifti(Path(out_dir) / f"{item.name}.nii.gz", labels, item.output_affine,
                                       dtype=np.uint8)))
@@ -303,7 +312,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         log.info("%s: %s", item.name, {config["labels"].get(str(k), k): int((labels == k).sum())
                                        for k in np.unique(labels) if k})
     summary = {"model": [str(m) for m in names], "written": written, "tta": tta,
-               "largest_component": largest_component}
+               "largest_component": largest}
     if dicom_seg:
         summary["dicom_seg"] = dicom_segs
     return summary

@@ -1,7 +1,10 @@
-"""Register stage: each trained fold's model becomes a version in the MLflow Model Registry (tagged ``fold``).
+"""Register stage: the trained model becomes a version in the MLflow Model Registry.
 
-The alias ``champion`` moves to the new version only when its held-out (validation-fold) Dice beats the current
-champion's; otherwise the new version is aliased ``challenger``. Promotion is by aliases, never by stages.
+With an all-data model (``fold_all``, ``train.final_model``) that model alone is registered, scored by the
+cross-validation estimate of the folds trained beside it, and tagged with what estimated it (``estimated_by_folds``,
+``estimated_by_runs``, ``cv_cases``). Without one, each cross-validation fold's model is registered, scored by its own
+held-out Dice. The alias ``champion`` moves to the new version only when its score beats the current champion's;
+otherwise the new version is aliased ``challenger``. Promotion is by aliases, never by stages.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def _champion_score(client, name: str) -> tuple[str | None, float]:
     return str(champion.version), float(champion.tags.get(SCORE_TAG, "-inf"))
 
 
-def _register_version(client, name: str, run_info: dict, score: float, fold: int) -> dict:
+def _register_version(client, name: str, run_info: dict, score: float, fold: int | str,
+                      tags: dict[str, str] | None = None) -> dict:
     """One fold's run as a model version, aliased ``champion`` if it beats the current champion, else
     ``challenger``."""
     import mlflow
@@ -44,24 +48,26 @@ def _register_version(client, name: str, run_info: dict, score: float, fold: int
     else:
         version = str(mlflow.register_model(run_info["model_uri"], name, tags={SCORE_TAG: f"{score:.6f}"}).version)
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
-    client.set_model_version_tag(name, version, "fold", str(fold))
+    for key, value in {"fold": str(fold), **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
     champion_version, champion_score = _champion_score(client, name)
     alias = CHAMPION if champion_version == version or score > champion_score else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
-    log.info("%s version %s (fold %d): held-out Dice %.4f -> %s (previous champion %s, %.4f)",
+    log.info("%s version %s (fold %s): held-out Dice %.4f -> %s (previous champion %s, %.4f)",
              name, version, fold, score, alias, champion_version, champion_score)
     return {"version": version, "alias": alias, "heldout_dice_mean": score, "previous_champion": champion_version,
             "run_id": run_id, "fold": fold}
 
 
 def run(params: Params) -> dict:
-    """Register each evaluated fold's MLflow run (in fold order) and set ``champion`` or ``challenger``."""
+    """Register the all-data model (or else each evaluated fold's model, in fold order) and set ``champion`` or
+    ``challenger``."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from medseg.evaluate import METRICS_NAME, fold_dir
+    from medseg.evaluate import METRICS_NAME
+    from medseg.model_folder import ALL, RUN_NAME, fold_dir
     from medseg.tracking import configure_mlflow
-    from medseg.train import RUN_NAME
 
     p = params
     name = p.register.model_name
@@ -73,7 +79,14 @@ def run(params: Params) -> dict:
     except MlflowException:
         client.create_registered_model(name, description="medseg segmentation model; 'champion' serves predictions")
     versions = []
-    for fold, fold_metrics in sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
+    final = fold_dir(p.paths.model, ALL) / RUN_NAME
+    if final.is_file():
+        folds = sorted(metrics["folds"], key=int)
+        tags = {"estimated_by_folds": ",".join(folds), "cv_cases": str(metrics["cases"]),
+                "estimated_by_runs": ",".join(metrics["folds"][f]["run_id"] for f in folds),
+                "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases"}
+        versions.append(_register_version(client, name, read_json(final), float(metrics["dice_mean"]), ALL, tags))
+    for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
         run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
