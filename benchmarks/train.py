@@ -123,16 +123,18 @@ def main() -> None:
 
     from medseg.data import make_train_loader
     from medseg.params import load_params
-    from medseg.plan import Plan
+    from medseg.plan import Plan, plan_network
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = PRESETS[args.preset]
     params = load_params(args.params)
     device = torch.device(args.device)
     dims = 2 if setting["patch"][2] == 1 else 3
+    model = plan_network(params.section("model"), dims, setting["shape"])
     plan = Plan(spatial_dims=dims, target_spacing=(1.5, 1.5, 8.0), patch_size=setting["patch"],
                 batch_size=setting["batch"], normalization={"MR": {"scheme": "zscore"}},
-                median_shape=setting["shape"], estimated_step_mb=0.0)
+                median_shape=setting["shape"], estimated_step_mb=0.0, channels=tuple(model["channels"]),
+                strides=tuple(model["strides"]))
     train = dataclasses.replace(params.train, steps_per_epoch=setting["steps"], cache="memory",
                                 samples_per_volume=args.samples_per_volume or params.train.samples_per_volume)
     spec = plan.network_spec(params.section("model"))

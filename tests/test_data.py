@@ -16,7 +16,7 @@ from tests.conftest import REPO, write_tiny_volume
 
 CPU = torch.device("cpu")
 NO_AUGMENTATION = dict(rotate_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0, gamma_prob=0.0,
-                       contrast_prob=0.0)
+                       contrast_prob=0.0, blur_prob=0.0, brightness_prob=0.0, lowres_prob=0.0, inverted_gamma_prob=0.0)
 
 
 def write_volumes(root, count=3, shape=(40, 36, 5)) -> list[dict]:
@@ -33,7 +33,8 @@ def write_volumes(root, count=3, shape=(40, 36, 5)) -> list[dict]:
 
 def make_plan(dims: int, patch, batch: int) -> Plan:
     return Plan(spatial_dims=dims, target_spacing=(1.5, 1.5, 8.0), patch_size=tuple(patch), batch_size=batch,
-                normalization={"MR": {"scheme": "zscore"}}, median_shape=(40, 36, 5), estimated_step_mb=1.0)
+                normalization={"MR": {"scheme": "zscore"}}, median_shape=(40, 36, 5), estimated_step_mb=1.0,
+                channels=(8, 16, 32), strides=(2, 2))
 
 
 def make_train(augmentation: dict | None = None, **overrides):
@@ -86,17 +87,21 @@ def test_augmentation_never_writes_into_the_cache(tmp_path, dims, patch):
 
 
 def test_patches_are_centred_on_each_class_in_turn(tmp_path):
-    """Small foreground in a large volume: a uniform crop would rarely see it, the class-balanced crop mostly does."""
+    """Small foreground in a large volume: a uniform crop would rarely see it, the class-balanced crop always does,
+    and with nnU-Net's foreground fraction about a third of the patches do."""
     files = write_volumes(tmp_path, 2, shape=(120, 120, 4))
     label = np.asarray(__import__("nibabel").load(files[0]["label"]).dataobj)
     uniform_rate = (label > 0).mean()
-    loader = data.make_train_loader(files, make_plan(2, (16, 16, 1), 8), make_train(NO_AUGMENTATION,
-                                    samples_per_volume=4, steps_per_epoch=10),
-                                    num_classes=4, device=CPU, seed=0, cache_dir=None)
-    labels = torch.cat([b["label"] for b in epoch(loader)])
-    with_foreground = (labels.flatten(1) > 0).any(1).float().mean().item()
+    rates = {}
+    for fraction in (1.0, 0.33):
+        loader = data.make_train_loader(files, make_plan(2, (16, 16, 1), 8), make_train(
+            NO_AUGMENTATION, samples_per_volume=1, steps_per_epoch=25, foreground_fraction=fraction),
+            num_classes=4, device=CPU, seed=0, cache_dir=None)
+        labels = torch.cat([b["label"] for b in epoch(loader)])
+        rates[fraction] = (labels.flatten(1) > 0).any(1).float().mean().item()
     assert uniform_rate < 0.1
-    assert with_foreground > 0.6  # 3 of 4 classes are foreground; background-centred patches may touch some too
+    assert rates[1.0] == 1.0
+    assert 0.2 < rates[0.33] < 0.55  # 200 patches: a third centred on foreground, a few others touching it
     assert set(labels.unique().tolist()) == {0, 1, 2, 3}
 
 

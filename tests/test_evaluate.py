@@ -40,7 +40,8 @@ def test_all_folds_cross_validate_and_register_one_version_each(tiny_ingested, p
                                                  evaluate={"tta": True, "largest_component": True}))
     trained = train.run(params)
     assert [f["fold"] for f in trained["folds"]] == [0, 1, 2]
-    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0", "fold_1", "fold_2"]
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0", "fold_1", "fold_2",
+                                                                         "postprocessing.json"]
     metrics = evaluate.run(params)
     assert metrics["fold"] == "all" and sorted(metrics["folds"]) == ["0", "1", "2"]
     rows = list(csv.DictReader((Path(params.paths.evaluation) / "per_case.csv").open()))

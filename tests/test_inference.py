@@ -11,8 +11,7 @@ import torch
 from monai.inferers import SliceInferer, SlidingWindowInferer
 
 from medseg.errors import StageInputError
-from medseg.inference import (build_inferer, keep_largest_component, load_trained, mirror_axes, probabilities,
-                              stitch_device)
+from medseg.inference import build_inferer, keep_largest_component, mirror_axes, probabilities, stitch_device
 from medseg.networks import build_network
 
 CARDIAC = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
@@ -133,30 +132,6 @@ def test_largest_component_drops_each_class_s_islands_and_keeps_its_main_blob():
     as_tensor = keep_largest_component(torch.as_tensor(labels), [1, 2])
     assert isinstance(as_tensor, torch.Tensor) and as_tensor.dtype == torch.uint8
     np.testing.assert_array_equal(as_tensor.numpy(), expected)
-
-
-def test_load_trained_takes_a_parent_folder_a_fold_folder_or_a_model_file(tmp_path):
-    root = write_folds(tmp_path / "model", folds=(0, 2, 10))
-    loaded = load_trained(root)
-    assert [config["fold"] for _, config in loaded] == [0, 2, 10]
-    assert all(not net.training for net, _ in loaded)
-    assert [c["fold"] for _, c in load_trained(root / "fold_2")] == [2]
-    assert [c["fold"] for _, c in load_trained(root / "fold_10" / "model.pt")] == [10]
-    # folds trained from different seeds are different networks
-    weights = [next(net.parameters()).detach() for net, _ in loaded]
-    assert not torch.equal(weights[0], weights[1])
-
-
-def test_load_trained_names_what_is_missing_or_cannot_be_ensembled(tmp_path):
-    with pytest.raises(StageInputError, match="no trained model"):
-        load_trained(tmp_path)
-    root = write_folds(tmp_path / "model", folds=(0,))
-    write_model(root / "fold_1", inference_config(fold=1, labels={"0": "background", "1": "pancreas"}))
-    with pytest.raises(StageInputError, match="labels differ"):
-        load_trained(root)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(StageInputError, match="junk.pt"):
-        load_trained(tmp_path / "junk.pt")
 
 
 @pytest.mark.gpu

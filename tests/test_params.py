@@ -54,8 +54,11 @@ def test_unknown_key_is_rejected():
 
 def test_inconsistent_network_is_rejected():
     raw = raw_params()
-    raw["model"]["strides"] = [2]
+    raw["model"].update(channels=[8, 16, 32], strides=[2])
     with pytest.raises(ParamsError, match="one entry fewer"):
+        params_from_dict(raw)
+    raw["model"].update(channels=None, strides=[2, 2])
+    with pytest.raises(ParamsError, match="must be null when 'model.channels' is null"):
         params_from_dict(raw)
 
 

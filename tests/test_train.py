@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from medseg import train
-from medseg.train import CHECKPOINT_NAME, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from medseg.model_folder import CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from medseg.train import CHECKPOINT_NAME
 from tests.conftest import planned_and_preprocessed
 
 
@@ -39,7 +41,7 @@ def medseg(*args: str, cwd: Path) -> subprocess.Popen:
 def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
     params, summary = trained
     fold_dir = Path(params.paths.model) / "fold_0"
-    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0"]
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == ["fold_0", "postprocessing.json"]
     for name in (MODEL_NAME, CONFIG_NAME, RUN_NAME, HISTORY_NAME):
         assert (fold_dir / name).is_file()
     ckpt = checkpoint(params)
@@ -66,7 +68,10 @@ def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
     assert config["network"] == plan["network"] and config["patch_size"] == plan["patch_size"]
     assert config["normalization"] == plan["normalization"] and config["target_spacing"] == plan["target_spacing"]
     assert config["out_channels"] == 4 and config["labels"]["3"] == "LV" and config["modality"] == "MR"
-    assert config["tta"] is params.evaluate.tta and config["largest_component"] is params.evaluate.largest_component
+    assert config["tta"] is params.evaluate.tta
+    decision = json.loads((Path(params.paths.model) / "postprocessing.json").read_text())
+    assert config["largest_component"] == decision["largest_component"] == summary["postprocessing"]["largest_component"]
+    assert decision["cases"] == 2 and set(decision["dice_with"]) == {"RV", "myocardium", "LV"}
     saved = torch.load(fold_dir / MODEL_NAME, weights_only=True)
     assert saved["config"] == config
     run_json = json.loads((fold_dir / RUN_NAME).read_text())
@@ -80,7 +85,8 @@ def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, para
     summary = train.run(params)
     folds = params.preprocess.folds
     assert [f["fold"] for f in summary["folds"]] == list(range(folds))
-    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == [f"fold_{k}" for k in range(folds)]
+    assert sorted(p.name for p in Path(params.paths.model).iterdir()) == [f"fold_{k}" for k in range(folds)] + [
+        "postprocessing.json"]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     runs = [mlflow.get_run(f["run_id"]) for f in summary["folds"]]
     assert len({r.info.run_id for r in runs}) == folds
@@ -100,7 +106,7 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
     """A real SIGKILL during the second epoch; ``--resume`` must end exactly where an uninterrupted run ends."""
     shared = {"ingested": str(tiny_ingested)}
     small = {"patch_size": [32, 32, 1], "batch_size": 2}
-    settings = {"max_epochs": 3, "steps_per_epoch": 8, "device": "cpu"}
+    settings = {"max_epochs": 3, "steps_per_epoch": 40, "device": "cpu"}
     reference = planned_and_preprocessed(params_for(paths=shared, plan=small, train=settings))
     killed_paths = {**shared, "plans": reference.paths.plans, "preprocessed": reference.paths.preprocessed,
                     "model": str(tmp_path / "killed" / "model"),
@@ -116,7 +122,7 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
         # The epoch's log line comes after its checkpoint and its MLflow metrics, just before the next epoch starts.
         for line in proc.stdout:
             seen.append(line)
-            if "fold 0 epoch 1/3" in line:
+            if "fold_0 epoch 1/3" in line:
                 break
         assert ckpt_file.exists(), "".join(seen)
         time.sleep(0.2)  # a few steps into epoch 2 (logging the final model alone takes longer than this)
@@ -216,3 +222,60 @@ def test_compiled_network_trains_and_saves_plain_weights(tiny_ingested, params_f
     train.run(params)
     saved = torch.load(Path(params.paths.model) / "fold_0" / MODEL_NAME, weights_only=True)["state_dict"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in saved)
+
+
+def test_final_model_trains_on_every_case_after_the_folds_and_serves(tiny_ingested, params_for):
+    params = planned_and_preprocessed(params_for(
+        paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1, "final_model": True},
+        evaluate={"largest_component": True}))
+    summary = train.run(params)
+    assert [f["fold"] for f in summary["folds"]] == [0, "all"]
+    final = summary["folds"][1]
+    assert final["final_val_dice"] is None and final["epochs"] == 1  # nothing held out to validate on
+    train_files, val_files, _ = train.data_lists(params, "all")
+    assert len(train_files) == 6 and val_files == []
+    config = json.loads((Path(params.paths.model) / "fold_all" / CONFIG_NAME).read_text())
+    assert config["fold"] == "all" and config["largest_component"] == [1, 2, 3]
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    assert mlflow.get_run(final["run_id"]).data.tags["fold"] == "all"
+
+
+def test_time_budget_fits_the_epochs_and_the_schedule_ends_at_zero(tiny_ingested, params_for):
+    params = planned_and_preprocessed(params_for(
+        paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1000, "time_budget_minutes": 0.15,
+                                                       "val_interval": 1000}))
+    started = time.perf_counter()
+    fold = train.run(params)["folds"][0]
+    seconds = time.perf_counter() - started
+    assert 1 < fold["epochs"] < 1000
+    assert fold["train_minutes"] <= 0.15 * 1.5 and seconds < 60
+    with (Path(params.paths.model) / "fold_0" / HISTORY_NAME).open() as fh:
+        lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
+    assert len(lrs) == fold["epochs"] and lrs[0] == params.train.learning_rate
+    assert lrs[-1] < 0.2 * lrs[0] and all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays to (nearly) zero
+
+
+@pytest.mark.parametrize("elapsed, done, val_s, expected", [
+    (10.0, 1, 0.0, 60),     # 10 s an epoch, 600 s: 60 epochs
+    (10.0, 1, 5.0, 59),     # room kept for the last validation when validations are sparse
+    (100.0, 4, 0.0, 24),    # 25 s an epoch
+    (700.0, 10, 0.0, 10),   # over budget: stop now, never fewer than done
+    (1.0, 1, 0.0, 200),     # capped by max_epochs
+])
+def test_fit_epochs(elapsed, done, val_s, expected):
+    assert train.fit_epochs(600.0, elapsed, done, 200, val_s, val_interval=10) == expected
+
+
+def test_poly_lr_is_nnunets_schedule():
+    assert train.poly_lr(0.01, 0, 100) == 0.01
+    assert train.poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert train.poly_lr(0.01, 100, 100) == 0.0
+
+
+def test_postprocessing_is_kept_only_for_classes_it_improves():
+    labels = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
+    raw = np.array([[0.5, 0.8, 0.9], [0.7, 0.8, np.nan]])
+    post = np.array([[0.6, 0.7, 0.9], [0.7, 0.8, np.nan]])
+    decision = train.decide_postprocessing(raw, post, labels)
+    assert decision["largest_component"] == [1]  # RV improves; myocardium gets worse; LV unchanged
+    assert decision["dice_without"]["RV"] == 0.6 and decision["dice_with"]["RV"] == 0.65 and decision["cases"] == 2

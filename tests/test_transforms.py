@@ -37,20 +37,58 @@ def test_the_cached_part_is_deterministic_and_the_random_part_holds_every_random
     assert not any(isinstance(t, Randomizable) for t in cached.transforms)
     assert {LoadImaged, SpatialPadd, ClassesToIndicesd} <= {type(t) for t in cached.transforms}
     assert isinstance(random.transforms[0], RandCropByLabelClassesd)
+    _, random = train_transforms(2, (32, 32, 1), 2, 4, augmentation(), foreground_fraction=0.33)
+    assert type(random.transforms[0]).__name__ == "OneOf"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.33, 1.0])
+def test_foreground_fraction_of_patches_is_centred_on_a_labelled_class(tmp_path, fraction):
+    """A volume whose only labelled voxel sits in one corner slice: a patch contains it only when centred on it."""
+    import dataclasses
+
+    image = np.random.default_rng(0).normal(size=(64, 64, 20)).astype(np.float32)
+    label = np.zeros(image.shape, np.uint8)
+    label[5, 5, 3] = 2
+    affine = np.diag([1.5, 1.5, 8.0, 1.0])
+    item = {"image": str(save_nifti(tmp_path / "i.nii.gz", image, affine)),
+            "label": str(save_nifti(tmp_path / "l.nii.gz", label, affine, dtype=np.uint8))}
+    off = dataclasses.replace(augmentation(), **{f: 0.0 for f in ("rotate_prob", "scale_prob", "flip_prob",
+                                                                  "noise_prob", "blur_prob", "brightness_prob",
+                                                                  "contrast_prob", "lowres_prob",
+                                                                  "inverted_gamma_prob", "gamma_prob")})
+    cached, random = train_transforms(2, (16, 16, 1), 1, 4, off, foreground_fraction=fraction)
+    random.set_random_state(seed=0)
+    data = cached(item)
+    hits = np.mean([bool((random(data)[0]["label"] == 2).any()) for _ in range(300)])
+    # anywhere: the labelled slice is 1 of 20 and the patch a sixteenth of it
+    assert abs(hits - fraction) < 0.08
 
 
 def test_zero_probabilities_leave_augmentation_out():
     import dataclasses
 
     off = dataclasses.replace(augmentation(), rotate_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0,
-                              gamma_prob=0.0, contrast_prob=0.0)
+                              gamma_prob=0.0, contrast_prob=0.0, blur_prob=0.0, brightness_prob=0.0, lowres_prob=0.0,
+                              inverted_gamma_prob=0.0)
     _, random = train_transforms(3, (16, 16, 4), 1, 4, off)
     assert [type(t).__name__ for t in random.transforms] == ["RandCropByLabelClassesd", "DeleteItemsd", "EnsureTyped"]
     _, random = train_transforms(3, (16, 16, 4), 1, 4, augmentation())
     names = [type(t).__name__ for t in random.transforms]
     assert names.count("RandFlipd") == 3
-    assert {"RandRotated", "RandZoomd", "RandGaussianNoised", "RandAdjustContrastd",
-            "RandScaleIntensityFixedMeand"} <= set(names)
+    assert {"RandRotated", "RandZoomd", "RandGaussianNoised", "RandAdjustContrastd", "RandGaussianSmoothd",
+            "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond"} <= set(names)
+    assert names.count("RandAdjustContrastd") == 2  # gamma on the inverted and on the plain image
+
+
+@pytest.mark.parametrize("dims, patch, expected", [(2, (224, 192, 1), 180.0), (2, (256, 96, 1), 15.0),
+                                                   (3, (64, 64, 32), 30.0)])
+def test_rotation_range_follows_nnunet_unless_set(dims, patch, expected):
+    import dataclasses
+
+    from medseg.transforms import rotation_range_deg
+
+    assert rotation_range_deg(dims, patch, augmentation()) == expected
+    assert rotation_range_deg(dims, patch, dataclasses.replace(augmentation(), rotate_range_deg=10.0)) == 10.0
 
 
 def test_foreground_select_excludes_air():

@@ -170,7 +170,8 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
                               f"planned batch size ({batch} patches per step, plans.json or params plan.batch_size)")
     on_device = device.type == "cuda" and bool(train.augment_on_device)
     cached, random = train_transforms(plan.spatial_dims, plan.patch_size, per_volume, num_classes,
-                                      train.augmentation, device=device if on_device else None)
+                                      train.augmentation, device=device if on_device else None,
+                                      foreground_fraction=train.foreground_fraction)
 
     needed = estimate_cache_bytes(files, plan.patch_size, num_classes)
     available = available_ram_bytes()

@@ -71,8 +71,10 @@ class PreprocessParams:
 @dataclass(frozen=True)
 class ModelParams:
     name: Literal["unet", "attention_unet", "dynunet"]
-    channels: tuple[int, ...]
-    strides: tuple[int, ...]
+    channels: tuple[int, ...] | None
+    strides: tuple[int, ...] | None
+    base_channels: int
+    max_channels: int
     num_res_units: int
     norm: Literal["instance", "batch"]
     dropout: float
@@ -82,21 +84,28 @@ class ModelParams:
 @dataclass(frozen=True)
 class AugmentationParams:
     rotate_prob: float
-    rotate_range_deg: float
+    rotate_range_deg: float | None
     scale_prob: float
-    scale_range: float
+    scale_range: tuple[float, float]
     flip_prob: float
     noise_prob: float
-    gamma_prob: float
+    blur_prob: float
+    brightness_prob: float
     contrast_prob: float
+    lowres_prob: float
+    inverted_gamma_prob: float
+    gamma_prob: float
 
 
 @dataclass(frozen=True)
 class TrainParams:
     fold: int | Literal["all"]
     samples_per_volume: int
+    foreground_fraction: float
     steps_per_epoch: int
     max_epochs: int
+    time_budget_minutes: float | None
+    final_model: bool
     optimizer: Literal["adamw", "sgd"]
     learning_rate: float
     weight_decay: float
@@ -121,7 +130,7 @@ class EvaluateParams:
     sw_batch_size: int
     overlay_cases: int
     tta: bool
-    largest_component: bool
+    largest_component: bool | Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -247,7 +256,10 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
 
 
 def _check_consistency(p: Params) -> None:
-    if len(p.model.strides) != len(p.model.channels) - 1:
+    if p.model.channels is None and p.model.strides is not None:
+        raise ParamsError("params key 'model.strides' must be null when 'model.channels' is null (planned)")
+    if p.model.channels is not None and p.model.strides is not None \
+            and len(p.model.strides) != len(p.model.channels) - 1:
         raise ParamsError(
             f"params key 'model.strides' must have one entry fewer than 'model.channels' "
             f"({len(p.model.channels)} channels, {len(p.model.strides)} strides)"
@@ -261,6 +273,13 @@ def _check_consistency(p: Params) -> None:
     if p.train.fold != "all" and not 0 <= p.train.fold < p.preprocess.folds:
         raise ParamsError(f"params key 'train.fold' must be in 0..{p.preprocess.folds - 1} or 'all', "
                           f"got {p.train.fold}")
+    if p.train.time_budget_minutes is not None and p.train.time_budget_minutes <= 0:
+        raise ParamsError("params key 'train.time_budget_minutes' must be positive (or null: use max_epochs)")
+    if not 0.0 <= p.train.foreground_fraction <= 1.0:
+        raise ParamsError("params key 'train.foreground_fraction' must be between 0 and 1")
+    lo, hi = p.train.augmentation.scale_range
+    if not 0 < lo <= hi:
+        raise ParamsError("params key 'train.augmentation.scale_range' must be [min, max] with 0 < min <= max")
     if p.plan.memory_budget_mb <= 0:
         raise ParamsError("params key 'plan.memory_budget_mb' must be positive")
 

@@ -7,6 +7,9 @@ Rules after nnU-Net's experiment planner, kept few and explicit:
 - patch size: the median resampled shape, shrunk on its relatively largest axis until one training step with at
   least two patches fits ``plan.memory_budget_mb``, rounded to what the network's downsampling needs;
 - batch size: as many patches as the budget holds, at least 2, at most what covers 5% of the data set's voxels;
+- network depth and width (``model.channels: null``): resolution levels until the median shape's smallest axis is
+  down to ``MIN_FEATURE_MAP``-``2 * MIN_FEATURE_MAP`` voxels (at most ``MAX_LEVELS``), ``model.base_channels`` filters
+  at full resolution, doubling per level up to ``model.max_channels`` (nnU-Net: 32, up to 512 in 2D and 320 in 3D);
 - DynUNet topology (per-axis strides and kernels): an axis is downsampled only while it is at most twice as coarse as
   the finest axis and its feature map stays at least 4 voxels; kernels are 1 on axes still much coarser than that;
 - normalisation per modality: CT is clipped to the 0.5-99.5 foreground percentiles and z-scored with the foreground
@@ -29,13 +32,14 @@ from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
 from medseg.params import Params
 
-__all__ = ["Plan", "run", "make_plan", "read_plan", "dynunet_topology", "estimate_step_mb", "PLANS_NAME"]
+__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "dynunet_topology", "estimate_step_mb", "PLANS_NAME"]
 
 log = logging.getLogger(__name__)
 
 PLANS_NAME = "plans.json"
 ANISOTROPY_RATIO = 4.0  # thicker than this many times the in-plane spacing: 2D (ACDC ~6.5, MSD pancreas ~3.1)
 MIN_FEATURE_MAP = 4
+MAX_LEVELS = 7
 MIN_BATCH = 2
 MAX_BATCH_FRACTION = 0.05  # of the data set's voxels in one batch (nnU-Net)
 # Bytes one voxel of one feature channel costs in a training step: the activations kept for the backward pass
@@ -54,21 +58,44 @@ class Plan:
     normalization: dict[str, dict[str, Any]]
     median_shape: tuple[int, int, int]
     estimated_step_mb: float
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
     overridden: tuple[str, ...] = ()
 
     def network_spec(self, model: dict[str, Any]) -> dict[str, Any]:
         """The network spec ``medseg.networks.build_network`` takes: the ``model`` params section, completed by the
-        plan (dimensions; per-axis strides and kernel sizes for DynUNet)."""
-        spec = {key: model[key] for key in ("name", "channels", "num_res_units", "norm", "dropout",
-                                            "deep_supervision")}
+        plan (dimensions, channels per level; strides; per-axis strides and kernel sizes for DynUNet)."""
+        spec = {key: model[key] for key in ("name", "num_res_units", "norm", "dropout", "deep_supervision")}
         spec["spatial_dims"] = self.spatial_dims
-        spec["channels"] = list(spec["channels"])
+        spec["channels"] = list(self.channels)
         if model["name"] == "dynunet":
             spec["strides"], spec["kernel_sizes"] = dynunet_topology(
-                self.target_spacing[: self.spatial_dims], self.patch_size[: self.spatial_dims], len(model["channels"]))
+                self.target_spacing[: self.spatial_dims], self.patch_size[: self.spatial_dims], len(self.channels))
         else:
-            spec["strides"], spec["kernel_sizes"] = list(model["strides"]), None
+            spec["strides"], spec["kernel_sizes"] = list(self.strides), None
         return spec
+
+
+def plan_network(model: dict[str, Any], spatial_dims: int, median_shape) -> dict[str, Any]:
+    """The ``model`` params section with ``channels`` and ``strides`` filled in where they are null.
+
+    Depth: one level more for each halving that leaves the median shape's smallest axis at least ``MIN_FEATURE_MAP``
+    voxels, at most ``MAX_LEVELS`` levels (at least 3). Width: ``base_channels``, doubled per level, capped at
+    ``max_channels``. Strides default to 2 between levels.
+    """
+    model = dict(model)
+    if model["channels"] is None:
+        smallest = min(max(1, int(s)) for s in median_shape[:spatial_dims])
+        levels = 1
+        while levels < MAX_LEVELS and smallest / 2 ** levels >= MIN_FEATURE_MAP:
+            levels += 1
+        levels = max(levels, 3)
+        model["channels"] = [min(model["base_channels"] * 2 ** k, model["max_channels"]) for k in range(levels)]
+        model["strides"] = None
+    if model["strides"] is None:
+        model["strides"] = [2] * (len(model["channels"]) - 1)
+    model["channels"], model["strides"] = list(model["channels"]), list(model["strides"])
+    return model
 
 
 def dynunet_topology(spacing, patch_size, levels: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -157,6 +184,7 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     spatial_dims = overrides.spatial_dims or (2 if anisotropic else 3)
     resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
     median_shape = tuple(int(round(s)) for s in np.median(resampled, axis=0))
+    model = plan_network(model, spatial_dims, median_shape)
     if overrides.patch_size is not None:
         patch = list(overrides.patch_size)
     else:
@@ -183,7 +211,8 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
                        if getattr(overrides, k) is not None)
     return Plan(spatial_dims=spatial_dims, target_spacing=target, patch_size=tuple(int(p) for p in patch),
                 batch_size=batch, normalization=_normalization(fingerprint, overrides.ct_clip),
-                median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1), overridden=overridden)
+                median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1),
+                channels=tuple(model["channels"]), strides=tuple(model["strides"]), overridden=overridden)
 
 
 def read_plan(folder: str | Path) -> Plan:
@@ -195,7 +224,8 @@ def read_plan(folder: str | Path) -> Plan:
     return Plan(spatial_dims=int(raw["spatial_dims"]), target_spacing=tuple(raw["target_spacing"]),
                 patch_size=tuple(raw["patch_size"]), batch_size=int(raw["batch_size"]),
                 normalization=raw["normalization"], median_shape=tuple(raw["median_shape"]),
-                estimated_step_mb=float(raw["estimated_step_mb"]), overridden=tuple(raw["overridden"]))
+                estimated_step_mb=float(raw["estimated_step_mb"]), channels=tuple(raw["channels"]),
+                strides=tuple(raw["strides"]), overridden=tuple(raw["overridden"]))
 
 
 def run(params: Params) -> dict:
@@ -210,7 +240,8 @@ def run(params: Params) -> dict:
         write_json(out / FINGERPRINT_NAME, prints)
         write_json(out / PLANS_NAME, {**asdict(plan), "network": plan.network_spec(params.section("model")),
                                       "memory_budget_mb": params.plan.memory_budget_mb})
-    log.info("plan: %dD, spacing %s, patch %s, batch %d (~%.0f MB per step)", plan.spatial_dims,
-             plan.target_spacing, plan.patch_size, plan.batch_size, plan.estimated_step_mb)
+    log.info("plan: %dD, spacing %s, patch %s, batch %d, channels %s (~%.0f MB per step)", plan.spatial_dims,
+             plan.target_spacing, plan.patch_size, plan.batch_size, list(plan.channels), plan.estimated_step_mb)
     return {"spatial_dims": plan.spatial_dims, "target_spacing": list(plan.target_spacing),
-            "patch_size": list(plan.patch_size), "batch_size": plan.batch_size, "overridden": list(plan.overridden)}
+            "patch_size": list(plan.patch_size), "batch_size": plan.batch_size, "channels": list(plan.channels),
+            "overridden": list(plan.overridden)}

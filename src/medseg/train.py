@@ -1,9 +1,20 @@
 """Train stage: the planned network on one fold (or every fold in turn), tracked in MLflow, resumable exactly.
 
-For each fold ``k`` (``train.fold``: an int, or ``all``) this writes ``<paths.model>/fold_<k>/`` (``model.pt``,
-``inference_config.json``, ``run.json``, ``history.csv``) and ``<paths.checkpoints>/fold_<k>/last.pt``. The model
+For each cross-validation fold ``k`` (``train.fold``: an int, or ``all`` for every fold) and, with
+``train.final_model``, for the model trained on every labelled case (``fold_all``, the one that serves), this writes
+the model folder :mod:`medseg.model_folder` describes and ``<paths.checkpoints>/fold_<k>/last.pt``. The model
 folder is swapped in whole at the end, so an interrupted stage leaves none half-written. Each fold is its own MLflow
-run (``<model>-fold<k>``, tagged ``fold`` and ``cv_group``), with the best-validation network logged as a model.
+run (``<model>-fold<k>``, tagged ``fold`` and ``cv_group``), with its final network logged as a model.
+
+As nnU-Net, the weights kept are the last epoch's, never the epoch that scored best on the held-out patients (that
+choice would leak them into the cross-validation estimate). With ``train.time_budget_minutes`` the number of epochs
+is fitted to the wall-clock budget while training runs (measured epoch and validation times), and the polynomial
+learning-rate decay follows the fitted length, so it reaches zero when the budget ends on any machine.
+
+The final validation of each cross-validation fold scores its held-out cases with and without keeping each class's
+largest connected component; ``evaluate.largest_component: auto`` keeps it for the classes where that improves the
+pooled cross-validation Dice (nnU-Net's ``determine_postprocessing``) and writes the decision into every fold's
+inference config and ``postprocessing.json``.
 
 The checkpoint, written atomically after every epoch, holds everything the next epoch depends on: weights, optimiser,
 scheduler, AMP scaler, every rank's torch/NumPy/Python/CUDA RNG and loader states, history and the MLflow run id.
@@ -21,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -30,25 +42,27 @@ import numpy as np
 import torch
 
 from medseg.atomic import atomic_dir, atomic_path, write_json
+from medseg.model_folder import ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POSTPROCESSING_NAME, RUN_NAME, fold_name
 from medseg.params import Params
 
-__all__ = ["run", "data_lists", "train_epoch", "validate", "inference_config", "amp_settings", "CHECKPOINT_NAME",
-           "MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME"]
+__all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
+           "fit_epochs", "poly_lr", "decide_postprocessing", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
-MODEL_NAME = "model.pt"
-CONFIG_NAME = "inference_config.json"
-RUN_NAME = "run.json"
-HISTORY_NAME = "history.csv"
 # The modules whose code shapes the weights (the train stage's code deps in dvc.yaml): a checkpoint made with other
 # versions of them is not resumed.
-TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py")
+TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py",
+                 "model_folder.py")
+# nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
+POLY_POWER = 0.9
+# With a time budget, the fitted number of epochs may grow only during this many first epochs.
+REFIT_FREELY_EPOCHS = 3
 
 
 def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: str, params: Params,
-                     fold: int) -> dict[str, Any]:
+                     fold: int | str, largest_component: list[int] | bool) -> dict[str, Any]:
     """Everything ``medseg predict`` needs to rebuild the network and its preprocessing."""
     return {
         "network": spec,
@@ -60,21 +74,26 @@ def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: st
         "normalization": plan.normalization,
         "patch_size": [int(s) for s in plan.patch_size],
         "tta": params.evaluate.tta,
-        "largest_component": params.evaluate.largest_component,
+        "largest_component": largest_component,  # classes, or true/false for all of them
         "fold": fold,
     }
 
 
 def data_lists(params: Params, fold: int | None = None) -> tuple[list[dict], list[dict], Any]:
-    """Training and validation ``{"image", "label", "case_id"}`` dicts of ``fold`` (default ``train.fold``)."""
+    """Training and validation ``{"image", "label", "case_id"}`` dicts of ``fold`` (default ``train.fold``).
+
+    ``fold`` is a cross-validation fold number, or :data:`medseg.model_folder.ALL` for the all-data model: every
+    labelled case to train on and none to validate on.
+    """
     from medseg.errors import StageInputError
     from medseg.preprocess import read_dataset, read_splits
 
     fold = params.train.fold if fold is None else fold
-    if fold == "all":
-        raise ValueError("data_lists needs one fold; train.fold is 'all'")
     dataset = read_dataset(params.paths.preprocessed)
-    split = read_splits(params.paths.preprocessed, int(fold))
+    if fold == ALL:
+        split = {"train": sorted(c.case_id for c in dataset.cases), "val": []}
+    else:
+        split = read_splits(params.paths.preprocessed, int(fold))
     by_id = {c.case_id: c for c in dataset.cases}
 
     def files(ids: list[str]) -> list[dict]:
@@ -82,7 +101,7 @@ def data_lists(params: Params, fold: int | None = None) -> tuple[list[dict], lis
                  "case_id": i} for i in ids]
 
     train_files, val_files = files(split["train"]), files(split["val"])
-    if not train_files or not val_files:
+    if not train_files or (not val_files and fold != ALL):
         raise StageInputError(f"fold {fold} of {params.paths.preprocessed}/splits.json has {len(train_files)} "
                               f"training and {len(val_files)} validation cases; both must be non-empty")
     return train_files, val_files, dataset
@@ -135,33 +154,93 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, devi
     return {"loss": mean_loss, "steps": steps, "seconds": seconds, "data_wait_fraction": wait / seconds}
 
 
-def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device,
-             amp_dtype: torch.dtype | None = None, ctx: Any = None) -> np.ndarray:
-    """Mean Dice per foreground class, shape ``(num_classes - 1,)``, over the loader's ``(1, 1, X, Y, Z)`` volumes.
+def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device,
+                   amp_dtype: torch.dtype | None = None, ctx: Any = None,
+                   largest_component: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Dice per case and foreground class, ``(cases, num_classes - 1)``, over the loader's ``(1, 1, X, Y, Z)``
+    volumes (NaN where a class is absent from a case's ground truth); with ``largest_component`` also the same after
+    keeping each class's largest connected component (else None).
 
-    Under ``torchrun`` each rank scores its own share of the volumes (``loader`` may then be empty) and the per-case
-    scores of all ranks are pooled; classes absent from a case's ground truth do not count for that case.
+    Under ``torchrun`` each rank scores its own share of the volumes (``loader`` may then be empty) and the rows of
+    all ranks are pooled.
     """
-    import warnings
-
     from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
     from medseg import distributed as dd
+    from medseg.inference import keep_largest_component
 
-    rows = []
+    def dice(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
+        return compute_dice(one_hot(pred, num_classes), one_hot(label.long(), num_classes), include_background=False,
+                            ignore_empty=True).numpy()
+
+    raw, post = [], []
     net.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for batch in loader:
             logits = inferer(batch["image"].to(device), net)
-            pred = one_hot(logits.argmax(1, keepdim=True).cpu(), num_classes)
-            rows.append(compute_dice(pred, one_hot(batch["label"].long(), num_classes), include_background=False,
-                                     ignore_empty=True).numpy())
+            pred = logits.argmax(1, keepdim=True).cpu()
+            raw.append(dice(pred, batch["label"]))
+            if largest_component:
+                post.append(dice(keep_largest_component(pred[0], range(1, num_classes))[None], batch["label"]))
     if ctx is not None:
-        rows = [row for rank_rows in dd.all_gather(rows, ctx) for row in rank_rows]
+        raw = [row for rank_rows in dd.all_gather(raw, ctx) for row in rank_rows]
+        post = [row for rank_rows in dd.all_gather(post, ctx) for row in rank_rows]
+    empty = np.zeros((0, num_classes - 1))
+    stack = lambda rows: np.concatenate(rows) if rows else empty  # noqa: E731
+    return stack(raw), stack(post) if largest_component else None
+
+
+def _nanmean(rows: np.ndarray) -> np.ndarray:
+    import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case: NaN, as DiceMetric
-        return np.nanmean(np.concatenate(rows), axis=0)
+        return np.nanmean(rows, axis=0)
+
+
+def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device,
+             amp_dtype: torch.dtype | None = None, ctx: Any = None) -> np.ndarray:
+    """Mean Dice per foreground class, shape ``(num_classes - 1,)``: :func:`validate_cases` averaged over cases
+    (classes absent from a case's ground truth do not count for that case)."""
+    rows, _ = validate_cases(net, loader, inferer, num_classes, device, amp_dtype, ctx)
+    return _nanmean(rows)
+
+
+def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, max_epochs: int, val_s: float = 0.0,
+               val_interval: int = 1) -> int:
+    """How many epochs in all fit a wall-clock budget, from the time the ``epochs_done`` epochs so far took.
+
+    ``elapsed_s`` covers those epochs whole (training steps, validation, checkpoints); ``val_s`` is the last
+    validation's time, added once more for the validation that closes the last epoch. At least the epochs done, at
+    most ``max_epochs``.
+    """
+    if epochs_done == 0:
+        return max_epochs
+    per_epoch = elapsed_s / epochs_done
+    remaining = budget_s - elapsed_s - (val_s if val_interval > 1 else 0.0)
+    return int(min(max_epochs, max(epochs_done, epochs_done + math.floor(remaining / per_epoch))))
+
+
+def poly_lr(base_lr: float, epoch: int, epochs: int) -> float:
+    """nnU-Net's polynomial decay: the learning rate of (0-based) ``epoch`` out of ``epochs``."""
+    return base_lr * max(0.0, 1.0 - epoch / max(epochs, 1)) ** POLY_POWER
+
+
+def decide_postprocessing(raw: np.ndarray, post: np.ndarray, labels: dict[int, str]) -> dict[str, Any]:
+    """nnU-Net's ``determine_postprocessing`` per class: keep the largest connected component of a class only where
+    that raises the class's mean cross-validation Dice (``raw``/``post``: per case and foreground class)."""
+    classes = sorted(labels)[1:]
+    without, with_ = _nanmean(raw), _nanmean(post)
+    keep = [c for c, a, b in zip(classes, without, with_) if np.isfinite(a) and np.isfinite(b) and b > a]
+    names = [labels[c] for c in classes]
+    return {"largest_component": keep, "cases": int(raw.shape[0]),
+            "dice_without": {n: _finite(v) for n, v in zip(names, without)},
+            "dice_with": {n: _finite(v) for n, v in zip(names, with_)}}
+
+
+def _finite(x: float) -> float | None:
+    return round(float(x), 4) if np.isfinite(x) else None
 
 
 def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = False) -> str:
@@ -199,27 +278,59 @@ def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def run(params: Params, resume: bool = False) -> dict:
-    """Train every fold ``train.fold`` names; returns ``{"model": paths.model, "folds": [per-fold summary]}``."""
+    """Train every fold ``train.fold`` names, then (``train.final_model``) the all-data model ``fold_all``.
+
+    Returns ``{"model": paths.model, "folds": [per-fold summary], "postprocessing": decision}``.
+    """
     from medseg import distributed as dd
     from medseg.plan import read_plan
+    from medseg.preprocess import read_dataset
     from medseg.tracking import data_version
 
     plan = read_plan(params.paths.plans)
     folds = params.train.folds(params.preprocess.folds)
+    labels = read_dataset(params.paths.preprocessed).labels
     version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
+    choice = params.evaluate.largest_component
     with dd.distributed(params.train.device) as ctx:
-        summaries = []
+        summaries, raw, post = [], [], []
         with atomic_dir(params.paths.model) if ctx.is_main else contextlib.nullcontext() as out:
             for fold in folds:
-                summaries.append(_train_fold(params, plan, version, fold, resume, ctx, out))
+                summary, final_val = _train_fold(params, plan, version, fold, resume, ctx, out, choice)
+                summaries.append(summary)
+                if final_val is not None:
+                    raw.append(np.asarray(final_val["raw"]))
+                    post.append(np.asarray(final_val["post"]))
+            if choice == "auto" and raw:
+                decision = decide_postprocessing(np.concatenate(raw), np.concatenate(post), labels)
+            else:
+                decision = {"largest_component": list(range(1, len(labels))) if choice is True else []}
+            decision["folds"] = [s["fold"] for s in summaries]
+            if ctx.is_main:
+                from medseg.model_folder import update_config
+
+                write_json(out / POSTPROCESSING_NAME, decision)
+                for fold in folds:
+                    update_config(out / fold_name(fold), largest_component=decision["largest_component"])
+                log.info("post-processing from cross-validation: largest component kept for classes %s (%s)",
+                         decision["largest_component"], decision)
+            if params.train.final_model:
+                summary, _ = _train_fold(params, plan, version, ALL, resume, ctx, out,
+                                         decision["largest_component"])
+                summaries.append(summary)
         if ctx.is_main:
-            log.info("model written to %s (%s)", params.paths.model, ", ".join(f"fold_{k}" for k in folds))
+            log.info("model written to %s (%s)", params.paths.model, ", ".join(fold_name(s["fold"]) for s in summaries))
         dd.barrier(ctx)  # the model folder is in place before any rank returns
-    return {"model": params.paths.model, "folds": summaries}
+    return {"model": params.paths.model, "folds": summaries, "postprocessing": decision}
 
 
-def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ctx, out: Path | None) -> dict:
-    """Train (or finish, or just re-export) one fold; every rank runs this, rank 0 writes into ``out``."""
+def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bool, ctx, out: Path | None,
+                largest_component: list[int] | bool | str) -> tuple[dict, dict | None]:
+    """Train (or finish, or just re-export) one fold; every rank runs this, rank 0 writes into ``out``.
+
+    Returns the fold's summary and, for a cross-validation fold, its final validation's per-case Dice without and
+    with the largest-component post-processing (``{"raw": rows, "post": rows}``).
+    """
     from monai.utils import set_determinism
 
     from medseg import distributed as dd
@@ -233,11 +344,11 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
     spec = plan.network_spec(p.section("model"))
     fingerprint = _digest(p, plan, version["data_md5"], fold, ctx.world_size, code=True)
     amp_dtype, use_scaler = amp_settings(t.amp, device)
+    budget_s = None if t.time_budget_minutes is None else 60.0 * t.time_budget_minutes
 
     set_determinism(seed=t.seed)
     net = build_network(spec, 1, num_classes).to(device)
     optimizer = _optimizer(t, net)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=t.max_epochs, power=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec)
     train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
@@ -246,9 +357,9 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
     val_loader = make_val_loader(val_share) if val_share else []
     inferer = build_inferer(plan.patch_size, spec["spatial_dims"], p.evaluate.sw_overlap, p.evaluate.sw_batch_size)
 
-    ckpt_path = Path(p.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME
-    state = {"epoch": 0, "best_dice": -1.0, "best_epoch": 0, "best_state": None, "history": [], "run_id": None,
-             "model_uri": None}
+    ckpt_path = Path(p.paths.checkpoints) / fold_name(fold) / CHECKPOINT_NAME
+    state = {"epoch": 0, "epochs": t.max_epochs, "elapsed_s": 0.0, "val_s": 0.0, "best_dice": -1.0,
+             "best_epoch": 0, "final_val": None, "history": [], "run_id": None, "model_uri": None}
     ckpt = None
     if resume and ctx.is_main and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -258,15 +369,14 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
         if ckpt.get("fingerprint") == fingerprint:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
             scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["ranks"][ctx.rank]["rng"], device)
             set_loader_random_state(train_loader, ckpt["ranks"][ctx.rank]["loader"])
             state = ckpt["state"]
-            log.info("fold %d: resuming from %s after epoch %d", fold, ckpt_path, state["epoch"])
+            log.info("%s: resuming from %s after epoch %d", fold_name(fold), ckpt_path, state["epoch"])
         else:
-            log.warning("fold %d: checkpoint %s was made with other params, plan, data, code or number of "
-                        "processes: starting afresh", fold, ckpt_path)
+            log.warning("%s: checkpoint %s was made with other params, plan, data, code or number of "
+                        "processes: starting afresh", fold_name(fold), ckpt_path)
 
     model = dd.wrap_ddp(net, ctx)
     if t.compile:
@@ -277,45 +387,64 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int, resume: bool, ct
         if ctx.is_main:
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "ranks": ranks,
-                            "state": state, "fingerprint": fingerprint}, tmp)
+                            "scaler": scaler.state_dict(), "ranks": ranks, "state": state,
+                            "fingerprint": fingerprint}, tmp)
 
     cv_group = f"{p.model.name}-cv-{_digest(p, plan, version['data_md5'])[:12]}"
     with _mlflow_run(p, state, fold, cv_group, version, ctx) if ctx.is_main else contextlib.nullcontext():
-        for epoch in range(state["epoch"], t.max_epochs):
+        while state["epoch"] < state["epochs"]:
+            epoch, started = state["epoch"], time.perf_counter()
+            lr = poly_lr(t.learning_rate, epoch, state["epochs"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             stats = train_epoch(model, train_loader, optimizer, scaler, loss_fn, device, amp_dtype)
-            scheduler.step()
-            record = {"epoch": epoch + 1, "train_loss": dd.mean_over_ranks(stats["loss"], ctx),
-                      "lr": scheduler.get_last_lr()[0],
+            record = {"epoch": epoch + 1, "train_loss": dd.mean_over_ranks(stats["loss"], ctx), "lr": lr,
                       "data_wait_fraction": dd.mean_over_ranks(stats["data_wait_fraction"], ctx),
                       "epoch_seconds": stats["seconds"]}
-            if (epoch + 1) % t.val_interval == 0 or epoch + 1 == t.max_epochs:
-                per_class = validate(net, val_loader, inferer, num_classes, device, amp_dtype, ctx)
+            if budget_s is not None:  # rank 0's clock decides, so every rank stops after the same epoch
+                elapsed = state["elapsed_s"] + time.perf_counter() - started
+                fitted = fit_epochs(budget_s, elapsed, epoch + 1, t.max_epochs, state["val_s"], t.val_interval)
+                # After the first epochs (start-up costs) the length only shrinks, so the rate only ever decays.
+                fitted = fitted if epoch + 1 <= REFIT_FREELY_EPOCHS else min(fitted, state["epochs"])
+                state["epochs"] = dd.broadcast(fitted, ctx)
+            last = epoch + 1 >= state["epochs"]
+            if val_files and ((epoch + 1) % t.val_interval == 0 or last):
+                val_started = time.perf_counter()
+                rows, post = validate_cases(net, val_loader, inferer, num_classes, device, amp_dtype, ctx,
+                                            largest_component=last)
+                per_class = _nanmean(rows)
                 record["val_dice"] = float(np.nanmean(per_class))
                 for label, dice in zip(sorted(dataset.labels)[1:], per_class):
                     record[f"val_dice_{dataset.labels[label]}"] = float(dice)
-                if record["val_dice"] > state["best_dice"]:  # the same decision on every rank
-                    state.update(best_dice=record["val_dice"], best_epoch=epoch + 1, best_state=None)
-                    if ctx.is_main:  # the only rank that writes the weights out
-                        state["best_state"] = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+                if record["val_dice"] > state["best_dice"]:  # reported; the weights kept are the last epoch's
+                    state.update(best_dice=record["val_dice"], best_epoch=epoch + 1)
+                if last:
+                    state["final_val"] = {"raw": rows.tolist(), "post": post.tolist()}
+                state["val_s"] = time.perf_counter() - val_started
             state["history"].append(record)
             state["epoch"] = epoch + 1
             save_checkpoint()
+            state["elapsed_s"] += time.perf_counter() - started
             if ctx.is_main:  # after the checkpoint: a resumed run re-logs only what never reached MLflow
                 _log_epoch(record)
                 dice = f"{record['val_dice']:.4f}" if "val_dice" in record else "-"
-                log.info("fold %d epoch %d/%d: loss %.4f, val Dice %s, data wait %.0f%%", fold, epoch + 1,
-                         t.max_epochs, record["train_loss"], dice, 100 * record["data_wait_fraction"])
+                log.info("%s epoch %d/%d: loss %.4f, lr %.2e, val Dice %s, data wait %.0f%%", fold_name(fold),
+                         epoch + 1, state["epochs"], record["train_loss"], lr, dice,
+                         100 * record["data_wait_fraction"])
         if log.isEnabledFor(logging.DEBUG):  # lets the torchrun test check that every rank ends with equal weights
-            log.debug("rank %d fold %d final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
+            log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
         if ctx.is_main:
-            config = inference_config(spec, plan, dataset.labels, _modality(dataset), p, fold)
-            _write_fold(out / f"fold_{fold}", net, state, config)
+            config = inference_config(spec, plan, dataset.labels, _modality(dataset), p, fold,
+                                      largest_component if largest_component != "auto" else True)
+            _write_fold(out / fold_name(fold), net, state, config)
         save_checkpoint()  # now carrying the logged model's URI, so a re-run does not log it twice
-    summary = {"fold": fold, "run_id": state["run_id"], "best_val_dice": round(state["best_dice"], 4),
-               "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+    final_dice = state["history"][-1].get("val_dice") if state["history"] else None
+    summary = {"fold": fold, "run_id": state["run_id"], "epochs": state["epoch"],
+               "final_val_dice": None if final_dice is None else round(final_dice, 4),
+               "best_val_dice": None if state["best_dice"] < 0 else round(state["best_dice"], 4),
+               "best_epoch": state["best_epoch"], "train_minutes": round(state["elapsed_s"] / 60, 2),
                "data_wait_fraction": round(float(np.mean([r["data_wait_fraction"] for r in state["history"]])), 4)}
-    return dd.broadcast(summary, ctx)
+    return dd.broadcast(summary, ctx), state["final_val"]
 
 
 def _modality(dataset) -> str:
@@ -324,7 +453,7 @@ def _modality(dataset) -> str:
 
 
 @contextlib.contextmanager
-def _mlflow_run(p: Params, state: dict, fold: int, cv_group: str, version: dict, ctx):
+def _mlflow_run(p: Params, state: dict, fold: int | str, cv_group: str, version: dict, ctx):
     """Start (or reopen, on resume) the fold's MLflow run; re-log epochs a kill kept from reaching it."""
     import mlflow
 
@@ -354,7 +483,7 @@ def _log_epoch(record: dict) -> None:
 
 
 def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> None:
-    """The fold's folder (best-validation weights) and, once per run, the logged MLflow model."""
+    """The fold's folder (the last epoch's weights) and, once per run, the logged MLflow model."""
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
@@ -362,7 +491,7 @@ def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> N
     from medseg.networks import build_network
 
     best = build_network(config["network"], config["in_channels"], config["out_channels"])
-    best.load_state_dict(state["best_state"] or {k: v.cpu() for k, v in net.state_dict().items()})
+    best.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
     best.eval()
     out.mkdir(parents=True)
     torch.save({"state_dict": best.state_dict(), "config": config}, out / MODEL_NAME)
@@ -385,9 +514,14 @@ def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> N
                                                           "numpy"])
         state["model_uri"] = info.model_uri
         mlflow.log_artifact(str(out / HISTORY_NAME))
-        mlflow.log_metrics({"best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"]})
+        final = {"epochs": state["epoch"], "train_minutes": state["elapsed_s"] / 60}
+        if state["best_dice"] >= 0:
+            final.update(best_val_dice=state["best_dice"], best_epoch=state["best_epoch"],
+                         final_val_dice=state["history"][-1].get("val_dice", float("nan")))
+        mlflow.log_metrics(final)
     write_json(out / RUN_NAME, {"run_id": state["run_id"], "model_uri": state["model_uri"], "fold": config["fold"],
                                 "best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"],
-                                "epochs": state["epoch"]})
-    log.info("fold %d: best validation Dice %.4f at epoch %d", config["fold"], state["best_dice"],
-             state["best_epoch"])
+                                "epochs": state["epoch"], "train_minutes": round(state["elapsed_s"] / 60, 3)})
+    log.info("%s: %d epochs in %.1f min; last validation Dice %s (best %.4f at epoch %d)", fold_name(config["fold"]),
+             state["epoch"], state["elapsed_s"] / 60, state["history"][-1].get("val_dice", "-"),
+             state["best_dice"], state["best_epoch"])

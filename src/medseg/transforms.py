@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-__all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "augmentation_transforms", "eval_transforms",
+__all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "augmentation_transforms", "rotation_range_deg",
+           "eval_transforms",
            "IMAGE", "LABEL", "MAX_INDICES_PER_CLASS"]
 
 IMAGE, LABEL = "image", "label"
@@ -94,14 +95,17 @@ def train_transforms(
     num_classes: int,
     augmentation: Any,
     device: torch.device | str | None = None,
+    foreground_fraction: float = 1.0,
 ) -> tuple[mt.Compose, mt.Compose]:
     """Training chain for preprocessed volumes, as two parts: the deterministic prefix a cache holds and the random
     rest that runs on every draw.
 
     The prefix loads the volume channel-first (image float32, label uint8, no meta data), pads it to the patch and
     lists up to ``MAX_INDICES_PER_CLASS`` voxel positions per class, so the crop does not scan the volume each time.
-    The random part moves the volume to ``device`` (when given), crops ``samples_per_volume`` patches centred on each
-    class in turn, then augments: rotation, scaling, flips per axis, Gaussian noise, gamma, contrast.
+    The random part moves the volume to ``device`` (when given) and crops ``samples_per_volume`` patches: with
+    probability ``foreground_fraction`` centred on a labelled (foreground) class, each class equally likely, else
+    anywhere in the volume (nnU-Net's foreground oversampling: a third of the patches). Then it augments
+    (:func:`augmentation_transforms`).
 
     Args:
         spatial_dims: 2 crops patches ``(H, W, 1)`` and squeezes the last axis; 3 keeps ``(X, Y, Z)``.
@@ -130,41 +134,78 @@ def train_transforms(
     random: list = []
     if device is not None:
         random.append(mt.EnsureTyped(keys, device=torch.device(device), track_meta=False))
-    random.append(mt.RandCropByLabelClassesd(
+    foreground = mt.RandCropByLabelClassesd(
         keys, label_key=LABEL, spatial_size=patch, num_classes=num_classes, num_samples=samples_per_volume,
-        indices_key=indices_key, warn=False,
-    ))
+        # background only as the fallback for a volume without any labelled voxel (MONAI divides by the ratios' sum)
+        indices_key=indices_key, ratios=[1e-9] + [1.0] * (num_classes - 1), warn=False,
+    )
+    anywhere = mt.RandSpatialCropSamplesd(keys, roi_size=patch, num_samples=samples_per_volume, random_size=False)
+    if foreground_fraction >= 1.0:
+        random.append(foreground)
+    elif foreground_fraction <= 0.0:
+        random.append(anywhere)
+    else:
+        random.append(mt.OneOf([foreground, anywhere], weights=[foreground_fraction, 1.0 - foreground_fraction]))
     random.append(mt.DeleteItemsd(indices_key))
     if spatial_dims == 2:
         random.append(mt.SqueezeDimd(keys, dim=-1))
-    random += augmentation_transforms(spatial_dims, augmentation)
+    random += augmentation_transforms(spatial_dims, augmentation, patch)
     random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
     return cached, mt.Compose(random)
 
 
-def augmentation_transforms(spatial_dims: int, a: Any) -> list:
-    """nnU-Net's augmentation families as MONAI transforms on channel-first patches, from
-    ``params.train.augmentation``; a probability of 0 leaves the transform out."""
+def rotation_range_deg(spatial_dims: int, patch_size: Sequence[int], a: Any) -> float:
+    """The largest rotation angle: ``rotate_range_deg``, or when null nnU-Net's rule: the full circle in-plane for
+    2D patches that are near square (longest side at most 1.5x the shortest), 15 degrees for other 2D patches,
+    30 degrees about each axis in 3D."""
+    if a.rotate_range_deg is not None:
+        return float(a.rotate_range_deg)
+    if spatial_dims == 3:
+        return 30.0
+    sides = [int(s) for s in patch_size[:2]]
+    return 180.0 if max(sides) <= 1.5 * min(sides) else 15.0
+
+
+def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int] = (1, 1, 1)) -> list:
+    """nnU-Net v2's default augmentation as MONAI transforms on channel-first patches, in nnU-Net's order, from
+    ``params.train.augmentation``; a probability of 0 leaves the transform out.
+
+    Rotation (see :func:`rotation_range_deg`) and scaling, Gaussian noise (variance up to 0.1), Gaussian blur
+    (sigma 0.5-1), multiplicative brightness (0.75-1.25), contrast (0.75-1.25, range kept), simulated low resolution
+    (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), mirroring per axis.
+    """
     keys = [IMAGE, LABEL]
     linear = "bilinear" if spatial_dims == 2 else "trilinear"
-    angle = math.radians(a.rotate_range_deg)
+    angle = math.radians(rotation_range_deg(spatial_dims, patch_size, a))
     chain: list = []
     if a.rotate_prob > 0:
         ranges = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
         chain.append(mt.RandRotated(keys, prob=a.rotate_prob, mode=["bilinear", "nearest"], padding_mode="zeros",
                                     keep_size=True, **ranges))
     if a.scale_prob > 0:
-        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=1 - a.scale_range, max_zoom=1 + a.scale_range,
-                                  mode=[linear, "nearest"], padding_mode="constant", keep_size=True))
-    if a.flip_prob > 0:
-        chain += [mt.RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+        lo, hi = a.scale_range
+        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=lo, max_zoom=hi, mode=[linear, "nearest"],
+                                  padding_mode="constant", keep_size=True))
     if a.noise_prob > 0:
-        chain.append(mt.RandGaussianNoised(IMAGE, prob=a.noise_prob, std=0.1))
-    if a.gamma_prob > 0:
-        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5)))
+        chain.append(mt.RandGaussianNoised(IMAGE, prob=a.noise_prob, std=math.sqrt(0.1)))
+    if a.blur_prob > 0:
+        sigma = {f"sigma_{axis}": (0.5, 1.0) for axis in "xyz"[:spatial_dims]}
+        chain.append(mt.RandGaussianSmoothd(IMAGE, prob=a.blur_prob, **sigma))
+    if a.brightness_prob > 0:
+        chain.append(mt.RandScaleIntensityd(IMAGE, prob=a.brightness_prob, factors=0.25))
     if a.contrast_prob > 0:
         # nnU-Net's contrast: scale about the mean, clipped to the patch's original range.
         chain.append(mt.RandScaleIntensityFixedMeand(IMAGE, prob=a.contrast_prob, factors=0.25, preserve_range=True))
+    if a.lowres_prob > 0:
+        chain.append(mt.RandSimulateLowResolutiond(IMAGE, prob=a.lowres_prob, zoom_range=(0.5, 1.0),
+                                                    upsample_mode=linear))
+    if a.inverted_gamma_prob > 0:
+        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.inverted_gamma_prob, gamma=(0.7, 1.5), invert_image=True,
+                                            retain_stats=True))
+    if a.gamma_prob > 0:
+        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5), retain_stats=True))
+    if a.flip_prob > 0:
+        chain += [mt.RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
     return chain
 
 
