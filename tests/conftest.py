@@ -70,7 +70,8 @@ def tiny_params(tmp_path: Path, **overrides) -> Params:
     raw["preprocess"].update(folds=3)
     raw["plan"].update(spatial_dims=2, patch_size=[48, 48, 1], batch_size=4)
     raw["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    raw["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=2, val_interval=1)
+    raw["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=2, val_interval=1, time_budget_minutes=None,
+                        final_model=False)
     raw["mlflow"].update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"))
     for section, values in overrides.items():
         raw[section].update(values)

@@ -69,7 +69,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tiny_ingested, params_for, tmp_p
                          if p.is_file())
     assert checkpoints == [Path("fold_0") / CHECKPOINT_NAME]
     model_dir = Path(params.paths.model)
-    assert sorted(p.name for p in model_dir.iterdir()) == ["fold_0"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["fold_0", "postprocessing.json"]
     assert sorted(p.name for p in (model_dir / "fold_0").iterdir()) == sorted(
         [MODEL_NAME, CONFIG_NAME, RUN_NAME, HISTORY_NAME])
     assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(f".{model_dir.name}")]

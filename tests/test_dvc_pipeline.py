@@ -34,7 +34,7 @@ def project(tmp_path) -> Path:
     params["preprocess"].update(folds=2)
     params["plan"].update(target_spacing=[3.0, 3.0, 8.0], spatial_dims=2, patch_size=[48, 48, 1], batch_size=4)
     params["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)
-    params["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=1)
+    params["train"].update(samples_per_volume=2, steps_per_epoch=2, max_epochs=1, time_budget_minutes=None)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init", cwd=root)
@@ -53,7 +53,8 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
     assert (project / "mlflow.db").is_file()
     assert list((project / "data/evaluation/plots").glob("overlay_*.png"))
     registry = yaml.safe_load((project / "data/registry.json").read_text())
-    assert registry["alias"] == "champion"
+    assert registry["alias"] == "champion" and registry["fold"] == "all"  # the all-data model serves
+    assert (project / "data/model/fold_all/model.pt").is_file() and (project / "data/model/fold_0").is_dir()
 
     second = sh("dvc", "repro", cwd=project)
     assert "Running stage" not in second

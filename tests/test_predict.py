@@ -126,9 +126,9 @@ def test_tta_and_largest_component_default_to_the_model_config(tmp_path):
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
     summary = predict.run(str(model), path, tmp_path / "a")
-    assert (summary["tta"], summary["largest_component"]) == (True, True)
+    assert (summary["tta"], summary["largest_component"]) == (True, [1, 2, 3])
     summary = predict.run(str(model), path, tmp_path / "b", tta=False, largest_component=False)
-    assert (summary["tta"], summary["largest_component"]) == (False, False)
+    assert (summary["tta"], summary["largest_component"]) == (False, [])
     from scipy import ndimage
 
     labels = np.asarray(nib.load(str(tmp_path / "a" / "case.nii.gz")).dataobj)

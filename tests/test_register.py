@@ -62,3 +62,24 @@ def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
     pyfunc = mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
     out = pyfunc.predict(np.random.rand(2, 1, 64, 96).astype(np.float32))
     assert np.asarray(out).shape == (2, 4, 64, 96)
+
+
+def test_the_all_data_model_is_registered_with_the_folds_that_estimated_it(tiny_ingested, params_for):
+    from medseg import train
+    from tests.conftest import planned_and_preprocessed
+
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},
+                                                 train={"max_epochs": 1, "fold": "all", "final_model": True}))
+    trained = train.run(params)["folds"]
+    metrics = evaluate.run(params)
+    assert sorted(metrics["folds"]) == ["0", "1", "2"]  # the all-data model has no held-out cases to score
+    summary = register.run(params)
+    assert [v["fold"] for v in summary["versions"]] == ["all"]
+    assert summary["run_id"] == trained[-1]["run_id"] and summary["heldout_dice_mean"] == metrics["dice_mean"]
+    client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    version = client.get_model_version_by_alias(params.register.model_name, "champion")
+    assert version.tags["fold"] == "all" and version.tags["estimated_by_folds"] == "0,1,2"
+    assert version.tags["estimated_by_runs"] == ",".join(f["run_id"] for f in trained[:3])
+    assert version.tags["cv_cases"] == "6"
+    assert version.tags["largest_component_classes"] == ",".join(
+        map(str, read_json(f"{params.paths.model}/postprocessing.json")["largest_component"]))

@@ -240,19 +240,22 @@ def test_final_model_trains_on_every_case_after_the_folds_and_serves(tiny_ingest
     assert mlflow.get_run(final["run_id"]).data.tags["fold"] == "all"
 
 
-def test_time_budget_fits_the_epochs_and_the_schedule_ends_at_zero(tiny_ingested, params_for):
+def test_time_budget_stops_training_and_decays_the_rate_with_the_clock(tiny_ingested, params_for):
+    """Stopped by the budget, not by max_epochs; the rate falls with the share of the budget spent. (Loose on
+    purpose: the machine's load decides how many epochs fit; the arithmetic is tested exactly below.)"""
     params = planned_and_preprocessed(params_for(
-        paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1000, "time_budget_minutes": 0.15,
-                                                       "val_interval": 1000}))
-    started = time.perf_counter()
+        paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 100000, "time_budget_minutes": 0.1,
+                                                       "steps_per_epoch": 1, "val_interval": 100000}))
     fold = train.run(params)["folds"][0]
-    seconds = time.perf_counter() - started
-    assert 1 < fold["epochs"] < 1000
-    assert fold["train_minutes"] <= 0.15 * 1.5 and seconds < 60
+    assert 1 <= fold["epochs"] < 100000
+    ckpt = checkpoint(params)
+    assert ckpt["state"]["epochs"] == fold["epochs"] and ckpt["state"]["elapsed_s"] > 0
     with (Path(params.paths.model) / "fold_0" / HISTORY_NAME).open() as fh:
         lrs = [float(r["lr"]) for r in csv.DictReader(fh)]
     assert len(lrs) == fold["epochs"] and lrs[0] == params.train.learning_rate
-    assert lrs[-1] < 0.2 * lrs[0] and all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays to (nearly) zero
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    # each epoch's rate is the schedule at the share of the budget spent before it
+    assert lrs[-1] < lrs[0] or len(lrs) == 1
 
 
 @pytest.mark.parametrize("elapsed, done, val_s, expected", [
@@ -266,10 +269,14 @@ def test_fit_epochs(elapsed, done, val_s, expected):
     assert train.fit_epochs(600.0, elapsed, done, 200, val_s, val_interval=10) == expected
 
 
-def test_poly_lr_is_nnunets_schedule():
-    assert train.poly_lr(0.01, 0, 100) == 0.01
-    assert train.poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert train.poly_lr(0.01, 100, 100) == 0.0
+def test_poly_lr_is_nnunets_schedule_over_epochs_or_over_the_budget():
+    assert train.poly_lr(0.01, train.training_progress(0, 100)) == 0.01
+    assert train.poly_lr(0.01, train.training_progress(50, 100)) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert train.poly_lr(0.01, train.training_progress(100, 100)) == 0.0
+    # with a budget: the share of it spent, unless max_epochs is nearer
+    assert train.training_progress(10, 1000, elapsed_s=150.0, budget_s=600.0) == 0.25
+    assert train.training_progress(900, 1000, elapsed_s=150.0, budget_s=600.0) == 0.9
+    assert train.training_progress(10, 1000, elapsed_s=700.0, budget_s=600.0) == 1.0
 
 
 def test_postprocessing_is_kept_only_for_classes_it_improves():

@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
     from mlflow.exceptions import MlflowException
 
     from medseg.evaluate import METRICS_NAME
-    from medseg.model_folder import ALL, RUN_NAME, fold_dir
+    from medseg.model_folder import ALL, RUN_NAME, fold_dir, read_postprocessing
     from medseg.tracking import configure_mlflow
 
     p = params
@@ -84,7 +84,9 @@ def run(params: Params) -> dict:
         folds = sorted(metrics["folds"], key=int)
         tags = {"estimated_by_folds": ",".join(folds), "cv_cases": str(metrics["cases"]),
                 "estimated_by_runs": ",".join(metrics["folds"][f]["run_id"] for f in folds),
-                "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases"}
+                "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
+                "largest_component_classes": ",".join(map(str, (read_postprocessing(p.paths.model) or {}).get(
+                    "largest_component", [])))}
         versions.append(_register_version(client, name, read_json(final), float(metrics["dice_mean"]), ALL, tags))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
         run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)

@@ -7,9 +7,11 @@ folder is swapped in whole at the end, so an interrupted stage leaves none half-
 run (``<model>-fold<k>``, tagged ``fold`` and ``cv_group``), with its final network logged as a model.
 
 As nnU-Net, the weights kept are the last epoch's, never the epoch that scored best on the held-out patients (that
-choice would leak them into the cross-validation estimate). With ``train.time_budget_minutes`` the number of epochs
-is fitted to the wall-clock budget while training runs (measured epoch and validation times), and the polynomial
-learning-rate decay follows the fitted length, so it reaches zero when the budget ends on any machine.
+choice would leak them into the cross-validation estimate). With ``train.time_budget_minutes`` training stops at
+the last epoch that fits the wall-clock budget (measured epoch and validation times, refitted after every epoch)
+and nnU-Net's polynomial learning-rate decay runs on the share of the budget spent, so it reaches (nearly) zero
+when the budget ends on any machine, however its load changes. The budget counts the epochs (steps, validation,
+checkpoints), not the start-up (building the cache).
 
 The final validation of each cross-validation fold scores its held-out cases with and without keeping each class's
 largest connected component; ``evaluate.largest_component: auto`` keeps it for the classes where that improves the
@@ -46,7 +48,7 @@ from medseg.model_folder import ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POST
 from medseg.params import Params
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
-           "fit_epochs", "poly_lr", "decide_postprocessing", "CHECKPOINT_NAME"]
+           "fit_epochs", "training_progress", "poly_lr", "decide_postprocessing", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py
                  "model_folder.py")
 # nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
 POLY_POWER = 0.9
-# With a time budget, the fitted number of epochs may grow only during this many first epochs.
-REFIT_FREELY_EPOCHS = 3
 
 
 def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: str, params: Params,
@@ -222,9 +222,18 @@ def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, max_epochs: 
     return int(min(max_epochs, max(epochs_done, epochs_done + math.floor(remaining / per_epoch))))
 
 
-def poly_lr(base_lr: float, epoch: int, epochs: int) -> float:
-    """nnU-Net's polynomial decay: the learning rate of (0-based) ``epoch`` out of ``epochs``."""
-    return base_lr * max(0.0, 1.0 - epoch / max(epochs, 1)) ** POLY_POWER
+def training_progress(epoch: int, max_epochs: int, elapsed_s: float = 0.0, budget_s: float | None = None) -> float:
+    """Share of the training done before (0-based) ``epoch``: of ``max_epochs``, or with a time budget of the budget
+    spent, whichever is further along (in ``[0, 1]``)."""
+    done = epoch / max(max_epochs, 1)
+    if budget_s is not None:
+        done = max(done, elapsed_s / budget_s)
+    return min(1.0, done)
+
+
+def poly_lr(base_lr: float, progress: float) -> float:
+    """nnU-Net's polynomial decay at ``progress`` (0 to 1, see :func:`training_progress`)."""
+    return base_lr * max(0.0, 1.0 - progress) ** POLY_POWER
 
 
 def decide_postprocessing(raw: np.ndarray, post: np.ndarray, labels: dict[int, str]) -> dict[str, Any]:
@@ -305,7 +314,7 @@ def run(params: Params, resume: bool = False) -> dict:
                 decision = decide_postprocessing(np.concatenate(raw), np.concatenate(post), labels)
             else:
                 decision = {"largest_component": list(range(1, len(labels))) if choice is True else []}
-            decision["folds"] = [s["fold"] for s in summaries]
+            decision["cv_folds"] = [s["fold"] for s in summaries]
             if ctx.is_main:
                 from medseg.model_folder import update_config
 
@@ -394,7 +403,8 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     with _mlflow_run(p, state, fold, cv_group, version, ctx) if ctx.is_main else contextlib.nullcontext():
         while state["epoch"] < state["epochs"]:
             epoch, started = state["epoch"], time.perf_counter()
-            lr = poly_lr(t.learning_rate, epoch, state["epochs"])
+            # With a budget the decay follows the clock, so it ends with the budget whatever the machine's load.
+            lr = poly_lr(t.learning_rate, training_progress(epoch, t.max_epochs, state["elapsed_s"], budget_s))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             stats = train_epoch(model, train_loader, optimizer, scaler, loss_fn, device, amp_dtype)
@@ -404,8 +414,6 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             if budget_s is not None:  # rank 0's clock decides, so every rank stops after the same epoch
                 elapsed = state["elapsed_s"] + time.perf_counter() - started
                 fitted = fit_epochs(budget_s, elapsed, epoch + 1, t.max_epochs, state["val_s"], t.val_interval)
-                # After the first epochs (start-up costs) the length only shrinks, so the rate only ever decays.
-                fitted = fitted if epoch + 1 <= REFIT_FREELY_EPOCHS else min(fitted, state["epochs"])
                 state["epochs"] = dd.broadcast(fitted, ctx)
             last = epoch + 1 >= state["epochs"]
             if val_files and ((epoch + 1) % t.val_interval == 0 or last):
@@ -424,7 +432,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             state["history"].append(record)
             state["epoch"] = epoch + 1
             save_checkpoint()
-            state["elapsed_s"] += time.perf_counter() - started
+            state["elapsed_s"] = dd.broadcast(state["elapsed_s"] + time.perf_counter() - started, ctx)
             if ctx.is_main:  # after the checkpoint: a resumed run re-logs only what never reached MLflow
                 _log_epoch(record)
                 dice = f"{record['val_dice']:.4f}" if "val_dice" in record else "-"
