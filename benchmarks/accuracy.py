@@ -1,0 +1,446 @@
+"""Accuracy yardstick: medseg's real stages against a MONAI tutorial-style loop, by patient-level cross-validation.
+
+Run by hand: ``python benchmarks/accuracy.py --quick`` (3 folds, 5 minutes per fold and method) or
+``python benchmarks/accuracy.py [--data DIR] [--folds K] [--minutes M] [--set train.augmentation.rotate_prob=0]``
+(default: leave-one-patient-out on ``../shared/data/acdc``, 10 minutes per fold and method).
+
+Everything is written to a work folder (``--work``, default a fresh temporary folder), never to the data folder:
+
+1. ``medseg ingest`` (with ``--write-id-map``), ``plan``, ``preprocess`` on a copy of ``params.yaml`` whose paths,
+   MLflow store, folds and time budget point at the work folder; ``splits.json``'s patient folds are used for every
+   method.
+2. Per fold: ``medseg train`` then ``medseg predict`` on the held-out patients' original images; the peer
+   (``benchmarks/tutorial_loop.py``) on the same training cases' original files, same time budget; optionally
+   nnU-Net v2 (``--with-nnunet``, or by default with CUDA; trained with ``nnUNetTrainer_5epochs``, not budgeted).
+3. Scoring on the ORIGINAL grids and ground truths: per case and class Dice and HD95 (mm, the file's pixdim), mean
+   Dice with a bootstrap 95% CI over patients, and the paired difference medseg minus the peer.
+
+Conventions: a class absent from both truth and prediction scores Dice 1 and HD95 0; absent from one only, Dice 0
+and HD95 missing (no surface to measure to), reported as a count beside the HD95 mean, which excludes it.
+No choice may see the test patients: ``evaluate.largest_component: auto`` would decide medseg's post-processing from
+the held-out cases of the fold being trained, so the yardstick sets it to ``true`` (``--set
+evaluate.largest_component=auto`` to measure it anyway). Intermediate validations only report (the last epoch's
+weights are kept) and would spend budget the peer spends training, so ``train.val_interval`` is set beyond any epoch.
+
+Writes ``WORK/accuracy.json`` (``--json``): per-case per-class numbers, per-fold times, summaries, command line, git
+commit and settings. Case ids are medseg's pseudonyms; source file names stay in the (private) id map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc"
+MEDSEG = [sys.executable, "-m", "medseg.cli"]
+NNUNET_TRAINER = "nnUNetTrainer_5epochs"  # the shortest shipped variant but nnUNetTrainer_1epoch
+RESAMPLES = 2000
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (the array's border counts as outside)."""
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """95th-percentile symmetric Hausdorff distance (mm) between the surfaces of two non-empty masks.
+
+    As MONAI's ``compute_hausdorff_distance(percentile=95)``: the larger of the two directed 95th percentiles.
+    """
+    from scipy import ndimage
+
+    sp, st = surface(pred), surface(truth)
+    to_truth = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+    to_pred = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
+def score_case(pred: np.ndarray, truth: np.ndarray, classes: dict[int, str], spacing) -> dict[str, dict]:
+    """``{class name: {"dice", "hd95"}}`` for each foreground class (conventions in the module docstring)."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} is not the original grid {truth.shape}")
+    out = {}
+    for value, name in classes.items():
+        p, t = pred == value, truth == value
+        if not p.any() and not t.any():
+            out[name] = {"dice": 1.0, "hd95": 0.0}
+        elif not p.any() or not t.any():
+            out[name] = {"dice": 0.0, "hd95": None}
+        else:
+            dice = 2.0 * np.count_nonzero(p & t) / (np.count_nonzero(p) + np.count_nonzero(t))
+            out[name] = {"dice": float(dice), "hd95": hd95(p, t, spacing)}
+    return out
+
+
+def bootstrap(groups: list[list[float]], resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of all values and its percentile 95% CI, resampling the groups (patients) with replacement.
+
+    A patient's values (cases x classes) move together, so the CI reflects patient-to-patient variation.
+    """
+    sums = np.array([np.sum(g) for g in groups], dtype=np.float64)
+    counts = np.array([len(g) for g in groups], dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(groups), size=(resamples, len(groups)))
+    means = sums[idx].sum(1) / counts[idx].sum(1)
+    return float(sums.sum() / counts.sum()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def summarise(rows: list[dict], classes: list[str], seed: int = 0) -> dict:
+    """One method's rows (one per case and class) -> mean Dice [CI over patients], per-class Dice and HD95."""
+    by_patient: dict[str, list[float]] = {}
+    for r in rows:
+        by_patient.setdefault(r["subject"], []).append(r["dice"])
+    mean, lo, hi = bootstrap(list(by_patient.values()), seed=seed)
+    per_class = {}
+    for name in classes:
+        mine = [r for r in rows if r["class"] == name]
+        hds = [r["hd95"] for r in mine if r["hd95"] is not None]
+        per_class[name] = {"dice": float(np.mean([r["dice"] for r in mine])),
+                           "hd95": float(np.mean(hds)) if hds else None, "hd95_missing": len(mine) - len(hds)}
+    return {"mean_dice": mean, "ci95": [lo, hi], "per_class": per_class, "patients": len(by_patient),
+            "cases": len({r["case_id"] for r in rows})}
+
+
+def paired_difference(rows: list[dict], a: str, b: str, seed: int = 0) -> dict | None:
+    """Mean Dice of method ``a`` minus ``b`` over the (case, class) pairs both scored, with a patient bootstrap CI."""
+    dice = {(r["method"], r["case_id"], r["class"]): r for r in rows}
+    by_patient: dict[str, list[float]] = {}
+    for (method, case_id, name), r in dice.items():
+        if method == a and (b, case_id, name) in dice:
+            by_patient.setdefault(r["subject"], []).append(r["dice"] - dice[(b, case_id, name)]["dice"])
+    if not by_patient:
+        return None
+    mean, lo, hi = bootstrap(list(by_patient.values()), seed=seed)
+    return {"a": a, "b": b, "mean": mean, "ci95": [lo, hi], "patients": len(by_patient)}
+
+
+def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[str, float | None],
+                 difference: dict | None) -> str:
+    """Side-by-side rows: mean Dice [CI], Dice and HD95 per class, minutes per fold; then the paired difference."""
+    head = (f"{'method':10s} {'mean Dice [95% CI]':22s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
+            + " ".join(f"{'HD95 ' + c:>17s}" for c in classes) + f" {'train min':>9s}")
+    lines = [head, "-" * len(head)]
+    for method, s in summaries.items():
+        hds = []
+        for c in classes:
+            pc = s["per_class"][c]
+            hd = "-" if pc["hd95"] is None else f"{pc['hd95']:.1f}"
+            if pc["hd95_missing"]:
+                hd += f" ({pc['hd95_missing']} miss)"
+            hds.append(f"{hd:>17s}")
+        took = minutes.get(method)
+        lines.append(f"{method:10s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
+                     + " ".join(f"{s['per_class'][c]['dice']:15.3f}" for c in classes) + " " + " ".join(hds)
+                     + f" {'-' if took is None else f'{took:.1f}':>9s}")
+    if difference:
+        lines.append(f"{difference['a']} - {difference['b']}: {difference['mean']:+.3f} "
+                     f"[{difference['ci95'][0]:+.3f}, {difference['ci95'][1]:+.3f}] "
+                     f"({difference['patients']} patients)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- pipeline
+def sh(cmd: list[str], log: Path, env: dict, cwd: Path) -> float:
+    """Run ``cmd`` with its output in ``log``; returns wall seconds, raises RuntimeError with the log's last line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
+    if code:
+        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise RuntimeError(f"{' '.join([Path(cmd[0]).name, *cmd[1:4]])} exited {code}: {tail[0][-200:]} (log: {log})")
+    return time.perf_counter() - started
+
+
+def set_key(raw: dict, dotted: str, value) -> None:
+    """``raw["a"]["b"] = value`` for ``"a.b"``; the key must exist already (a typo would silently do nothing)."""
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.get(key) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        raise SystemExit(f"--set {dotted}: no such key in params.yaml")
+    node[last] = value
+
+
+def write_params(work: Path, data: Path, folds: int, minutes: float, seed: int, sets: list[str]) -> dict:
+    """The project's params.yaml with every path under ``work``, our folds and budget, then the ``--set`` overrides."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["paths"] = {k: str(work / Path(v).name) for k, v in raw["paths"].items()}
+    raw["data"]["source"] = str(data)
+    raw["mlflow"].update(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", artifact_root=str(work / "mlartifacts"))
+    raw["preprocess"]["folds"] = folds
+    raw["train"].update(time_budget_minutes=minutes, final_model=False, seed=seed, val_interval=10**6)
+    if raw["evaluate"].get("largest_component") == "auto":  # decided on the test fold: see the module docstring
+        raw["evaluate"]["largest_component"] = True
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item}: expected key=value")
+        set_key(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def original_files(data: Path, source: str, ingested: Path, case: dict) -> tuple[Path, Path]:
+    """A case's original image and ground truth: the source NIfTI and the label beside it (ACDC ``_gt``,
+    ``labelsTr/`` or ``labels/`` of the same name); for other sources (DICOM) the ingested files, on the same grid."""
+    image = data / source
+    if image.is_file() and image.name.endswith((".nii.gz", ".nii")):
+        stem = image.name.removesuffix(".gz").removesuffix(".nii")
+        for label in (image.with_name(f"{stem}_gt{image.name[len(stem):]}"),
+                      image.parent.parent / "labelsTr" / image.name, image.parent.parent / "labels" / image.name,
+                      image.parent.parent / "labels" / image.name.replace("_0000.nii", ".nii")):
+            if label.is_file():
+                return image, label
+    return ingested / case["image"], ingested / case["label"]
+
+
+def link(target: Path, dest: Path) -> Path:
+    """``dest`` -> ``target`` symlink (replacing an old one): inputs named by case id, sources untouched."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.unlink(missing_ok=True)
+    dest.symlink_to(target.resolve())
+    return dest
+
+
+def run_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict, env: dict) -> tuple[dict, dict]:
+    """``medseg train`` on the fold, ``medseg predict`` on the held-out originals -> ({case_id: output}, times)."""
+    fold_params = work / f"params_fold{fold}.yaml"
+    fold_params.write_text(yaml.safe_dump({**params, "train": {**params["train"], "fold": fold}}, sort_keys=False))
+    train_s = sh(MEDSEG + ["train", "--params", str(fold_params)], work / "logs" / f"medseg_train_{fold}.log", env,
+                 work)
+    inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / "medseg" / f"fold_{fold}"
+    for cid in test:
+        link(cases[cid]["image"], inputs / f"{cid}.nii.gz")
+    predict_s = sh(MEDSEG + ["predict", "--model", str(Path(params["paths"]["model"]) / f"fold_{fold}"),
+                             str(inputs), "--out", str(out)], work / "logs" / f"medseg_predict_{fold}.log", env, work)
+    return {cid: out / f"{cid}.nii.gz" for cid in test}, {"train_s": train_s, "predict_s": predict_s}
+
+
+def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases: dict, minutes: float,
+                 num_classes: int, seed: int, extra: list[str], env: dict) -> tuple[dict, dict]:
+    """``benchmarks/tutorial_loop.py`` on the fold's original files, in its own process."""
+    folder = work / "tutorial" / f"fold_{fold}"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = work / "pred" / "tutorial" / f"fold_{fold}"
+    (folder / "train.json").write_text(json.dumps([{"image": str(cases[c]["image"]), "label": str(cases[c]["label"])}
+                                                   for c in train], indent=1))
+    (folder / "predict.json").write_text(json.dumps([{"image": str(cases[c]["image"]),
+                                                      "output": str(out / f"{c}.nii.gz")} for c in test], indent=1))
+    wall = sh([sys.executable, str(REPO / "benchmarks" / "tutorial_loop.py"),
+               "--train-list", str(folder / "train.json"), "--predict-list", str(folder / "predict.json"),
+               "--out", str(folder), "--minutes", str(minutes), "--num-classes", str(num_classes),
+               "--seed", str(seed), *extra],
+              work / "logs" / f"tutorial_{fold}.log", env, work)
+    summary = json.loads((folder / "summary.json").read_text())
+    return {c: out / f"{c}.nii.gz" for c in test}, {"train_s": wall - summary["predict_seconds"],
+                                                     "predict_s": summary["predict_seconds"], "steps": summary["steps"]}
+
+
+def run_nnunet(work: Path, fold: int, train: list[str], test: list[str], cases: dict, labels: dict[int, str],
+               modality: str, env: dict) -> tuple[dict, dict]:
+    """nnU-Net v2, 2d configuration, ``NNUNET_TRAINER``, fold 0 = our fold (``splits_final.json``).
+
+    It reads the ingested NIfTI (same voxel grid as the originals, but with the pixdim spacing ACDC's sform lacks);
+    its outputs keep that grid. Training cases only in ``imagesTr``; the one "validation" case nnU-Net insists on is
+    a training case (used for its logs only; we predict with ``checkpoint_final.pth``, not its best checkpoint).
+    """
+    import torch
+
+    root, dataset_id = work / "nnunet", 900 + fold
+    name = f"Dataset{dataset_id:03d}_MedsegFold{fold}"
+    raw = root / "raw" / name
+    for c in train:
+        link(cases[c]["ingested_image"], raw / "imagesTr" / f"{c}_0000.nii.gz")
+        link(cases[c]["ingested_label"], raw / "labelsTr" / f"{c}.nii.gz")
+    for c in test:
+        link(cases[c]["ingested_image"], raw / "imagesTs" / f"{c}_0000.nii.gz")
+    (raw / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT" if modality == "CT" else "MRI"}, "file_ending": ".nii.gz",
+        "labels": {"background": 0, **{n: v for v, n in sorted(labels.items()) if v}}, "numTraining": len(train)},
+        indent=1))
+    env = {**env, "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+           "nnUNet_results": str(root / "results")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logs, out = work / "logs", work / "pred" / "nnunet" / f"fold_{fold}"
+
+    def tool(name: str) -> str:  # the entry points beside this interpreter, whether or not the venv is activated
+        beside = Path(sys.executable).parent / name
+        return str(beside) if beside.is_file() else name
+
+    train_s = sh([tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d"],
+                 logs / f"nnunet_plan_{fold}.log", env, work)
+    (root / "preprocessed" / name / "splits_final.json").write_text(json.dumps([{"train": train, "val": train[:1]}]))
+    train_s += sh([tool("nnUNetv2_train"), str(dataset_id), "2d", "0", "-tr", NNUNET_TRAINER, "-device", device],
+                  logs / f"nnunet_train_{fold}.log", env, work)
+    predict_s = sh([tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(dataset_id),
+                    "-c", "2d", "-f", "0", "-tr", NNUNET_TRAINER, "-chk", "checkpoint_final.pth", "-device", device],
+                   logs / f"nnunet_predict_{fold}.log", env, work)
+    return {c: out / f"{c}.nii.gz" for c in test}, {"train_s": train_s, "predict_s": predict_s}
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="any folder 'medseg ingest' reads")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a fresh temporary folder)")
+    parser.add_argument("--folds", type=int, default=None, help="patient folds (default: one per patient)")
+    parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds")
+    parser.add_argument("--minutes", type=float, default=None, help="training minutes per fold and method (10)")
+    parser.add_argument("--quick", action="store_true", help="--folds 3 --minutes 5 unless given")
+    parser.add_argument("--methods", default="medseg,tutorial", help="comma-separated: medseg, tutorial, nnunet")
+    parser.add_argument("--with-nnunet", action="store_true", help="add nnunet (default with CUDA)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="params override for medseg, dotted key and YAML value; repeatable")
+    parser.add_argument("--tutorial-args", default="", help="extra arguments for tutorial_loop.py, e.g. '--tiny'")
+    parser.add_argument("--json", type=Path, default=None, help="default: WORK/accuracy.json")
+    parser.add_argument("--seed", type=int, default=0, help="training seeds and the bootstrap")
+    args = parser.parse_args(argv)
+    args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else 10.0
+    args.folds = args.folds if args.folds is not None else 3 if args.quick else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    args = parse_args(argv)
+    data = args.data.expanduser().resolve()
+    work = (args.work or Path(tempfile.mkdtemp(prefix="medseg-accuracy-"))).expanduser().resolve()
+    if work.is_relative_to(data):
+        raise SystemExit(f"--work {work} lies inside the data folder {data}: nothing may be written there")
+    work.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if set(methods) - {"medseg", "tutorial", "nnunet"}:
+        raise SystemExit(f"--methods {args.methods}: choose among medseg, tutorial, nnunet")
+    if (args.with_nnunet or torch.cuda.is_available()) and "nnunet" not in methods:
+        methods.append("nnunet")
+    if "nnunet" in methods:
+        try:
+            import nnunetv2  # noqa: F401
+        except ImportError as err:
+            print(f"nnunet skipped: nnunetv2 is not importable ({err}); it comes with the 'bench' extra")
+            methods.remove("nnunet")
+    print(f"accuracy yardstick: {data} -> {work}; methods {', '.join(methods)}, {args.minutes} min per fold and "
+          f"method", flush=True)
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # runs go to WORK/mlflow.db
+    if not env.get("MEDSEG_PSEUDONYM_KEY"):  # the project's key: stable case ids, so the same folds run to run
+        from medseg.pseudonym import SECRET_FILE, project_secret
+
+        env["MEDSEG_PSEUDONYM_KEY"] = project_secret(REPO / SECRET_FILE).decode()
+    ingested, id_map = work / "ingested", work / "id_map.json"
+    sh(MEDSEG + ["ingest", str(data), "--out", str(ingested), "--write-id-map", str(id_map)],
+       work / "logs" / "ingest.log", env, work)
+    manifest, sources = json.loads((ingested / "manifest.json").read_text()), json.loads(id_map.read_text())
+    labels = {int(k): v for k, v in manifest["labels"].items()}
+    classes = {k: v for k, v in sorted(labels.items()) if k != 0}
+    cases = {}
+    for c in manifest["cases"]:
+        if c.get("label"):
+            image, label = original_files(data, sources[c["case_id"]]["source"], ingested, c)
+            cases[c["case_id"]] = {"subject": c["subject"], "image": image, "label": label,
+                                   "ingested_image": ingested / c["image"], "ingested_label": ingested / c["label"]}
+    folds = args.folds or len({c["subject"] for c in cases.values()})
+    params = write_params(work, data, folds, args.minutes, args.seed, args.sets)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in ("plan", "preprocess"):
+        sh(MEDSEG + [stage, "--params", str(work / "params.yaml")], work / "logs" / f"{stage}.log", env, work)
+    splits = json.loads((Path(params["paths"]["preprocessed"]) / "splits.json").read_text())["splits"]
+    print(f"{len(cases)} labelled cases, {folds} patient folds; classes {', '.join(classes.values())}", flush=True)
+
+    rows, fold_log = [], []
+    modality = manifest["cases"][0].get("modality", "MR")
+    for k, split in enumerate(splits[:args.max_folds]):
+        record = {"fold": k, "train": split["train"], "test": split["val"], "methods": {}}
+        fold_log.append(record)
+        for method in methods:
+            try:
+                if method == "medseg":
+                    outputs, times = run_medseg(work, k, params, split["val"], cases, env)
+                elif method == "tutorial":
+                    outputs, times = run_tutorial(work, k, split["train"], split["val"], cases, args.minutes,
+                                                  max(labels) + 1, args.seed, shlex.split(args.tutorial_args), env)
+                else:
+                    outputs, times = run_nnunet(work, k, split["train"], split["val"], cases, labels, modality, env)
+                scored = score_outputs(method, k, outputs, cases, classes)
+            except Exception as err:  # fail-soft: one line, the other methods and folds go on
+                print(f"fold {k} {method}: FAILED: {err}", flush=True)
+                record["methods"][method] = {"status": "failed", "error": str(err)}
+                continue
+            rows += scored
+            record["methods"][method] = {"status": "ok", **{key: round(v, 1) for key, v in times.items()}}
+            dice = np.mean([r["dice"] for r in scored]) if scored else float("nan")
+            print(f"fold {k} {method}: trained {times['train_s'] / 60:.1f} min, predicted "
+                  f"{times['predict_s'] / 60:.1f} min, {len(split['val'])} held-out cases, mean Dice {dice:.3f}",
+                  flush=True)
+
+    names = list(classes.values())
+    scored_methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    summaries = {m: summarise([r for r in rows if r["method"] == m], names, args.seed) for m in scored_methods}
+    minutes = {}
+    for m in methods:
+        walls = [f["methods"][m]["train_s"] for f in fold_log if f["methods"].get(m, {}).get("status") == "ok"]
+        minutes[m] = float(np.mean(walls)) / 60 if walls else None
+    difference = paired_difference(rows, "medseg", "tutorial", args.seed) if {"medseg", "tutorial"} <= set(
+        scored_methods) else None
+    print(format_table(summaries, names, minutes, difference), flush=True)
+    result = {"command": [sys.executable, *sys.argv] if argv is None else ["accuracy.py", *argv],
+              "git_commit": git_commit(), "work": str(work), "data": str(data),
+              "settings": {"folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
+                           "set": args.sets, "tutorial_args": args.tutorial_args, "seed": args.seed,
+                           "bootstrap_resamples": RESAMPLES, "medseg_params": params,
+                           "nnunet_trainer": NNUNET_TRAINER if "nnunet" in methods else None},
+              "labels": {str(k): v for k, v in labels.items()}, "folds": fold_log, "train_minutes_per_fold": minutes,
+              "summary": summaries, "difference": difference, "cases": rows}
+    out = args.json or work / "accuracy.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written {out}", flush=True)
+    return result
+
+
+def score_outputs(method: str, fold: int, outputs: dict[str, Path], cases: dict, classes: dict[int, str]) -> list:
+    """Rows ``{method, fold, case_id, subject, class, dice, hd95}`` of each held-out case against its original truth.
+
+    Spacing for HD95 is the truth file's pixdim: the public ACDC files carry a 1 mm sform beside the true spacing.
+    """
+    import nibabel as nib
+
+    rows = []
+    for cid, path in outputs.items():
+        truth_img = nib.load(str(cases[cid]["label"]))
+        truth = np.asarray(truth_img.dataobj).round().astype(np.int64)
+        pred = np.asarray(nib.load(str(path)).dataobj).round().astype(np.int64)
+        spacing = [float(z) for z in truth_img.header.get_zooms()[:3]]
+        for name, s in score_case(pred, truth, classes, spacing).items():
+            rows.append({"method": method, "fold": fold, "case_id": cid, "subject": cases[cid]["subject"],
+                         "class": name, **s})
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RuntimeError as err:  # ingest, plan or preprocess failed: nothing to compare
+        sys.exit(f"accuracy: {err}")
