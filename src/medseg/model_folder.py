@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import pickle
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,6 @@ def load_trained(path: str | Path, ensemble: bool = False) -> list[tuple[Any, di
         models.append((net.eval(), config))
     check_ensemble([config for _, config in models], [str(f) for f in files])
     return models
-
 
 
 def update_config(folder: str | Path, **changes: Any) -> dict:

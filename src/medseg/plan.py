@@ -32,7 +32,8 @@ from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
 from medseg.params import Params
 
-__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "dynunet_topology", "estimate_step_mb", "PLANS_NAME"]
+__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "dynunet_topology", "estimate_step_mb",
+           "PLANS_NAME"]
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from medseg.atomic import atomic_dir, atomic_path, write_json
-from medseg.model_folder import ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POSTPROCESSING_NAME, RUN_NAME, fold_name
+from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POSTPROCESSING_NAME, RUN_NAME, fold_name,
+                                 largest_component_classes, update_config)
 from medseg.params import Params
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
@@ -313,10 +314,10 @@ def run(params: Params, resume: bool = False) -> dict:
             if choice == "auto" and raw:
                 decision = decide_postprocessing(np.concatenate(raw), np.concatenate(post), labels)
             else:
-                decision = {"largest_component": list(range(1, len(labels))) if choice is True else []}
+                decision = {"largest_component": largest_component_classes({"largest_component": choice is True},
+                                                                           len(labels))}
             decision["cv_folds"] = [s["fold"] for s in summaries]
             if ctx.is_main:
-                from medseg.model_folder import update_config
 
                 write_json(out / POSTPROCESSING_NAME, decision)
                 for fold in folds:
