@@ -37,3 +37,13 @@ def test_save_nifti_gzip_roundtrip(tmp_path):
     img = nib.load(str(path))
     np.testing.assert_array_equal(np.asarray(img.dataobj), data)
     assert img.header["descrip"].tobytes().strip(b"\x00") == b""
+
+
+def test_stage_folders_get_the_same_permissions_as_other_outputs(tmp_path):
+    """mkdtemp makes 0700 folders; a stage folder is as readable as the files in it (0777 less the umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    with atomic_dir(tmp_path / "stage") as tmp:
+        write_json(tmp / "x.json", {})
+    assert (tmp_path / "stage").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "stage" / "x.json").stat().st_mode & 0o777 == 0o666 & ~mask

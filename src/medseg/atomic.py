@@ -12,7 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "save_nifti"]
+__all__ = ["atomic_path", "atomic_dir", "write_json", "read_json", "save_nifti", "TMP_MARKER", "is_temporary",
+           "remove_temporaries"]
+
+# Every temporary file or folder we create is named ``.<target name>.medseg-tmp-<random>[suffixes]``: distinctive
+# enough that clean-up after a killed run (:func:`remove_temporaries`) can never match a file of the user's.
+TMP_MARKER = ".medseg-tmp-"
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,7 +34,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Keep the real suffixes (.nii.gz) so libraries that dispatch on the name still work.
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes), dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARKER}", suffix="".join(target.suffixes),
+                               dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; outputs get the usual permissions (0666 less the umask), like any file the user writes.
@@ -46,11 +52,13 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``target`` (whole) only if the block completes."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARKER}", dir=target.parent))
+    # mkdtemp creates 0700; the stage folder gets the usual permissions (0777 less the umask), like its files.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = target.with_name(f".{target.name}{TMP_MARKER}old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
@@ -59,6 +67,26 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is one of our temporary files or folders (left behind only by a killed process)."""
+    return path.name.startswith(".") and TMP_MARKER in path.name
+
+
+def remove_temporaries(folder: str | Path) -> int:
+    """Delete the temporaries a killed run left directly in ``folder``; returns how many. Nothing else is touched."""
+    folder = Path(folder)
+    removed = 0
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if is_temporary(path) and not path.is_symlink():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medseg.atomic import save_nifti, write_json
+from medseg.atomic import remove_temporaries, save_nifti, write_json
 from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
@@ -117,25 +118,28 @@ def _identifiers(item: Item) -> dict[str, str]:
 
 
 def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,
-               workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], int]:
+               workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
     """Ingest the cases whose cache entry is stale, ``workers`` at a time.
 
     Returns:
-        The new cache (entries by case_id) and how many cases were skipped as unchanged.
+        The cache entries of this run's cases (by case_id), every entry recorded so far (the previous run's too:
+        the record of what ingest itself wrote, which :func:`_remove_stale` may delete), and how many cases were
+        skipped as unchanged.
 
-    numpy, pydicom's pixel copies and zlib release the GIL, so threads overlap decoding and compression. On any
-    exception (Ctrl-C included) pending cases are cancelled and the cases finished so far are still recorded; each
-    output is replaced by rename, so nothing half-written is left either way.
+    numpy, pydicom's pixel copies and zlib release the GIL, so threads overlap decoding and compression. The record
+    is saved as cases finish (at most every :data:`SAVE_EVERY_S` seconds), so a killed run loses at most that much
+    work: the re-run skips every case recorded. Each output is replaced by rename, so nothing half-written is left.
     """
     # The skip pays off for `medseg ingest` run by hand and for the Prefect flow; `dvc repro` deletes the stage's
     # outputs before running it, so under DVC every case is stale here and DVC's own cache does the skipping.
-    old = load_cache(out_dir)
-    cache = {cid: old[cid] for cid in groups if is_fresh(old.get(cid), keys[cid], out_dir)}
+    record = load_cache(out_dir)
+    cache = {cid: record[cid] for cid in groups if is_fresh(record.get(cid), keys[cid], out_dir)}
     todo = [cid for cid in groups if cid not in cache]
     skipped = len(cache)
     log.info("%d case(s) unchanged since the last run, %d to ingest with %d worker(s)", len(cache), len(todo),
              max(1, min(workers, len(todo))))
     pool = ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    saved = time.monotonic()
     try:
         # pydicom's quiet_pydicom() swaps process-wide state (logger level, warning filters); holding it around
         # the pool keeps that state quiet however the threads' own enter/exit interleave.
@@ -144,26 +148,46 @@ def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Pat
             for fut in as_completed(futures):
                 cid = futures[fut]
                 results = fut.result()
-                cache[cid] = {"key": keys[cid], "results": results,
-                              "outputs": output_stats(out_dir, _outputs(results))}
+                cache[cid] = record[cid] = {"key": keys[cid], "results": results,
+                                            "outputs": output_stats(out_dir, _outputs(results))}
                 bar.update()
+                if time.monotonic() - saved > SAVE_EVERY_S:
+                    save_cache(out_dir, record)
+                    saved = time.monotonic()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if cache:
-            save_cache(out_dir, cache)
-    return cache, skipped
+        if todo:
+            save_cache(out_dir, record)
+    return cache, record, skipped
 
 
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Delete files in ``images/`` and ``labels/`` that the new manifest does not list (and temporary files left by
-    a killed run)."""
-    for sub in ("images", "labels"):
-        folder = out_dir / sub
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.is_file() and f"{sub}/{path.name}" not in keep:
-                    log.info("removing stale %s/%s", sub, path.name)
-                    path.unlink()
+SAVE_EVERY_S = 1.0
+
+
+def _remove_stale(out_dir: Path, keep: set[str], record: dict[str, dict[str, Any]]) -> None:
+    """Delete the outputs a previous run wrote (as its record says) that the new manifest does not list.
+
+    Only files ingest itself wrote are ever removed: a file in ``images/`` or ``labels/`` that is not in the record
+    (the user's own, or one written by another tool) stays.
+    """
+    written = {r for entry in record.values() for r in entry.get("outputs", {})}
+    for relpath in sorted(written - keep):
+        sub, _, name = relpath.partition("/")
+        if sub not in ("images", "labels") or not name or "/" in name or name.startswith("."):
+            continue  # a record we did not write (edited by hand): never follow it out of our folders
+        path = out_dir / sub / name
+        if path.is_file() and not path.is_symlink():
+            log.info("removing stale %s", relpath)
+            path.unlink()
+
+
+def _check_folders(source: Path, out_dir: Path) -> None:
+    """Refuse an output folder that is the source, lies inside it or contains it: ingest never writes into, or
+    deletes from, the user's data."""
+    if out_dir == source or out_dir.is_relative_to(source) or source.is_relative_to(out_dir):
+        where = "is" if out_dir == source else "lies inside" if out_dir.is_relative_to(source) else "contains"
+        raise IngestError(f"output folder {out_dir} {where} the source folder {source}: choose an output folder "
+                          f"outside the data being ingested")
 
 
 def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
@@ -196,6 +220,7 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
                           f"it should be a folder in one of these layouts:\n{layout_help()}")
     if not source.is_dir():
         raise IngestError(f"source {source} is not a folder")
+    _check_folders(source, out_dir)
     if id_map is not None:
         id_map = Path(id_map).expanduser().resolve()
         if id_map.is_relative_to(out_dir):  # the data folder is shared and versioned: no identifiers there
@@ -218,7 +243,10 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
     index = SourceIndex(source, skip, [i.source for i in scan.items], code_version(f"layout={layout}"))
     keys = {cid: hashlib.sha256("\x1f".join(index.key(i.source) for i in g).encode()).hexdigest()
             for cid, g in groups.items()}
-    cache, skipped = _run_cases(groups, keys, out_dir, allowed, workers or os.cpu_count() or 1, f"ingest {layout}")
+    for folder in (out_dir, out_dir / "images", out_dir / "labels"):  # left by a killed run
+        remove_temporaries(folder)
+    cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, workers or os.cpu_count() or 1,
+                                        f"ingest {layout}")
     results = {(cid, r["source"]): r for cid, entry in cache.items() for r in entry["results"]}
     cases: dict[str, Case] = {}
     accepted, values_seen, ids = [], set(), {}
@@ -240,7 +268,8 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
                           f"{len(rejected)} rejected" + (f", e.g. {first}" if first else ""))
     labels = dict(scan.labels) if scan.labels else {0: "background", **{v: f"class_{v}" for v in values_seen if v}}
     keep = {c.image for c in cases.values()} | {c.label for c in cases.values() if c.label}
-    _remove_stale(out_dir, keep)
+    _remove_stale(out_dir, keep, record)
+    save_cache(out_dir, cache)  # the record now: this run's cases only
     manifest = write_manifest(out_dir, layout, labels, list(cases.values()))
     report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
     if id_map is not None:

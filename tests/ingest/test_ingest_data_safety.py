@@ -1,0 +1,131 @@
+"""Ingest never deletes or writes inside the user's data, removes only what it wrote itself, and a killed run
+(SIGKILL, no clean-up) loses at most the cases in flight: the re-run skips every case it finished."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import axial_positions, write_series
+
+import medseg.ingest as ingest
+from medseg.atomic import TMP_MARKER
+from medseg.cli import main
+from medseg.errors import IngestError
+from medseg.ingest.cache import CACHE_NAME, load_cache
+
+
+def _hashes(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _nifti_source(root, n=2):
+    import nibabel as nib
+    import numpy as np
+
+    (root / "images").mkdir(parents=True)
+    for k in range(n):
+        data = np.random.default_rng(k).normal(size=(12, 10, 4)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), root / "images" / f"scan{k}.nii.gz")
+    (root / "my_notes.txt").write_text("mine")
+    return root
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "images", "parent"])
+def test_output_overlapping_the_source_is_refused_and_nothing_is_touched(tmp_path, capsys, where):
+    src = _nifti_source(tmp_path / "data" / "src")
+    out = {"same": src, "inside": src / "out", "images": src / "images", "parent": tmp_path / "data"}[where]
+    before = _hashes(tmp_path / "data")
+    with pytest.raises(IngestError, match="source folder"):
+        ingest.run(src, out)
+    assert main(["ingest", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _hashes(tmp_path / "data") == before  # no file removed, changed or added
+
+
+def test_only_files_ingest_wrote_are_ever_removed(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_series(src / "a", axial_positions(3), series_uid="1.5.1", patient_id="A")
+    write_series(src / "b", axial_positions(3), series_uid="1.5.2", patient_id="B")
+    (out / "images").mkdir(parents=True)
+    theirs = {out / "images" / "my_scan.nii.gz": b"not ours", out / "images" / "my_notes.txt": b"notes",
+              out / "labels" / "other_tool.nii.gz": b"theirs", out / "images" / ".hidden.nii.gz": b"hidden"}
+    for path, data in theirs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    ingest.run(src, out)
+    for f in (src / "b").iterdir():  # case b disappears from the source: its outputs are stale
+        f.unlink()
+    summary = ingest.run(src, out)
+    assert summary["accepted"] == 1
+    assert all(path.read_bytes() == data for path, data in theirs.items())
+    ours = sorted(p.name for p in (out / "images").glob("sub-*.nii.gz"))
+    assert len(ours) == 1 and set(load_cache(out)) == {ours[0].removesuffix(".nii.gz")}
+
+
+def test_a_hand_edited_record_cannot_delete_outside_our_folders(tmp_path):
+    import json
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_series(src / "a", axial_positions(3), series_uid="1.5.1", patient_id="A")
+    ingest.run(src, out)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    cache = json.loads((out / CACHE_NAME).read_text())
+    cache["cases"]["sub-bogus"] = {"key": "x", "results": [], "outputs": {"images/../../victim.txt": [7, 0],
+                                                                           "../victim.txt": [7, 0]}}
+    (out / CACHE_NAME).write_text(json.dumps(cache))
+    ingest.run(src, out)
+    assert victim.read_text() == "keep me"
+
+
+def test_temporaries_of_a_killed_run_are_cleaned_at_start_up(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_series(src / "a", axial_positions(3), series_uid="1.5.1", patient_id="A")
+    (out / "images").mkdir(parents=True)
+    left = [out / "images" / f".sub-x.nii.gz{TMP_MARKER}ab12cd34.nii.gz", out / f".manifest.json{TMP_MARKER}zz.json"]
+    for path in left:
+        path.write_bytes(b"")  # a 0-byte temporary, as SIGKILL leaves mid-write
+    ingest.run(src, out)
+    assert not any(path.exists() for path in left)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import medseg.ingest as ingest
+    real = ingest._ingest_one
+    def slow(*args, **kwargs):
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+    ingest._ingest_one = slow
+    ingest.SAVE_EVERY_S = 0.0
+    ingest.run(sys.argv[1], sys.argv[2], workers=1)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_progress_survives_a_kill(tmp_path, sig):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for k in range(8):
+        write_series(src / f"s{k}", axial_positions(3), series_uid=f"1.5.{k}", patient_id=f"P{k}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(src), str(out)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(load_cache(out)) < 3:
+        time.sleep(0.05)
+    child.send_signal(sig)
+    child.wait(timeout=30)
+    done = len(load_cache(out))
+    assert 3 <= done < 8, "the child finished too early or too late to test a kill"
+    summary = ingest.run(src, out)
+    assert summary["accepted"] == 8 and summary["skipped"] == done
+    assert not [p for p in out.rglob("*") if TMP_MARKER in p.name]
