@@ -145,5 +145,7 @@ def test_dicom_seg_for_a_nifti_input_is_a_clear_error(model, tmp_path, capsys):
     image, _ = write_tiny_volume(1)
     path = tmp_path / "case.nii.gz"
     nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(path))
-    assert main(["predict", "--model", str(model), str(path), "--out", str(tmp_path / "o"), "--dicom-seg"]) == 2
-    assert "--dicom-seg needs DICOM inputs: case is NIfTI" in capsys.readouterr().err
+    assert main(["predict", "--model", str(model), str(path), "--out", str(tmp_path / "o"), "--dicom-seg"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 1 input(s) failed" in captured.err and "Traceback" not in captured.err
+    assert "--dicom-seg needs a DICOM input, this is NIfTI" in captured.out

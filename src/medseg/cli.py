@@ -173,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if summary:
         print(json.dumps(summary, indent=2, default=str))
+    failed = summary.get("failed") if summary else None
+    if failed:  # e.g. predict: the other inputs were done; the run still did not do all it was asked
+        total = len(failed) + int(summary.get("succeeded", 0))
+        print(f"medseg {args.command}: {len(failed)} of {total} input(s) failed (listed above)", file=sys.stderr)
+        return 1
     return 0
 
 

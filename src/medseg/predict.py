@@ -18,7 +18,7 @@ import torch
 
 from medseg.errors import StageInputError
 
-__all__ = ["run", "load_models", "segment", "find_inputs", "Input"]
+__all__ = ["run", "load_models", "segment", "find_inputs", "Input", "Unreadable", "output_names"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ class Input:
     output_affine: np.ndarray = field(repr=False)
     modality: str | None = None
     dicom_files: tuple[Path, ...] = field(default=(), repr=False)
+    source: Path | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An input found but not usable: ``name`` as its output would have been named, ``reason`` one line."""
+
+    name: str
+    reason: str
 
 
 def _load_one(model: str, ensemble: bool = False) -> list[Model]:
@@ -96,6 +105,7 @@ def _dicom_inputs(folder: Path) -> Iterator[Input]:
     """
     import os
 
+    from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected, iter_files, modality_name, rel
     from medseg.ingest.dicom_geometry import series_geometry, split_phases
     from medseg.ingest.dicom_headers import group_series, non_image_reason, read_header, unique_instances
@@ -117,40 +127,50 @@ def _dicom_inputs(folder: Path) -> Iterator[Input]:
         reason = next((r for r in map(non_image_reason, group) if r), None)
         if not reason and group[0].modality not in ("CT", "MR", ""):
             reason = f"modality {group[0].modality} is not supported (CT or MR only)"
-        for phase, members in [(None, group)] if reason else split_phases(group):
-            source = name if phase is None else f"{name} ({phase})"
+        phases = [(None, group)] if reason else split_phases(group)
+        for k, (phase, members) in enumerate(phases, 1):
+            source = name if phase is None else f"{name}_phase{k}"
             try:
                 if reason:
                     raise CaseRejected(reason)
                 geometry = series_geometry(members)
-                image = read_series(geometry)
+                image = checked_image(read_series(geometry))
             except CaseRejected as err:
-                log.warning("skipping DICOM series %s: %s", rel(where, folder), err)
+                yield Unreadable(source, f"DICOM series {rel(where, folder)}: {err}")
                 continue
             modality = modality_name(group[0].modality) if group[0].modality else None
             yield Input(source, np.asarray(image, dtype=np.float32), geometry.affine, geometry.affine, modality,
                         tuple(h.path for h in geometry.headers))
 
 
-def find_inputs(path: Path) -> Iterator[Input]:
-    """Every image to segment in a NIfTI file, a DICOM series folder, or a folder of either.
+def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
+    """Every image to segment in a NIfTI file, a DICOM series folder, or a folder of either; an input that cannot be
+    used is an :class:`Unreadable` (with its reason), so that the others still run.
 
-    NIfTI goes through ingest's own reader, so the model sees the geometry it was trained on (e.g. ACDC's pixdim
-    spacing where the sform says 1 mm); the output keeps the input file's own affine, on the same voxel grid.
+    Images pass ingest's own checks (:func:`medseg.ingest.checks.checked_image`). NIfTI goes through ingest's own
+    reader, so the model sees the geometry it was trained on (e.g. ACDC's pixdim spacing where the sform says 1 mm);
+    the output keeps the input file's own affine, on the same voxel grid.
+
+    Raises:
+        StageInputError: ``path`` does not exist, or holds no NIfTI file or DICOM series at all.
     """
     import nibabel as nib
 
+    from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected
     from medseg.ingest.nifti import is_nifti, load_nifti, nifti_stem
 
+    path = Path(path).expanduser().resolve()  # "." has no name; the resolved folder has
     if not path.exists():
         raise StageInputError(f"input not found: {path}")
     if path.is_file() and is_nifti(path):
         try:
             array, affine = load_nifti(path)
+            image = checked_image(array)
+            yield Input(nifti_stem(path), np.asarray(image, dtype=np.float32), affine, nib.load(str(path)).affine,
+                        source=path)
         except CaseRejected as err:
-            raise StageInputError(f"{path}: {err}") from None
-        yield Input(nifti_stem(path), np.asarray(array, dtype=np.float32), affine, nib.load(str(path)).affine)
+            yield Unreadable(nifti_stem(path), f"{path.name}: {err}")
         return
     if not path.is_dir():
         raise StageInputError(f"{path}: neither a NIfTI file nor a folder")
@@ -163,6 +183,18 @@ def find_inputs(path: Path) -> Iterator[Input]:
         yield item
     if not found:
         raise StageInputError(f"no NIfTI file or readable DICOM series in {path}")
+
+
+def output_names(name: str, taken: set[str]) -> str:
+    """A file stem for ``name`` that is safe (no separator, not hidden) and not in ``taken`` (then added to it):
+    the first clash gets ``_2``, the next ``_3``, in the order inputs are found, which is sorted and so stable."""
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "image"
+    unique, k = stem, 1
+    while unique.lower() in taken:  # case-insensitive file systems (macOS, Windows) clash on case alone
+        k += 1
+        unique = f"{stem}_{k}"
+    taken.add(unique.lower())
+    return unique
 
 
 def _normalization(config: dict, modality: str | None, name: str) -> dict:
@@ -275,6 +307,10 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         dicom_seg: bool = False, ensemble: bool = False) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``).
 
+    Outputs are named after the inputs (a NIfTI file's stem, a DICOM series' folder), made unique per run by
+    :func:`output_names`. An input that cannot be read or segmented is reported (``failed`` in the summary, one
+    log line each) and the others still run; the CLI then exits 1.
+
     Args:
         model: one or more model folders (its all-data model ``fold_all`` when it has one, else every fold),
             ``model.pt`` files or MLflow model URIs; all are ensembled.
@@ -299,21 +335,53 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     names = [model] if isinstance(model, (str, Path)) else list(model)
     log.info("%d network(s) from %s; tta=%s, largest component kept for classes %s", len(models),
              ", ".join(map(str, names)), tta, largest)
-    written, dicom_segs = [], []
+    out_dir = _output_folder(Path(out_dir), Path(input_path))
+    written, dicom_segs, failed, taken = [], [], [], set()
     for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
-        if dicom_seg and not item.dicom_files:
-            raise StageInputError(f"--dicom-seg needs DICOM inputs: {item.name} is NIfTI")
-        labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
-                         sw_batch_size, device, item.name)
-        written.append(str(save_nifti(Path(out_dir) / f"{item.name}.nii.gz", labels, item.output_affine,
-                                      dtype=np.uint8)))
-        if dicom_seg:
-            dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"], ", ".join(map(str, names)),
-                                                  Path(out_dir) / f"{item.name}.seg.dcm")))
-        log.info("%s: %s", item.name, {config["labels"].get(str(k), k): int((labels == k).sum())
-                                       for k in np.unique(labels) if k})
-    summary = {"model": [str(m) for m in names], "written": written, "tta": tta,
-               "largest_component": largest}
+        name = output_names(item.name, taken)
+        try:
+            if isinstance(item, Unreadable):
+                raise StageInputError(item.reason)
+            if dicom_seg and not item.dicom_files:
+                raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
+            target = out_dir / f"{name}.nii.gz"
+            if item.source is not None and target.exists() and target.samefile(item.source):
+                raise StageInputError(f"its output {target} would replace the input itself")
+            labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
+                             sw_batch_size, device, name)
+            written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
+            if dicom_seg:
+                dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
+                                                      ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))
+        except Exception as err:  # one bad input never stops the others; each gets one line
+            reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
+            log.debug("%s failed", name, exc_info=True)
+            log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
+            failed.append({"input": name, "reason": reason})
+            continue
+        log.info("%s: %s", name, {config["labels"].get(str(k), k): int((labels == k).sum())
+                                  for k in np.unique(labels) if k})
+    summary = {"model": [str(m) for m in names], "written": written, "failed": failed,
+               "succeeded": len(written), "tta": tta, "largest_component": largest}
     if dicom_seg:
         summary["dicom_seg"] = dicom_segs
     return summary
+
+
+def _output_folder(out_dir: Path, input_path: Path) -> Path:
+    """``out_dir``, created; refused when it is a file, not writable, or overlaps the input folder (predictions are
+    never written among, or over, the user's inputs)."""
+    import os
+
+    out_dir, source = out_dir.expanduser().resolve(), input_path.expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise StageInputError(f"--out {out_dir} is a file, not a folder")
+    if source.is_dir() and (out_dir == source or out_dir.is_relative_to(source) or source.is_relative_to(out_dir)):
+        raise StageInputError(f"--out {out_dir} overlaps the input folder {source}: choose a folder outside it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StageInputError(f"--out {out_dir} cannot be created: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise StageInputError(f"--out {out_dir} is not writable")
+    return out_dir

@@ -78,8 +78,8 @@ def _msd(root, modality='{"0": "CT"}'):
 
 
 def test_msd_task(tmp_path):
-    _msd(tmp_path / "Task07_Pancreas")
-    summary = run(tmp_path, tmp_path / "out")  # the task folder one level down is found
+    _msd(tmp_path / "data" / "Task07_Pancreas")
+    summary = run(tmp_path / "data", tmp_path / "out")  # the task folder one level down is found
     assert summary["layout"] == "msd" and summary["accepted"] == 2 and summary["rejected"] == 0
     m = read_manifest(tmp_path / "out")
     assert m.labels == {0: "background", 1: "pancreas", 2: "cancer"}

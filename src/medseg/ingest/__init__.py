@@ -26,7 +26,7 @@ from medseg.atomic import remove_temporaries, save_nifti, write_json
 from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
-from medseg.ingest.checks import as_3d, check_image, check_label, guess_modality, spacing_of
+from medseg.ingest.checks import check_label, checked_image, guess_modality, spacing_of
 from medseg.ingest.common import CaseRejected, Item, Scan
 from medseg.ingest.dicom import scan_dicom
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL
@@ -66,8 +66,7 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None) -> tuple[Ca
     except Exception as err:  # a reader bug or an odd file must not stop the other cases
         log.debug("unexpected error reading %s", item.source, exc_info=True)
         raise CaseRejected(f"unexpected error while reading: {type(err).__name__}: {str(err)[:200]}") from None
-    image = as_3d(np.asarray(loaded.image), "image")
-    check_image(image)
+    image = checked_image(loaded.image)
     label, values = None, set()
     if loaded.label is not None:
         label = check_label(np.asarray(loaded.label), loaded.label_affine, image.shape, loaded.affine, allowed)

@@ -9,7 +9,7 @@ import numpy as np
 
 from medseg.ingest.common import CaseRejected
 
-__all__ = ["TRANSLATION_TOL_MM", "LINEAR_TOL", "CT_MIN_THRESHOLD", "as_3d", "check_image", "check_label", "affine_mismatch",
+__all__ = ["TRANSLATION_TOL_MM", "LINEAR_TOL", "CT_MIN_THRESHOLD", "as_3d", "check_image", "checked_image", "check_label", "affine_mismatch",
            "spacing_of", "guess_modality"]
 
 TRANSLATION_TOL_MM = 1e-3  # label vs image origin, absolute, mm
@@ -42,6 +42,14 @@ def check_image(image: np.ndarray) -> None:
         bad = int(np.count_nonzero(~np.isfinite(image)))
         if bad:
             raise CaseRejected(f"image has {bad} NaN/inf voxels")
+
+
+def checked_image(array) -> np.ndarray:
+    """The checks every image passes, in ingest and in ``medseg predict`` alike: 3D (:func:`as_3d`), finite
+    (:func:`check_image`)."""
+    image = as_3d(np.asarray(array), "image")
+    check_image(image)
+    return image
 
 
 def affine_mismatch(a: np.ndarray, b: np.ndarray, translation_tol: float = TRANSLATION_TOL_MM,
