@@ -9,8 +9,8 @@ import numpy as np
 
 from medseg.ingest.common import CaseRejected
 
-__all__ = ["TRANSLATION_TOL_MM", "LINEAR_TOL", "CT_MIN_THRESHOLD", "as_3d", "check_image", "checked_image", "check_label", "affine_mismatch",
-           "spacing_of", "guess_modality"]
+__all__ = ["TRANSLATION_TOL_MM", "LINEAR_TOL", "CT_MIN_THRESHOLD", "as_3d", "check_image", "checked_image",
+           "check_label", "affine_mismatch", "spacing_of", "guess_modality"]
 
 TRANSLATION_TOL_MM = 1e-3  # label vs image origin, absolute, mm
 LINEAR_TOL = 1e-4  # label vs image rotation/zoom part of the affine, absolute
