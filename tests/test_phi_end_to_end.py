@@ -1,4 +1,5 @@
-"""No patient identifier from DICOM headers reaches any output of any stage, MLflow's store included."""
+"""No patient identifier from DICOM headers, and no source folder name or path, reaches any output or log of any
+stage, MLflow's store and artifacts included."""
 
 import gzip
 from pathlib import Path
@@ -10,6 +11,7 @@ from medseg import demo_data, evaluate, ingest, plan, preprocess, register, trai
 
 pytestmark = pytest.mark.slow
 
+FOLDER = "DOE_JOHN_MRN12345"
 PHI_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName",
             "ReferringPhysicianName")
 
@@ -39,10 +41,13 @@ def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
                         preprocess={"folds": 2}, plan={"target_spacing": [3.0, 3.0, 6.0]}, train={"max_epochs": 1},
                         register={"model_name": "pancreas-phi-check"})
     demo_data.run(tmp_path / "demo", seed=3, cardiac_patients=1, ct_patients=2)
-    phi = identifiers(tmp_path / "demo" / "pancreas_ct")
+    root = tmp_path / "demo" / "pancreas_ct"  # one series folder named as hospital exports often are
+    (root / "dicom" / "series001").rename(root / "dicom" / FOLDER)
+    (root / "labels" / "series001.nii.gz").rename(root / "labels" / f"{FOLDER}.nii.gz")
+    phi = identifiers(tmp_path / "demo" / "pancreas_ct") | {FOLDER, str(root)}
     assert len(phi) >= 10  # the demo CT carries names, MRNs, birth dates, accession numbers, institutions
     source_bytes = every_byte(tmp_path / "demo" / "pancreas_ct")
-    assert all(v.encode() in source_bytes for v in phi)  # the search below does find them where they are
+    assert all(v.encode() in source_bytes for v in phi - {FOLDER, str(root)})  # the search below does find them where they are
 
     ingest.run(Path(params.data.source), Path(params.paths.ingested), layout="dicom")
     plan.run(params)

@@ -46,11 +46,20 @@ def configure_mlflow(mlflow_params: MlflowParams) -> str:
 
 
 def flatten_params(params: Params, sections: tuple[str, ...] = ("data", "preprocess", "model", "train")) -> dict:
-    """``{"model.name": "unet", ...}`` for ``mlflow.log_params`` (lists as strings)."""
+    """``{"model.name": "unet", ...}`` for ``mlflow.log_params`` (lists as strings).
+
+    ``data.source`` is logged as a keyed pseudonym of the resolved folder (``source-3f9c0a1b2d``): the same folder
+    gives the same value, so runs can still be grouped by data, but a folder named after a patient never reaches the
+    MLflow store. The data's content is identified by ``data_md5`` (:func:`data_version`).
+    """
+    from medseg.pseudonym import pseudonym
+
     flat: dict[str, Any] = {}
     for section in sections:
         for key, value in params.section(section).items():
             flat[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    if "data.source" in flat:
+        flat["data.source"] = pseudonym(str(Path(flat["data.source"]).expanduser().resolve()), prefix="source")
     return flat
 
 

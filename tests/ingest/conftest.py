@@ -108,3 +108,18 @@ def axial_positions(n: int, z0: float = 10.0, step: float = 2.5, x: float = -100
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def read_report(out: Path, src: Path) -> dict:
+    """``ingest_report.json`` with each entry's ``input`` key translated back to its path under ``src`` as
+    ``source`` (what ``--write-id-map`` lets a user do; the report itself names no path)."""
+    from medseg.ingest.common import rel
+    from medseg.ingest.privacy import input_key
+
+    src = Path(src).resolve()
+    names = {input_key(rel(p, src)): rel(p, src) for p in [src, *src.rglob("*")]}
+    report = read_json(Path(out) / "ingest_report.json")
+    for entry in report["accepted"] + report["rejected"]:
+        assert "source" not in entry
+        entry["source"] = names.get(entry["input"], entry["input"])
+    return report

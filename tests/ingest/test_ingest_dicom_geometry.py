@@ -5,7 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import axial_positions, read_json, slice_value, write_nifti, write_series
+from conftest import axial_positions, read_json, read_report, slice_value, write_nifti, write_series
 
 from medseg.ingest import run
 from medseg.manifest import read_manifest
@@ -77,7 +77,7 @@ def test_rescale_applied(tmp_path):
     write_series(src / "flt", axial_positions(3), slope=0.5, intercept=-10, series_uid="1.2.3.2")
     run(src, tmp_path / "out")
     m = read_manifest(tmp_path / "out")
-    report = {a["source"]: a["case_id"] for a in read_json(tmp_path / "out" / "ingest_report.json")["accepted"]}
+    report = {a["source"]: a["case_id"] for a in read_report(tmp_path / "out", src)["accepted"]}
     cases = {c.case_id: c for c in m.cases}
     vol_int = np.asanyarray(nib.load(m.image_path(cases[report["int"]])).dataobj)
     vol_flt = np.asanyarray(nib.load(m.image_path(cases[report["flt"]])).dataobj)
@@ -108,7 +108,7 @@ def test_dicom_labels_checked(tmp_path):
     (src / "labels.json").write_text('{"0": "background", "1": "pancreas", "2": "tumour"}')
     summary = run(src, tmp_path / "out")
     assert summary["accepted"] == 1 and summary["labelled"] == 1
-    report = read_json(tmp_path / "out" / "ingest_report.json")
+    report = read_report(tmp_path / "out", src)
     assert [a["source"] for a in report["accepted"]] == ["dicom/good"]
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     assert set(reasons) == {"dicom/bad_shape", "dicom/bad_affine"}  # labels/ and labels.json are not scanned

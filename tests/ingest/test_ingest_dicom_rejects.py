@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from conftest import axial_positions, read_json, write_series
+from conftest import axial_positions, read_json, read_report, write_series
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, RTStructureSetStorage, generate_uid
@@ -68,7 +68,7 @@ def messy_source(tmp_path):
 def test_each_broken_series_rejected_with_reason(messy_source, tmp_path):
     summary = run(messy_source, tmp_path / "out")
     assert summary["layout"] == "dicom" and summary["accepted"] == 1
-    report = read_json(tmp_path / "out" / "ingest_report.json")
+    report = read_report(tmp_path / "out", messy_source)
     assert [a["source"] for a in report["accepted"]] == ["good"]
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     expected = {"gap": "non-uniform slice spacing", "dupe": "duplicate slice positions", "single/x000": "single slice",

@@ -5,6 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 
+from conftest import read_report
+
 from medseg.ingest import run
 
 
@@ -44,7 +46,7 @@ def test_each_bad_nifti_rejected_with_reason_others_kept(tmp_path):
     (src / "labels.json").write_text(json.dumps({"0": "background", "1": "organ"}))
 
     summary = run(src, tmp_path / "out", layout="nifti")
-    report = json.loads((tmp_path / "out/ingest_report.json").read_text())
+    report = read_report(tmp_path / "out", src)
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     assert summary["accepted"] == 2  # good, label_nudged
     assert "qform and sform disagree" in reasons["images/qform_disagrees.nii.gz"]

@@ -7,7 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import make_acdc_patient, read_json, write_nifti
+from conftest import make_acdc_patient, read_json, read_report, write_nifti
 
 from medseg.errors import IngestError
 from medseg.ingest import run
@@ -40,7 +40,7 @@ def test_acdc_two_cases_per_patient(tmp_path):
     assert nib.load(m.image_path(groups["NOR"]["ED"])).get_data_dtype() == np.float32
     assert nib.load(m.label_path(dcm_ed)).get_data_dtype() == np.uint8
 
-    report = read_json(tmp_path / "out" / "ingest_report.json")
+    report = read_report(tmp_path / "out", src)
     assert report["source_layout"] == "acdc" and report["rejected"] == []
     assert {a["source"] for a in report["accepted"]} >= {"training/patient001/patient001_frame01.nii.gz",
                                                          "training/patient002/patient002_frame12.nii.gz"}
@@ -54,7 +54,7 @@ def test_acdc_bad_label_rejected_others_kept(tmp_path):
     write_nifti(bad / "patient002_frame05_gt.nii.gz", np.full((8, 7, 4), 5, np.uint8))  # 5 not in the map
     summary = run(src, tmp_path / "out")
     assert summary["accepted"] == 2 and summary["rejected"] == 2
-    reasons = {r["source"]: r["reason"] for r in read_json(tmp_path / "out" / "ingest_report.json")["rejected"]}
+    reasons = {r["source"]: r["reason"] for r in read_report(tmp_path / "out", src)["rejected"]}
     assert "shape" in reasons["patient002/patient002_frame01.nii.gz"]
     assert "not in the label map" in reasons["patient002/patient002_frame05.nii.gz"]
 
@@ -93,7 +93,7 @@ def test_msd_multimodal_4d_rejected(tmp_path):
     write_nifti(root / "imagesTr" / "pancreas_001.nii.gz", np.zeros((6, 5, 4, 2), np.float32))
     summary = run(root, tmp_path / "out", layout="msd")
     assert summary["accepted"] == 1 and summary["rejected"] == 1
-    (rej,) = read_json(tmp_path / "out" / "ingest_report.json")["rejected"]
+    (rej,) = read_report(tmp_path / "out", root)["rejected"]
     assert rej["source"] == "imagesTr/pancreas_001.nii.gz" and "4D" in rej["reason"]
     assert read_manifest(tmp_path / "out").cases[0].modality == "MR"
 
@@ -112,7 +112,7 @@ def test_nifti_images_labels_and_modality_guess(tmp_path):
     modalities = sorted((c.modality, c.label is not None) for c in m.cases)
     assert modalities == [("CT", True), ("MR", False)]
     assert m.labels == {0: "background", 1: "class_1"}
-    (rej,) = read_json(tmp_path / "out" / "ingest_report.json")["rejected"]
+    (rej,) = read_report(tmp_path / "out", src)["rejected"]
     assert rej["source"] == "images/broken.nii.gz" and "NaN" in rej["reason"]
 
 
@@ -138,7 +138,7 @@ def test_label_affine_mismatch_rejected(tmp_path):
     write_nifti(src / "labels" / "zoomed.nii.gz", np.zeros((4, 4, 4), np.uint8), np.diag([1.5, 1.5, 5.01, 1.0]))
     summary = run(src, tmp_path / "out")
     assert summary["accepted"] == 1
-    reasons = {r["source"]: r["reason"] for r in read_json(tmp_path / "out" / "ingest_report.json")["rejected"]}
+    reasons = {r["source"]: r["reason"] for r in read_report(tmp_path / "out", src)["rejected"]}
     assert "origin differs" in reasons["images/shifted.nii.gz"]
     assert "orientation/spacing differ" in reasons["images/zoomed.nii.gz"]
 

@@ -8,7 +8,7 @@ import subprocess
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, read_json
+from conftest import SHARED_DATA, read_json, read_report
 
 from medseg.ingest import run
 from medseg.ingest.dicom import decoder_problem
@@ -57,7 +57,7 @@ def test_jpeg2000_empty_uids(tmp_path):
 def test_pydicom_corpus_does_not_crash(tmp_path):
     summary = run(DICOM / "pydicom_testfiles", tmp_path / "out")
     assert summary["accepted"] >= 1 and summary["rejected"] > 30
-    report = read_json(tmp_path / "out" / "ingest_report.json")
+    report = read_report(tmp_path / "out", DICOM / "pydicom_testfiles")
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     assert all(r["reason"] for r in report["rejected"])
     assert "RTSTRUCT" in reasons["test_files/rtstruct.dcm"]

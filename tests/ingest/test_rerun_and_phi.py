@@ -178,10 +178,14 @@ def test_no_phi_in_outputs_or_log_and_private_id_map(tmp_path, caplog, capsys):
 
     assert stat.S_IMODE(id_map.stat().st_mode) == 0o600
     mapping = read_json(id_map)
-    assert set(mapping) == {c["case_id"] for c in read_json(out / MANIFEST_NAME)["cases"]}
-    assert sorted(v["patient_id"] for v in mapping.values()) == ["PAT-2", PHI["PatientID"]]
-    assert sorted(v["source"] for v in mapping.values()) == ["a", "b"]
-    assert all(set(v) == {"patient_id", "study_uid", "series_uid", "source"} for v in mapping.values())
+    cases = {k: v for k, v in mapping.items() if not k.startswith("input-")}
+    assert set(cases) == {c["case_id"] for c in read_json(out / MANIFEST_NAME)["cases"]}
+    assert sorted(v["patient_id"] for v in cases.values()) == ["PAT-2", PHI["PatientID"]]
+    assert sorted(v["source"] for v in cases.values()) == ["a", "b"]
+    assert all(set(v) == {"patient_id", "study_uid", "series_uid", "source", "input"} for v in cases.values())
+    inputs = {k: v["source"] for k, v in mapping.items() if k.startswith("input-")}  # the report's keys resolve
+    report = read_json(out / "ingest_report.json")
+    assert sorted(inputs[e["input"]] for e in report["accepted"]) == ["a", "b"]
     text = id_map.read_text()
     assert [n for n in NEEDLES if n in text] == [PHI["PatientID"]]  # names, dates, accession: not even in the map
 

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from medseg.ingest.dicom_headers import quiet_pydicom
 from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_help
 from medseg.ingest.msd import scan_msd
 from medseg.ingest.nifti import scan_nifti
+from medseg.ingest.privacy import Scrubber, input_key
 from medseg.manifest import REPORT_NAME, Case, write_manifest
-from medseg.pseudonym import write_id_map
+from medseg.pseudonym import project_key, write_id_map
 
 __all__ = ["run", "detect_layout", "LAYOUTS", "READERS"]
 
@@ -57,14 +59,14 @@ def _image_dtype(image: np.ndarray) -> np.dtype:
     return image.dtype
 
 
-def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None) -> tuple[Case, set[int]]:
+def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None, scrub: Scrubber) -> tuple[Case, set[int]]:
     """Load, check and write one case; returns its manifest entry and the label values it holds."""
     try:
         loaded = item.load()
     except CaseRejected:
         raise
     except Exception as err:  # a reader bug or an odd file must not stop the other cases
-        log.debug("unexpected error reading %s", item.source, exc_info=True)
+        log.debug("unexpected error reading %s:\n%s", input_key(item.source), scrub(traceback.format_exc()))
         raise CaseRejected(f"unexpected error while reading: {type(err).__name__}: {str(err)[:200]}") from None
     image = checked_image(loaded.image)
     label, values = None, set()
@@ -86,7 +88,7 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None) -> tuple[Ca
 DUPLICATE = "duplicate case: same patient and series/phase as an accepted case"
 
 
-def _ingest_group(group: list[Item], out_dir: Path, allowed: set[int] | None) -> list[dict[str, Any]]:
+def _ingest_group(group: list[Item], out_dir: Path, allowed: set[int] | None, scrub: Scrubber) -> list[dict[str, Any]]:
     """Ingest the items that share one case_id, in order: the first accepted one wins, later ones are duplicates.
 
     Grouping keeps two threads from ever writing the same output file.
@@ -95,15 +97,15 @@ def _ingest_group(group: list[Item], out_dir: Path, allowed: set[int] | None) ->
     done = False
     for item in group:
         if done:
-            results.append({"source": item.source, "reason": DUPLICATE})
+            results.append(scrub.public(item.source, DUPLICATE))
             continue
         try:
-            case, values = _ingest_one(item, out_dir, allowed)
+            case, values = _ingest_one(item, out_dir, allowed, scrub)
         except CaseRejected as err:
-            results.append({"source": item.source, "reason": str(err)})
+            results.append(scrub.public(item.source, str(err)))
             continue
         done = True
-        results.append({"source": item.source, "case": case.to_json(), "values": sorted(values)})
+        results.append({"input": input_key(item.source), "case": case.to_json(), "values": sorted(values)})
     return results
 
 
@@ -113,11 +115,11 @@ def _outputs(results: list[dict[str, Any]]) -> list[str]:
 
 def _identifiers(item: Item) -> dict[str, str]:
     """Source identifiers of a case for the re-identification map (layouts other than DICOM have only the path)."""
-    return {**item.identifiers, "source": item.source}
+    return {**item.identifiers, "source": item.source, "input": input_key(item.source)}
 
 
 def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,
-               workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
+               scrub: Scrubber, workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
     """Ingest the cases whose cache entry is stale, ``workers`` at a time.
 
     Returns:
@@ -143,7 +145,7 @@ def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Pat
         # pydicom's quiet_pydicom() swaps process-wide state (logger level, warning filters); holding it around
         # the pool keeps that state quiet however the threads' own enter/exit interleave.
         with quiet_pydicom(), tqdm(total=len(todo), desc=desc, unit="case", disable=None) as bar:
-            futures = {pool.submit(_ingest_group, groups[cid], out_dir, allowed): cid for cid in todo}
+            futures = {pool.submit(_ingest_group, groups[cid], out_dir, allowed, scrub): cid for cid in todo}
             for fut in as_completed(futures):
                 cid = futures[fut]
                 results = fut.result()
@@ -224,45 +226,54 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         id_map = Path(id_map).expanduser().resolve()
         if id_map.is_relative_to(out_dir):  # the data folder is shared and versioned: no identifiers there
             raise IngestError(f"--write-id-map {id_map} must lie outside the output folder {out_dir}")
+    with project_key(out_dir):  # the project's key, wherever the command is started from
+        return _ingest(source, out_dir, layout, id_map, workers, spacing_tolerance)
+
+
+def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, workers: int | None,
+            spacing_tolerance: float) -> dict[str, Any]:
     skip = (out_dir,)
     if layout == "auto":
         layout = detect_layout(source, skip)
     elif layout not in READERS:
         raise IngestError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
-    log.info("ingesting %s as layout %s", source, layout)
+    log.info("ingesting data.source as layout %s", layout)  # no path: folder names can identify patients
     reader = READERS[layout]
     scan: Scan = reader(source, skip, spacing_tolerance) if reader is scan_dicom else reader(source, skip)
-    rejected = list(scan.rejected)
-    for r in scan.rejected:
-        log.warning("rejected %s: %s", r["source"], r["reason"])
     allowed = set(scan.labels) if scan.labels else None
     groups: dict[str, list[Item]] = {}
     for item in scan.items:
         groups.setdefault(item.case_id, []).append(item)
     index = SourceIndex(source, skip, [i.source for i in scan.items], code_version(f"layout={layout}"))
+    scrub = Scrubber(source, index.paths)
+    rejected = [scrub.public(r["source"], r["reason"]) for r in scan.rejected]
+    for r in rejected:
+        log.warning("rejected %s: %s", r["input"], r["reason"])
     keys = {cid: hashlib.sha256("\x1f".join(index.key(i.source) for i in g).encode()).hexdigest()
             for cid, g in groups.items()}
     for folder in (out_dir, out_dir / "images", out_dir / "labels"):  # left by a killed run
         remove_temporaries(folder)
-    cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, workers or os.cpu_count() or 1,
+    cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, scrub, workers or os.cpu_count() or 1,
                                         f"ingest {layout}")
-    results = {(cid, r["source"]): r for cid, entry in cache.items() for r in entry["results"]}
+    results = {(cid, r["input"]): r for cid, entry in cache.items() for r in entry["results"]}
     cases: dict[str, Case] = {}
-    accepted, values_seen, ids = [], set(), {}
+    accepted, values_seen = [], set()
+    ids = {input_key(r["source"]): {"source": r["source"]} for r in scan.rejected}
     for item in scan.items:  # the scan's order, whatever order the threads finished in
-        r = results[(item.case_id, item.source)]
+        key = input_key(item.source)
+        ids[key] = {"source": item.source}
+        r = results[(item.case_id, key)]
         if "reason" in r:
-            rejected.append({"source": item.source, "reason": r["reason"]})
-            log.warning("rejected %s: %s", item.source, r["reason"])
+            rejected.append({"input": key, "reason": r["reason"]})
+            log.warning("rejected %s: %s", key, r["reason"])
             continue
         case = Case.from_json(r["case"])
         cases[case.case_id] = case
         values_seen |= set(r["values"])
-        accepted.append({"source": item.source, "case_id": case.case_id})
-        if id_map is not None:
-            ids[case.case_id] = _identifiers(item)
+        accepted.append({"input": key, "case_id": case.case_id})
+        ids[case.case_id] = _identifiers(item)
     if not cases:
-        first = "; ".join(f"{r['source']}: {r['reason']}" for r in rejected[:3])
+        first = "; ".join(f"{r['input']}: {r['reason']}" for r in rejected[:3])
         raise IngestError(f"nothing usable in {source} (layout {layout}: {LAYOUT_HELP[layout]}); "
                           f"{len(rejected)} rejected" + (f", e.g. {first}" if first else ""))
     labels = dict(scan.labels) if scan.labels else {0: "background", **{v: f"class_{v}" for v in values_seen if v}}
@@ -273,7 +284,11 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
     report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
     if id_map is not None:
         write_id_map(id_map, ids)
-        log.info("re-identification map written (%d cases); keep it private", len(ids))
+        log.info("re-identification map written (%d cases, %d inputs); keep it private", len(cases),
+                 len(ids) - len(cases))
+    elif rejected:
+        log.info("%d input(s) rejected, named by input-... keys in %s; --write-id-map FILE maps the keys to files",
+                 len(rejected), REPORT_NAME)
     labelled = sum(c.label is not None for c in cases.values())
     log.info("ingest: %d cases accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases), labelled,
              len(rejected), skipped, out_dir)

@@ -8,7 +8,8 @@ hash of the bytes: reading every pixel to hash it would cost about as much as in
 This matters for ``medseg ingest`` run by hand and for the Prefect flow. ``dvc repro`` deletes a stage's outputs
 before it runs the stage, so under DVC every case is simply redone (DVC's own cache is what skips work there).
 
-The cache holds pseudonyms, hashes and output paths only: no source path, no patient identifier.
+The cache holds pseudonyms (``input-...`` keys for the inputs, see :mod:`.privacy`), hashes, scrubbed rejection
+reasons and output paths only: no source path, no patient identifier.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ class SourceIndex:
         roots = set(case_sources)
         shared = [e for e in self._entries if not _under_any(e[0], roots)]
         self._salt = salt + "\x1f" + _digest(shared)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file under SOURCE (bar ``skip``), relative to it, sorted."""
+        return list(self._paths)
 
     def key(self, case_source: str) -> str:
         """Key of the case whose files are ``case_source`` (a file, or every file under a folder)."""

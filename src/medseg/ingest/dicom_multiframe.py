@@ -93,5 +93,5 @@ def _frames(h: Header, ds, per_frame, shared) -> list[Header]:
             pixel_spacing=_floats(_lookup(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
             temporal_position=_float_or(_lookup(item, shared, "FrameContentSequence", "TemporalPositionIndex"), None),
             trigger_time=_float_or(trigger, None), acquisition_number=None))
-    log.debug("%s: %d frames", h.path.name, len(out))
+    log.debug("enhanced multi-frame object: %d frames", len(out))
     return out

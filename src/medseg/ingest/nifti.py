@@ -77,7 +77,7 @@ def _checked_affine(img, name: str) -> np.ndarray:
     norms = np.linalg.norm(affine[:3, :3], axis=0)
     if len(zooms) < 3 or np.any(zooms <= 0) or np.any(norms == 0) or np.allclose(norms, zooms, rtol=1e-4):
         return affine
-    log.info("%s: sform spacing %s disagrees with pixdim %s; using pixdim", name,
+    log.info("sform spacing %s disagrees with pixdim %s; using pixdim",  # no file name: ingest logs none
              tuple(np.round(norms, 4).tolist()), tuple(np.round(zooms, 4).tolist()))
     fixed = affine.copy()
     fixed[:3, :3] = affine[:3, :3] / norms * zooms
