@@ -58,7 +58,7 @@ def test_torchrun_two_cpu_ranks_train_one_model(tiny_ingested, params_for, tmp_p
     digests = dict(re.findall(r"rank (\d) fold 0 final weights sha256 ([0-9a-f]{64})", output))
     assert sorted(digests) == ["0", "1"], output[-4000:]
     assert digests["0"] == digests["1"], "the two ranks ended with different weights"
-    ckpt = torch.load(Path(params.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME, weights_only=False)
+    ckpt = torch.load(Path(params.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME, weights_only=True)
     assert weights_digest(ckpt["model"]) == digests["0"]
     # Both ranks' random states are in the one checkpoint, and they differ: each rank drew its own patches.
     assert len(ckpt["ranks"]) == 2

@@ -88,3 +88,36 @@ def test_deep_supervision_needs_a_network_that_has_it():
 def test_missing_file(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("train.learning_rate", -0.01, r"'train.learning_rate' must be above 0"),
+        ("train.learning_rate", 0.0, r"'train.learning_rate' must be above 0"),
+        ("train.steps_per_epoch", -3, r"'train.steps_per_epoch' must be at least 1, got -3"),
+        ("train.max_epochs", 0, r"'train.max_epochs' must be at least 1, got 0"),
+        ("train.augmentation.gamma_prob", 1.5, r"'train.augmentation.gamma_prob' must be at least 0 and at most 1"),
+        ("evaluate.sw_overlap", 1.0, r"'evaluate.sw_overlap' must be at least 0 and at most 0.99"),
+        ("plan.batch_size", 0, r"'plan.batch_size' must be at least 1"),
+    ],
+)
+def test_out_of_range_value_is_named(key, value, message):
+    raw = raw_params()
+    section, *path = key.split(".")
+    target = raw[section]
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize("text", ["train: [unclosed\n", "- a list\n", "key: value: other\n"])
+def test_a_file_that_is_not_params_yaml_is_one_line(tmp_path, capsys, text):
+    from medseg.cli import main
+
+    (tmp_path / "p.yaml").write_text(text)
+    assert main(["plan", "--params", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "p.yaml" in err and "Traceback" not in err

@@ -20,7 +20,7 @@ from tests.conftest import planned_and_preprocessed
 
 
 def checkpoint(params, fold=0) -> dict:
-    return torch.load(Path(params.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME, weights_only=False)
+    return torch.load(Path(params.paths.checkpoints) / f"fold_{fold}" / CHECKPOINT_NAME, weights_only=True)
 
 
 def optimizer_steps(ckpt: dict) -> int:
@@ -131,7 +131,7 @@ def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ing
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL, output
-    before = torch.load(ckpt_file, weights_only=False)
+    before = torch.load(ckpt_file, weights_only=True)
     assert 1 <= before["state"]["epoch"] < settings["max_epochs"]
     assert not Path(killed.paths.model).exists(), "a killed training must not leave a model folder behind"
 
@@ -167,6 +167,28 @@ def test_resume_ignores_checkpoint_from_other_params(tiny_ingested, params_for):
                          train={"max_epochs": 1, "learning_rate": params.train.learning_rate * 2})
     second = train.run(changed, resume=True)["folds"][0]
     assert second["run_id"] != first["run_id"]
+
+
+class _Payload:
+    """Unpickling this runs ``touch``: what a planted checkpoint could do if it were loaded with full pickle."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_planted_checkpoint(tiny_ingested, params_for, tmp_path, caplog):
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1}))
+    ckpt = Path(params.paths.checkpoints) / "fold_0" / CHECKPOINT_NAME
+    ckpt.parent.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Payload(marker)}, ckpt)
+    summary = train.run(params, resume=True)["folds"][0]
+    assert not marker.exists()
+    assert "cannot be loaded safely" in caplog.text and summary["epochs"] == 1
+    torch.load(ckpt, weights_only=True)  # the checkpoint written since loads without pickle
 
 
 def test_data_wait_fraction_measures_time_blocked_on_the_loader():

@@ -233,13 +233,27 @@ def _random_states(transform) -> list[np.random.RandomState]:
     return found
 
 
+def plain_numpy_state(state: tuple) -> tuple:
+    """A numpy ``RandomState`` state with its key array as a tensor: loadable with ``torch.load(weights_only=True)``,
+    which refuses numpy arrays (unpickling them could run code)."""
+    name, key, pos, has_gauss, cached = state
+    return (str(name), torch.from_numpy(np.asarray(key, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def numpy_state(plain: tuple) -> tuple:
+    """The inverse of :func:`plain_numpy_state`."""
+    name, key, pos, has_gauss, cached = plain
+    return name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached
+
+
 def loader_random_state(loader: TrainLoader) -> dict[str, Any]:
     """Every random generator of a training loader: the volume sampler, the loader's worker seeds and each random
-    transform. Take it between epochs (the loader's thread reads ahead within an epoch)."""
+    transform, as tensors and plain types. Take it between epochs (the loader's thread reads ahead within an
+    epoch)."""
     return {
         "sampler": loader.sampler.generator.get_state(),
         "loader": loader.loader.generator.get_state(),
-        "transforms": [r.get_state() for r in _random_states(loader.dataset.transform)],
+        "transforms": [plain_numpy_state(r.get_state()) for r in _random_states(loader.dataset.transform)],
     }
 
 
@@ -252,4 +266,4 @@ def set_loader_random_state(loader: TrainLoader, state: dict[str, Any]) -> None:
     loader.sampler.generator.set_state(state["sampler"])
     loader.loader.generator.set_state(state["loader"])
     for generator, saved in zip(states, state["transforms"]):
-        generator.set_state(saved)
+        generator.set_state(numpy_state(saved))

@@ -255,6 +255,34 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return params
 
 
+# Numeric params and their valid range: key -> (low, high or None, low excluded). Each is checked at load, so a
+# negative learning rate or zero epochs is one clear line, not a NaN model.
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "plan.batch_size": (1, None, False),
+    "model.base_channels": (1, None, False),
+    "model.max_channels": (1, None, False),
+    "model.num_res_units": (0, None, False),
+    "model.dropout": (0, 0.99, False),
+    "train.samples_per_volume": (1, None, False),
+    "train.foreground_fraction": (0, 1, False),
+    "train.steps_per_epoch": (1, None, False),
+    "train.max_epochs": (1, None, False),
+    "train.learning_rate": (0, 10, True),
+    "train.weight_decay": (0, None, False),
+    "train.val_interval": (1, None, False),
+    "train.num_workers": (0, None, False),
+    **{f"train.augmentation.{name}": (0, 1, False) for name in (
+        "rotate_prob", "scale_prob", "flip_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
+        "lowres_prob", "inverted_gamma_prob", "gamma_prob")},
+    "train.augmentation.rotate_range_deg": (0, 180, False),
+    "evaluate.sw_overlap": (0, 0.99, False),
+    "evaluate.sw_batch_size": (1, None, False),
+    "evaluate.overlay_cases": (0, None, False),
+    "demo.cardiac_patients": (0, None, False),
+    "demo.ct_patients": (0, None, False),
+}
+
+
 def _check_consistency(p: Params) -> None:
     if p.model.channels is None and p.model.strides is not None:
         raise ParamsError("params key 'model.strides' must be null when 'model.channels' is null (planned)")
@@ -275,8 +303,16 @@ def _check_consistency(p: Params) -> None:
                           f"got {p.train.fold}")
     if p.train.time_budget_minutes is not None and p.train.time_budget_minutes <= 0:
         raise ParamsError("params key 'train.time_budget_minutes' must be positive (or null: use max_epochs)")
-    if not 0.0 <= p.train.foreground_fraction <= 1.0:
-        raise ParamsError("params key 'train.foreground_fraction' must be between 0 and 1")
+    for key, (lo, hi, lo_open) in RANGES.items():
+        section, _, name = key.partition(".")
+        value = p.section(section)
+        for part in name.split("."):
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        if value is None:
+            continue
+        if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
+            bound = f"{'above' if lo_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
+            raise ParamsError(f"params key '{key}' must be {bound}, got {value}")
     lo, hi = p.train.augmentation.scale_range
     if not 0 < lo <= hi:
         raise ParamsError("params key 'train.augmentation.scale_range' must be [min, max] with 0 < min <= max")
@@ -291,8 +327,17 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path} (run from the project root or pass --params)")
-    with path.open() as fh:
-        raw = yaml.safe_load(fh) or {}
+    try:
+        with path.open() as fh:
+            raw = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:  # one line: the problem and where, not the parser's stack
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot be read: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: must be a mapping of sections (paths, data, ...), got {type(raw).__name__}")
     try:
         return params_from_dict(raw)
     except ParamsError as err:

@@ -268,16 +268,35 @@ def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = 
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    """Every global generator, as tensors and plain types (the checkpoint loads with ``weights_only=True``)."""
+    from medseg.data import plain_numpy_state
+
+    return {"torch": torch.get_rng_state(), "numpy": plain_numpy_state(np.random.get_state()),
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    from medseg.data import numpy_state
+
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(numpy_state(state["numpy"]))
     random.setstate(state["python"])
     if state["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path``, loaded with ``weights_only=True`` (tensors and plain types only: a file planted
+    there cannot run code); None, with a warning, when it cannot be loaded that way."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
+        log.warning("checkpoint %s cannot be loaded safely (%s): starting afresh", path,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return None
+    return ckpt if isinstance(ckpt, dict) else None
 
 
 def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
@@ -372,7 +391,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
              "best_epoch": 0, "final_val": None, "history": [], "run_id": None, "model_uri": None}
     ckpt = None
     if resume and ctx.is_main and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = _load_checkpoint(ckpt_path)
     ckpt = dd.broadcast(ckpt, ctx)  # one reader; ranks on other nodes need no shared file system
     if ckpt is not None:
         # Restored last: building the network and loaders above consumed randomness the checkpoint supersedes.
