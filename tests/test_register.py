@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from medseg import evaluate, register
 from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 from medseg.evaluate import METRICS_NAME
+from medseg.mlflow_model import load_registered
 
 
 def test_first_model_is_champion_worse_one_is_challenger(trained):
@@ -55,13 +58,65 @@ def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
     evaluate.run(params)
     register.run(params)
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    net = mlflow.pytorch.load_model(f"models:/{params.register.model_name}@champion")
+    (net, config), = load_registered(f"models:/{params.register.model_name}@champion")
+    assert config["out_channels"] == 4
     with torch.no_grad():
         for batch, size in [(1, (32, 32)), (3, (96, 128)), (2, (64, 48))]:
             assert net(torch.randn(batch, 1, *size)).shape == (batch, 4, *size)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
     out = pyfunc.predict(np.random.rand(2, 1, 64, 96).astype(np.float32))
     assert np.asarray(out).shape == (2, 4, 64, 96)
+    flavors = mlflow.models.get_model_info(f"models:/{params.register.model_name}@champion").flavors
+    assert set(flavors) == {"python_function"} and flavors["python_function"]["loader_module"] == "medseg.mlflow_model"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_tampered_registry_model_is_refused_without_running_code(trained, tmp_path, monkeypatch, capsys):
+    """Whoever can write to the artifact store must not be able to run code where models are loaded."""
+    from medseg.cli import main
+    from medseg.model_folder import MODEL_NAME
+
+    params, _ = trained
+    evaluate.run(params)
+    register.run(params)
+    marker = tmp_path / "pwned"
+    planted = list(Path(params.mlflow.artifact_root).rglob(MODEL_NAME))
+    assert planted
+    for path in planted:
+        torch.save({"state_dict": _Payload(marker), "config": {}}, path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", params.mlflow.tracking_uri)
+    image = tmp_path / "in" / "a.nii.gz"
+    image.parent.mkdir()
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.zeros((40, 36, 5), np.float32), np.eye(4)), str(image))
+    code = main(["predict", "--model", f"models:/{params.register.model_name}@champion", str(image),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and not marker.exists()
+    assert "not a model written by 'medseg train'" in capsys.readouterr().err
+    with pytest.raises(Exception):
+        mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
+    assert not marker.exists()
+
+
+def test_an_unknown_registry_model_is_one_line_and_creates_no_store(tmp_path, monkeypatch, capsys):
+    from medseg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    code = main(["predict", "--model", "models:/does-not-exist@champion", str(tmp_path / "a.nii.gz"),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_the_all_data_model_is_registered_with_the_folds_that_estimated_it(tiny_ingested, params_for):

@@ -59,7 +59,7 @@ def _load_one(model: str, ensemble: bool = False) -> list[Model]:
     """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / fold / ``model.pt``
     (a model folder: its all-data model, or with ``ensemble`` every fold; see
     :func:`medseg.model_folder.model_files`)."""
-    from medseg.model_folder import CONFIG_NAME, load_trained
+    from medseg.model_folder import load_trained
 
     if "://" not in model and ":/" not in model:
         if not Path(model).exists():
@@ -67,18 +67,18 @@ def _load_one(model: str, ensemble: bool = False) -> list[Model]:
         return load_trained(model, ensemble)
     import mlflow
 
-    from medseg.atomic import read_json
+    from medseg.mlflow_model import load_registered
     from medseg.params import DEFAULT_PARAMS_FILE, load_params
     from medseg.tracking import tracking_uri
 
     mlflow_params = load_params(DEFAULT_PARAMS_FILE).mlflow if Path(DEFAULT_PARAMS_FILE).is_file() else None
-    mlflow.set_tracking_uri(tracking_uri(mlflow_params))
-    local = Path(mlflow.artifacts.download_artifacts(model))
-    configs = list(local.rglob(CONFIG_NAME))
-    if not configs:
-        raise StageInputError(f"{model} has no {CONFIG_NAME}: was it logged by 'medseg train'?")
-    net = mlflow.pytorch.load_model(str(local), map_location="cpu")
-    return [(net.eval(), read_json(configs[0]))]
+    uri = tracking_uri(mlflow_params)
+    store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if store is not None and not Path(store).is_file():  # MLflow would create an empty store here, then fail
+        raise StageInputError(f"no MLflow store at {store} to look up {model} (run from the project folder or set "
+                              f"MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(uri)
+    return load_registered(model)
 
 
 def load_models(models: str | Sequence[str], ensemble: bool = False) -> list[Model]:

@@ -513,8 +513,6 @@ def _log_epoch(record: dict) -> None:
 def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> None:
     """The fold's folder (the last epoch's weights) and, once per run, the logged MLflow model."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     from medseg.networks import build_network
 
@@ -528,18 +526,9 @@ def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> N
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in state["history"]]
     (out / HISTORY_NAME).write_text("\n".join(lines) + "\n")
     if state["model_uri"] is None:
-        spatial = [-1] * int(config["network"]["spatial_dims"])
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], *spatial))]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config["out_channels"], *spatial))]),
-        )
-        # Pickle, not the pt2 default: pt2 bakes the example's shape into the graph, and segmentation networks
-        # must run on any patch and batch size. The classes pickled are MONAI's, which are stable across releases,
-        # except an Attention U-Net with deep supervision: medseg.networks.DeepSupervisedAttentionUnet (must not move).
-        info = mlflow.pytorch.log_model(best, name="model", serialization_format="pickle", signature=signature,
-                                        extra_files=[str(out / CONFIG_NAME)],
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai",
-                                                          "numpy"])
+        from medseg.mlflow_model import log_model
+
+        info = log_model(out, config)
         state["model_uri"] = info.model_uri
         mlflow.log_artifact(str(out / HISTORY_NAME))
         final = {"epochs": state["epoch"], "train_minutes": state["elapsed_s"] / 60}
