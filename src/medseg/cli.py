@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except (MedsegError, ParamsError, FileNotFoundError) as err:
         print(f"medseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every stage writes atomically and keeps what it finished
+        print(f"medseg {args.command}: interrupted; nothing is left half-written (a re-run of ingest, or train "
+              f"--resume, goes on from where it stopped)", file=sys.stderr)
+        return 130
     if summary:
         print(json.dumps(summary, indent=2, default=str))
     failed = summary.get("failed") if summary else None

@@ -129,3 +129,65 @@ def test_progress_survives_a_kill(tmp_path, sig):
     summary = ingest.run(src, out)
     assert summary["accepted"] == 8 and summary["skipped"] == done
     assert not [p for p in out.rglob("*") if TMP_MARKER in p.name]
+
+
+def test_a_full_disk_is_one_line_and_the_finished_cases_are_kept(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import medseg.pgzip as pgzip
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for k in range(3):
+        write_series(src / f"s{k}", axial_positions(3), series_uid=f"1.5.{k}", patient_id=f"P{k}")
+    real, calls = pgzip.write_gzip, []
+
+    def fills_up(filename, data, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+        return real(filename, data, *args, **kwargs)
+
+    monkeypatch.setattr(pgzip, "write_gzip", fills_up)
+    assert main(["ingest", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "No space left on device" in err and str(out) in err
+    assert "Traceback" not in err
+    assert len(load_cache(out)) == 1 and not [p for p in out.rglob("*") if TMP_MARKER in p.name]
+    monkeypatch.setattr(pgzip, "write_gzip", real)
+    assert ingest.run(src, out)["skipped"] == 1
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_finished_cases(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    for k in range(8):
+        write_series(src / f"s{k}", axial_positions(3), series_uid=f"1.5.{k}", patient_id=f"P{k}")
+    code = CHILD.replace("ingest.run(sys.argv[1], sys.argv[2], workers=1)",
+                         "from medseg.cli import main\nsys.exit(main(['ingest', sys.argv[1], '--out', sys.argv[2]]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", code, str(src), str(out)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(load_cache(out)) < 2:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    err = child.communicate(timeout=60)[1]
+    assert child.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
+    assert len(load_cache(out)) >= 2
+
+
+def test_a_dangling_label_link_is_a_rejection_and_a_link_loop_is_skipped(tmp_path, caplog):
+    from conftest import make_acdc_patient, read_report
+
+    src = tmp_path / "acdc"
+    folder = make_acdc_patient(src, "patient001")
+    label = sorted(folder.glob("*_gt.nii.gz"))[0]
+    label.unlink()
+    label.symlink_to(tmp_path / "nowhere.nii.gz")
+    (folder / "loopA").symlink_to(folder / "loopB")
+    (folder / "loopB").symlink_to(folder / "loopA")
+    summary = ingest.run(src, tmp_path / "out")
+    assert summary["accepted"] == 1 and summary["rejected"] == 1 and summary["labelled"] == 1
+    (rejected,) = read_report(tmp_path / "out", src)["rejected"]
+    assert "link that loops or points nowhere" in rejected["reason"]
+    assert caplog.text.count("a symbolic link that loops") == 2  # loopA and loopB, once each

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
 from medseg.ingest.checks import check_label, checked_image, guess_modality, spacing_of
-from medseg.ingest.common import CaseRejected, Item, Scan
+from medseg.ingest.common import CaseRejected, Item, Scan, new_walk
 from medseg.ingest.dicom import scan_dicom
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL
 from medseg.ingest.dicom_headers import quiet_pydicom
@@ -74,11 +74,15 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None, scrub: Scru
         label = check_label(np.asarray(loaded.label), loaded.label_affine, image.shape, loaded.affine, allowed)
         values = {int(v) for v in np.unique(label)}
     image_rel = f"images/{item.case_id}.nii.gz"
-    save_nifti(out_dir / image_rel, image, loaded.affine, dtype=_image_dtype(image))
-    label_rel = None
-    if label is not None:
-        label_rel = f"labels/{item.case_id}.nii.gz"
-        save_nifti(out_dir / label_rel, label, loaded.affine, dtype=np.uint8)
+    label_rel = None if label is None else f"labels/{item.case_id}.nii.gz"
+    try:
+        save_nifti(out_dir / image_rel, image, loaded.affine, dtype=_image_dtype(image))
+        if label is not None:
+            save_nifti(out_dir / label_rel, label, loaded.affine, dtype=np.uint8)
+    except OSError as err:  # disk full, read-only, quota: no case can be written, so stop (the finished are kept)
+        raise IngestError(f"cannot write to the output folder {out_dir}: {err.strerror or err} (case "
+                          f"{item.case_id}); the cases finished so far are kept and a re-run goes on from there") \
+            from None
     case = Case(case_id=item.case_id, subject=item.subject, image=image_rel, label=label_rel,
                 modality=item.modality or guess_modality(image), spacing=spacing_of(loaded.affine),
                 shape=tuple(int(s) for s in image.shape), phase=item.phase, group=item.group)
@@ -146,15 +150,26 @@ def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Pat
         # the pool keeps that state quiet however the threads' own enter/exit interleave.
         with quiet_pydicom(), tqdm(total=len(todo), desc=desc, unit="case", disable=None) as bar:
             futures = {pool.submit(_ingest_group, groups[cid], out_dir, allowed, scrub): cid for cid in todo}
+            failure = None
             for fut in as_completed(futures):
                 cid = futures[fut]
-                results = fut.result()
+                try:
+                    results = fut.result()
+                except CancelledError:
+                    continue
+                except IngestError as err:  # the output cannot be written: stop, but record what finished
+                    failure = failure or err
+                    for other in futures:
+                        other.cancel()
+                    continue
                 cache[cid] = record[cid] = {"key": keys[cid], "results": results,
                                             "outputs": output_stats(out_dir, _outputs(results))}
                 bar.update()
                 if time.monotonic() - saved > SAVE_EVERY_S:
                     save_cache(out_dir, record)
                     saved = time.monotonic()
+            if failure is not None:
+                raise failure
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if todo:
@@ -233,6 +248,7 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
 def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, workers: int | None,
             spacing_tolerance: float) -> dict[str, Any]:
     skip = (out_dir,)
+    new_walk()
     if layout == "auto":
         layout = detect_layout(source, skip)
     elif layout not in READERS:

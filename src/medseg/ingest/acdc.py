@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medseg.ingest.common import Item, Scan, iter_files, rel
+from medseg.ingest.common import Item, Scan, iter_files, named, rel
 from medseg.ingest.nifti import pair_loader
 from medseg.manifest import CARDIAC_LABELS
 from medseg.pseudonym import pseudonym
@@ -61,6 +61,6 @@ def scan_acdc(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
                 scan.reject(rel(image, source), f"{phase} image (frame {frame}) named in Info.cfg is missing")
                 continue
             scan.items.append(Item(source=rel(image, source), subject=subject, case_id=f"{subject}_{phase}",
-                                   load=pair_loader(image, label if label.is_file() else None),
+                                   load=pair_loader(image, named(label)),
                                    modality="MR", phase=phase, group=group))
     return scan

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "modality_name", "label_names_from_json",
-           "read_label_json"]
+__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "modality_name",
+           "label_names_from_json", "read_label_json"]
+
+
+log = logging.getLogger("medseg.ingest")
 
 
 class CaseRejected(Exception):
@@ -73,15 +77,49 @@ def rel(path: Path, root: Path) -> str:
 
 def iter_files(root: Path, skip: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Regular files under ``root`` in sorted order; hidden files and folders (``.DS_Store``, ``._x``) and ``skip``
-    are left out."""
+    are left out, and so are links that loop or point nowhere (each logged as one line)."""
     skip_set = {Path(s).resolve() for s in skip}
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip_set)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and _resolved(here / d, root) not in skip_set)
         for name in sorted(filenames):
             path = here / name
-            if not name.startswith(".") and path.resolve() not in skip_set and path.is_file():
+            if name.startswith("."):
+                continue
+            resolved = _resolved(path, root)
+            if resolved is not None and resolved not in skip_set and path.is_file():
                 yield path
+
+
+_warned: set[str] = set()  # links warned about in this ingest run (cleared by new_walk)
+
+
+def new_walk() -> None:
+    """Start a new ingest run: links are warned about again."""
+    _warned.clear()
+
+
+def _resolved(path: Path, root: Path) -> Path | None:
+    """``path.resolve()``; None (and one warning naming the input's key) for a link that loops or points nowhere."""
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as err:  # ELOOP (RuntimeError on Python 3.11), a dangling link
+        from medseg.ingest.privacy import input_key
+
+        kind = "loops" if isinstance(err, RuntimeError) or getattr(err, "errno", None) == 40 else "points nowhere"
+        key = input_key(rel(path, root))
+        if key not in _warned:  # the tree is walked more than once (layout, scan, re-run index): say it once
+            _warned.add(key)
+            log.warning("skipped %s: a symbolic link that %s", key, kind)
+        return None
+    return resolved
+
+
+def named(path: Path) -> Path | None:
+    """``path`` when something is there (a file, or a link even if it points nowhere: loading it then rejects the
+    case with its reason), else None. A label named by a layout that cannot be read is a rejection, never a case
+    silently ingested without its label."""
+    return path if path.is_file() or path.is_symlink() else None
 
 
 def modality_name(value: str) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, iter_files, modality_name, read_label_json, rel
+from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, iter_files, modality_name, named, \
+    read_label_json, rel
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL, Geometry, series_geometry, split_phases
 from medseg.ingest.dicom_label_match import is_label_object, object_loader, plan_labels
 from medseg.ingest.dicom_headers import Header, group_series, non_image_reason, read_header, unique_instances
@@ -115,7 +116,7 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
             if key in plan.by_series:
                 load = object_loader(geometry, plan.by_series[key], plan.labels, read_series)
             else:
-                load = _loader(geometry, label_path if label_path.is_file() else None)
+                load = _loader(geometry, named(label_path))
             ids = {"patient_id": first.patient_id, "study_uid": first.study_uid, "series_uid": first.series_uid}
             scan.items.append(Item(source=src, subject=subject, case_id=case_id, load=load, identifiers=ids,
                                    modality=modality_name(modality) if modality else None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, label_names_from_json, modality_name, \
+from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, label_names_from_json, modality_name, named, \
     read_label_json, rel
 from medseg.pseudonym import pseudonym
 
@@ -51,7 +51,8 @@ def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]
     import nibabel as nib
 
     if not Path(path).is_file():
-        raise CaseRejected(f"{what} file is missing: {Path(path).name}")
+        problem = "a link that loops or points nowhere" if Path(path).is_symlink() else "missing"
+        raise CaseRejected(f"{what} file is {problem}: {Path(path).name}")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
@@ -136,7 +137,7 @@ def _label_for(image: Path, labels_dir: Path | None) -> Path | None:
     stems = [stem, stem[:-5]] if stem.endswith("_0000") else [stem]
     for s in stems:
         for suffix in NIFTI_SUFFIXES:
-            if (labels_dir / f"{s}{suffix}").is_file():
+            if named(labels_dir / f"{s}{suffix}"):
                 return labels_dir / f"{s}{suffix}"
     return None
 
