@@ -66,18 +66,30 @@ def run(params: Params) -> dict:
     from mlflow.exceptions import MlflowException
 
     from medseg.evaluate import METRICS_NAME
-    from medseg.model_folder import ALL, RUN_NAME, fold_dir, read_postprocessing
-    from medseg.tracking import configure_mlflow
+    from medseg.tracking import configure_mlflow, store_lock, tracking_uri
 
     p = params
     name = p.register.model_name
     metrics = read_json(Path(p.paths.evaluation) / METRICS_NAME)
     configure_mlflow(p.mlflow)
     client = MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="medseg segmentation model; 'champion' serves predictions")
+    # One registration at a time per store: reading the champion's score and moving the alias is one decision.
+    with store_lock(tracking_uri(p.mlflow)):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="medseg segmentation model; 'champion' serves "
+                                                             "predictions")
+        versions = _register_all(p, client, name, metrics)
+    summary = {"model_name": name, **versions[-1], "versions": versions}
+    write_json(p.paths.registry, summary)
+    return summary
+
+
+def _register_all(p: Params, client, name: str, metrics: dict) -> list[dict]:
+    from medseg.evaluate import METRICS_NAME
+    from medseg.model_folder import ALL, RUN_NAME, fold_dir, read_postprocessing
+
     versions = []
     final = fold_dir(p.paths.model, ALL) / RUN_NAME
     if final.is_file():
@@ -94,6 +106,4 @@ def run(params: Params) -> dict:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
         versions.append(_register_version(client, name, run_info, float(fold_metrics["dice_mean"]), int(fold)))
-    summary = {"model_name": name, **versions[-1], "versions": versions}
-    write_json(p.paths.registry, summary)
-    return summary
+    return versions

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from medseg.params import MlflowParams, Params
 
-__all__ = ["configure_mlflow", "tracking_uri", "flatten_params", "git_commit", "data_version"]
+__all__ = ["configure_mlflow", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +31,51 @@ def tracking_uri(mlflow_params: MlflowParams | None = None) -> str:
     return mlflow_params.tracking_uri
 
 
-def configure_mlflow(mlflow_params: MlflowParams) -> str:
-    """Point MLflow at the store and return the experiment id (created with the project's artifact folder)."""
-    import mlflow
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold the store's lock: a file lock beside a SQLite store (``mlflow.db.lock``), so that processes sharing it
+    take turns to create and migrate it, create an experiment or move an alias. A tracking server (http[s]://)
+    serialises its clients itself: no lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
 
-    mlflow.set_tracking_uri(tracking_uri(mlflow_params))
-    experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
-    if experiment is not None:
-        mlflow.set_experiment(experiment_id=experiment.experiment_id)
-        return experiment.experiment_id
-    artifacts = Path(mlflow_params.artifact_root).resolve()
-    artifacts.mkdir(parents=True, exist_ok=True)
-    experiment_id = mlflow.create_experiment(mlflow_params.experiment, artifact_location=artifacts.as_uri())
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        yield
+
+
+def configure_mlflow(mlflow_params: MlflowParams) -> str:
+    """Point MLflow at the store and return the experiment id (created with the project's artifact folder).
+
+    A new SQLite store is created and migrated under :func:`store_lock` before anything else uses it: two stages
+    started at once on a fresh store would otherwise both run MLflow's schema migration, and one dies in it.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(mlflow_params)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        client = mlflow.MlflowClient(uri)
+        client.search_experiments(max_results=1)  # creates and migrates the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
+        experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
+        if experiment is None:
+            artifacts = Path(mlflow_params.artifact_root).resolve()
+            artifacts.mkdir(parents=True, exist_ok=True)
+            try:
+                experiment_id = mlflow.create_experiment(mlflow_params.experiment,
+                                                         artifact_location=artifacts.as_uri())
+            except MlflowException:  # a server's other client made it first
+                experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
