@@ -233,7 +233,7 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
     out_dir = Path(out_dir).expanduser().resolve()
     if not source.exists():
         raise IngestError(f"source {source} does not exist (data.source in params.yaml, or the SOURCE argument); "
-                          f"it should be a folder in one of these layouts:\n{layout_help()}")
+                          f"it should be a folder in one of these layouts: {layout_help()}")
     if not source.is_dir():
         raise IngestError(f"source {source} is not a folder")
     _check_folders(source, out_dir)

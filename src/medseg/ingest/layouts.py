@@ -23,8 +23,8 @@ LAYOUT_HELP = {
 
 
 def layout_help() -> str:
-    """One line per accepted layout, for error messages."""
-    return "\n".join(f"  {name:6s} {text}" for name, text in LAYOUT_HELP.items())
+    """The accepted layouts on one line, for error messages (each error is one line)."""
+    return "; ".join(f"{name}: {text}" for name, text in LAYOUT_HELP.items())
 
 
 def _is_dicom(path: Path) -> bool:
@@ -57,4 +57,4 @@ def detect_layout(source: Path, skip: tuple[Path, ...] = ()) -> str:
         return "dicom"
     if list_nifti_images(source)[0]:
         return "nifti"
-    raise IngestError(f"no ingestible data found in {source}; accepted layouts (--layout):\n{layout_help()}")
+    raise IngestError(f"no ingestible data found in {source}; accepted layouts (--layout): {layout_help()}")
