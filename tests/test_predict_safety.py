@@ -113,3 +113,12 @@ def test_a_file_input_is_never_written_over(model, tmp_path):
     summary = predict.run(str(model), path, tmp_path)
     assert summary["written"] == [] and "would replace the input" in summary["failed"][0]["reason"]
     assert path.read_bytes() == before
+
+
+def test_a_linked_input_is_named_after_the_link(model, tmp_path):
+    image, _ = write_tiny_volume(3, shape=(40, 36, 5))
+    target = _nifti(tmp_path / "store" / "0001.nii.gz", image)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "case_a.nii.gz").symlink_to(target)
+    summary = predict.run(str(model), tmp_path / "in", tmp_path / "out")
+    assert [p.split("/")[-1] for p in summary["written"]] == ["case_a.nii.gz"]

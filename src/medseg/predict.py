@@ -154,13 +154,15 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
     Raises:
         StageInputError: ``path`` does not exist, or holds no NIfTI file or DICOM series at all.
     """
+    import os
+
     import nibabel as nib
 
     from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected
     from medseg.ingest.nifti import is_nifti, load_nifti, nifti_stem
 
-    path = Path(path).expanduser().resolve()  # "." has no name; the resolved folder has
+    path = Path(os.path.abspath(Path(path).expanduser()))  # "." has no name, its absolute form has (links kept)
     if not path.exists():
         raise StageInputError(f"input not found: {path}")
     if path.is_file() and is_nifti(path):

@@ -123,3 +123,15 @@ def read_report(out: Path, src: Path) -> dict:
         assert "source" not in entry
         entry["source"] = names.get(entry["input"], entry["input"])
     return report
+
+
+def all_written(out: Path) -> list[tuple[str, bytes]]:
+    """``(name, bytes)`` of every file under ``out``, gzip members decompressed: what a search for identifiers
+    must see."""
+    import gzip
+
+    blobs = []
+    for path in sorted(p for p in Path(out).rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blobs.append((path.name, gzip.decompress(data) if path.name.endswith(".gz") else data))
+    return blobs

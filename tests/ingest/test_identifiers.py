@@ -4,10 +4,9 @@ command is started from."""
 
 from __future__ import annotations
 
-import gzip
 import logging
 
-from conftest import axial_positions, read_json, write_series
+from conftest import all_written, axial_positions, read_json, write_series
 
 import medseg.ingest as ingest
 from medseg.cli import main
@@ -15,14 +14,6 @@ from medseg.pseudonym import SECRET_ENV, SECRET_FILE
 
 FOLDER = "DOE_JOHN_MRN12345"
 FILE = "SMITH_JANE_19370214"
-
-
-def _all_written(out):
-    blobs = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blobs.append((path.name, gzip.decompress(data) if path.name.endswith(".gz") else data))
-    return blobs
 
 
 def test_folder_and_file_names_never_reach_the_report_cache_or_log(tmp_path, caplog, capsys):
@@ -34,7 +25,7 @@ def test_folder_and_file_names_never_reach_the_report_cache_or_log(tmp_path, cap
     with caplog.at_level(logging.DEBUG):
         assert main(["-v", "ingest", str(src), "--out", str(out), "--write-id-map", str(ids)]) == 0
     captured = capsys.readouterr()
-    blobs = _all_written(out) + [("log", caplog.text.encode()), ("stdout", captured.out.encode()),
+    blobs = all_written(out) + [("log", caplog.text.encode()), ("stdout", captured.out.encode()),
                                  ("stderr", captured.err.encode())]
     for name, blob in blobs:
         for needle in (FOLDER, FILE, "MRN12345", "19370214", "series_a", str(tmp_path / "export")):

@@ -10,7 +10,7 @@ import stat
 
 import nibabel
 import pytest
-from conftest import axial_positions, read_json, write_series
+from conftest import all_written, axial_positions, read_json, write_series
 
 import medseg.ingest as ingest
 import medseg.pgzip as pgzip
@@ -145,14 +145,6 @@ def test_interrupted_rerun_keeps_the_old_manifest(tmp_path, monkeypatch):
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != CACHE_NAME]
 
 
-def _all_bytes(out):
-    blobs = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        blobs.append((path.name, gzip.decompress(data) if path.name.endswith(".gz") else data))
-    return blobs
-
-
 def test_no_phi_in_outputs_or_log_and_private_id_map(tmp_path, caplog, capsys):
     src, out, id_map = tmp_path / "src", tmp_path / "out", tmp_path / "private" / "ids.json"
     tags = {k: v for k, v in PHI.items() if k != "PatientID"}
@@ -165,7 +157,7 @@ def test_no_phi_in_outputs_or_log_and_private_id_map(tmp_path, caplog, capsys):
     captured = capsys.readouterr()
     names = {p.name for p in out.iterdir()}
     assert {MANIFEST_NAME, "ingest_report.json", CACHE_NAME} <= names
-    blobs = [*_all_bytes(out), ("log", caplog.text.encode()), ("stdout", captured.out.encode()),
+    blobs = [*all_written(out), ("log", caplog.text.encode()), ("stdout", captured.out.encode()),
              ("stderr", captured.err.encode())]
     blobs += [(f"record {r.name}", repr((r.msg, r.args)).encode()) for r in caplog.records]
     for needle in NEEDLES:
