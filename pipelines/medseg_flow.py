@@ -16,8 +16,9 @@ from medseg.params import Params, load_params
 
 __all__ = ["medseg_pipeline", "STAGE_TASKS"]
 
-# DVC does the caching of stage outputs; Prefect re-runs what the flow asks for. I/O-bound stages retry.
-IO_RETRIES = dict(retries=2, retry_delay_seconds=5)
+# DVC does the caching of stage outputs; Prefect re-runs what the flow asks for. I/O-bound stages retry, backing off
+# (a network share or the MLflow server back after a blip).
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
 
 
 @task(name="demo_data", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -72,6 +73,19 @@ def register_task(params: Params) -> dict:
     return register.run(params)
 
 
+@task(name="unchanged", cache_policy=NO_CACHE, **IO_RETRIES)
+def unchanged_task(params: Params) -> str | None:
+    """The champion's version when it was trained on exactly what a retraining would use now (data content,
+    params, code: :func:`medseg.train.training_inputs`), else None."""
+    from medseg import register
+    from medseg.train import training_inputs
+
+    current = register.champion(params)
+    if current is None or current.get(register.INPUTS_TAG) != training_inputs(params):
+        return None
+    return current["version"]
+
+
 # dvc.yaml stage name -> the task that runs the same stage function (checked by tests/test_contracts.py).
 STAGE_TASKS = {
     "demo_data": demo_data_task,
@@ -90,13 +104,24 @@ def _uses_demo_data(params: Params) -> bool:
 
 
 @flow(name="medseg-pipeline", log_prints=True)
-def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True) -> dict:
-    """Demo data (when the source is the demo set), ingest, plan, preprocess, train, evaluate, register."""
+def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_unchanged: bool = True) -> dict:
+    """Demo data (when the source is the demo set), ingest, plan, preprocess, train, evaluate, register.
+
+    With ``skip_unchanged`` (the default, and what the scheduled deployment runs), a run whose data content, params
+    and code equal those the current champion was trained on stops after ingest: it has nothing new to learn.
+    """
     params = load_params(params_file)
     summary: dict = {}
     if _uses_demo_data(params):
         summary["demo_data"] = demo_data_task(params)
     summary["ingest"] = ingest_task(params)
+    if skip_unchanged:
+        version = unchanged_task(params)
+        if version is not None:
+            print(f"nothing changed since champion version {version} was trained (same data, params and code): "
+                  f"no retraining, no new MLflow run or model version")
+            summary["skipped"] = {"reason": "unchanged", "champion_version": version}
+            return summary
     summary["plan"] = plan_task(params)
     summary["preprocess"] = preprocess_task(params)
     summary["train"] = train_task(params, resume=resume)

@@ -35,6 +35,23 @@ def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_p
     assert summary["register"]["alias"] == "champion"
     assert 0.0 <= summary["evaluate"]["dice_mean"] <= 1.0
 
+    # Nothing changed: the second run stops after ingest, with no new MLflow run and no new model version.
+    import mlflow
+
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    runs_before = len(mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list"))
+    again = medseg_pipeline(params_file=str(tmp_path / "params.yaml"), return_state=True).result()
+    assert list(again) == ["demo_data", "ingest", "skipped"]
+    assert again["skipped"] == {"reason": "unchanged", "champion_version": summary["register"]["version"]}
+    assert len(mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")) == runs_before
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
+    assert len(versions) == 1
+
+    # A changed param that shapes training: the full pipeline runs again.
+    changed = dataclasses.replace(params, train=dataclasses.replace(params.train, learning_rate=0.02))
+    third = medseg_pipeline(params_file=write_params(tmp_path / "changed.yaml", changed), return_state=True).result()
+    assert "skipped" not in third and "register" in third
+
 
 def test_retraining_deployment_schedule_is_registered(prefect_harness):
     from prefect.client.orchestration import get_client

@@ -308,3 +308,22 @@ def test_postprocessing_is_kept_only_for_classes_it_improves():
     decision = train.decide_postprocessing(raw, post, labels)
     assert decision["largest_component"] == [1]  # RV improves; myocardium gets worse; LV unchanged
     assert decision["dice_without"]["RV"] == 0.6 and decision["dice_with"]["RV"] == 0.65 and decision["cases"] == 2
+
+
+def test_training_inputs_change_with_data_params_and_code_but_not_with_the_rerun_cache(tiny_ingested, params_for,
+                                                                                        monkeypatch):
+    params = params_for(paths={"ingested": str(tiny_ingested)})
+    base = train.training_inputs(params)
+    assert train.training_inputs(params) == base
+    (tiny_ingested / ".ingest_cache.json").write_text("{}")  # file times, not content: no effect
+    assert train.training_inputs(params) == base
+    moved = params_for(paths={"ingested": str(tiny_ingested)}, data={"source": "/elsewhere"})
+    assert train.training_inputs(moved) == base  # where the data lives does not matter, its content does
+    assert train.training_inputs(params_for(paths={"ingested": str(tiny_ingested)},
+                                            train={"learning_rate": 0.02})) != base
+    label = sorted((tiny_ingested / "labels").iterdir())[0]
+    label.write_bytes(label.read_bytes() + b"\0")
+    assert train.training_inputs(params) != base
+    changed = train.training_inputs(params)
+    monkeypatch.setattr(train, "TRAINING_CODE", train.TRAINING_CODE + ("register.py",))
+    assert train.training_inputs(params) != changed

@@ -16,12 +16,13 @@ from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 from medseg.params import Params
 
-__all__ = ["run", "CHAMPION", "CHALLENGER", "SCORE_TAG"]
+__all__ = ["run", "champion", "CHAMPION", "CHALLENGER", "SCORE_TAG", "INPUTS_TAG"]
 
 log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "heldout_dice_mean"
+INPUTS_TAG = "training_inputs"  # medseg.train.training_inputs of the run: data content, params and code
 
 
 def _champion_score(client, name: str) -> tuple[str | None, float]:
@@ -48,7 +49,8 @@ def _register_version(client, name: str, run_info: dict, score: float, fold: int
     else:
         version = str(mlflow.register_model(run_info["model_uri"], name, tags={SCORE_TAG: f"{score:.6f}"}).version)
     client.set_model_version_tag(name, version, SCORE_TAG, f"{score:.6f}")
-    for key, value in {"fold": str(fold), **(tags or {})}.items():
+    inputs = client.get_run(run_id).data.tags.get(INPUTS_TAG)
+    for key, value in {"fold": str(fold), **({INPUTS_TAG: inputs} if inputs else {}), **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)
     champion_version, champion_score = _champion_score(client, name)
     alias = CHAMPION if champion_version == version or score > champion_score else CHALLENGER
@@ -57,6 +59,21 @@ def _register_version(client, name: str, run_info: dict, score: float, fold: int
              name, version, fold, score, alias, champion_version, champion_score)
     return {"version": version, "alias": alias, "heldout_dice_mean": score, "previous_champion": champion_version,
             "run_id": run_id, "fold": fold}
+
+
+def champion(params: Params) -> dict[str, str] | None:
+    """The current champion's version and tags (``{"version": ..., **tags}``), or None when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from medseg.tracking import configure_mlflow
+
+    configure_mlflow(params.mlflow)
+    try:
+        version = MlflowClient().get_model_version_by_alias(params.register.model_name, CHAMPION)
+    except MlflowException:
+        return None
+    return {"version": str(version.version), **version.tags}
 
 
 def run(params: Params) -> dict:

@@ -49,7 +49,7 @@ from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POS
 from medseg.params import Params
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
-           "fit_epochs", "training_progress", "poly_lr", "decide_postprocessing", "CHECKPOINT_NAME"]
+           "fit_epochs", "training_progress", "poly_lr", "decide_postprocessing", "training_inputs", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,36 @@ def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = 
     return digest.hexdigest()
 
 
+# Code that shapes what training learns from, besides TRAINING_CODE: the ingested data's content stands for ingest.
+INPUT_CODE = ("preprocess.py",)
+
+
+def training_inputs(params: Params) -> str:
+    """What a retraining would learn from, as one hash: the ingested data's content (images, labels, manifest; not
+    ingest's re-run cache, which holds file times), the params that shape planning, preprocessing, training and
+    post-processing (``train.fold`` and where the data lives aside), and the code of those stages.
+
+    Each training run is tagged with it and ``register`` copies the tag onto the model version; a scheduled flow
+    whose inputs equal the champion's has nothing to learn and skips training (``pipelines/medseg_flow.py``).
+    Computed after ingest, before plan and preprocess: reading the ingested files takes seconds.
+    """
+    from medseg.atomic import is_temporary
+    from medseg.ingest.cache import CACHE_NAME
+
+    digest = hashlib.sha256()
+    root = Path(params.paths.ingested)
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CACHE_NAME and not is_temporary(p)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\x1f")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    sections = {name: params.section(name) for name in ("data", "plan", "preprocess", "model", "train", "evaluate")}
+    sections["train"].pop("fold")
+    sections["data"].pop("source")
+    digest.update(json.dumps(sections, sort_keys=True, default=str).encode())
+    for name in TRAINING_CODE + INPUT_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """Every global generator, as tensors and plain types (the checkpoint loads with ``weights_only=True``)."""
     from medseg.data import plain_numpy_state
@@ -320,6 +350,7 @@ def run(params: Params, resume: bool = False) -> dict:
     folds = params.train.folds(params.preprocess.folds)
     labels = read_dataset(params.paths.preprocessed).labels
     version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
+    version["training_inputs"] = training_inputs(params)
     choice = params.evaluate.largest_component
     with dd.distributed(params.train.device) as ctx:
         summaries, raw, post = [], [], []
