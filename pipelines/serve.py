@@ -14,12 +14,17 @@ DEFAULT_CRON = "0 2 * * 0"  # Sundays at 02:00: weekly retraining on whatever da
 
 def build_deployment(params_file: str = "params.yaml", cron: str | None = None):
     """The deployment object (not yet registered): flow, parameters and schedule."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     from pipelines.medseg_flow import medseg_pipeline
 
     return medseg_pipeline.to_deployment(
         name=DEPLOYMENT_NAME,
         cron=cron or DEFAULT_CRON,
-        parameters={"params_file": params_file, "resume": True},
+        # One retraining at a time; a run due while one is still going is cancelled, not queued, so missed
+        # schedules never pile up behind a long training.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        parameters={"params_file": params_file, "resume": True, "skip_unchanged": True},
         description="Weekly retraining: ingest, preprocess, train, evaluate, register (champion only if better).",
         tags=["medseg", "retraining"],
     )

@@ -70,4 +70,9 @@ def test_retraining_deployment_schedule_is_registered(prefect_harness):
     assert deployment.parameters["params_file"] == "params.yaml"
     crons = [s.schedule.cron for s in deployment.schedules]
     assert crons == ["30 3 * * 1"]
-    assert DEFAULT_CRON.count(" ") == 4
+    assert deployment.parameters["skip_unchanged"] is True
+    limit = deployment.concurrency_options
+    assert deployment.global_concurrency_limit.limit == 1 and limit.collision_strategy == "CANCEL_NEW"
+    from prefect.client.schemas.schedules import CronSchedule
+
+    CronSchedule(cron=DEFAULT_CRON)  # the default parses as a cron schedule
