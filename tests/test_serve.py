@@ -1,0 +1,104 @@
+"""Scheduled retraining against a real Prefect server: the test starts ``prefect server`` on a free localhost port
+and ``medseg serve`` beside it, triggers the deployment twice with ``run_deployment`` and stops both.
+
+The first run trains and registers; the second, with nothing changed, completes without a new model version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"no healthy Prefect server at {url}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path, monkeypatch):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": api}
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_healthy(api, proc)
+        monkeypatch.setenv("PREFECT_API_URL", api)
+        monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_server, params_for, tmp_path):
+    import mlflow
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.serve import DEPLOYMENT_NAME
+
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(dataclasses.asdict(params)))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PYTHONPATH": os.pathsep.join([str(repo), *sys.path])}
+    log = (tmp_path / "serve.log").open("w")
+    served = subprocess.Popen([sys.executable, "-m", "medseg.cli", "serve", "--params", str(params_file)], cwd=repo,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+            name = f"medseg-pipeline/{DEPLOYMENT_NAME}"
+            deadline = time.monotonic() + 120
+            while True:  # the deployment appears once `medseg serve` has registered it
+                try:
+                    first = run_deployment(name, timeout=600)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline or served.poll() is not None:
+                        raise
+                    time.sleep(1)
+            assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
+            second = run_deployment(name, timeout=600)
+            assert second.state.is_completed(), second.state
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert "nothing changed since champion version 1" in output, output[-3000:]
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
+    assert len(versions) == 1
