@@ -36,10 +36,27 @@ def test_first_model_is_champion_worse_one_is_challenger(trained):
     assert second["alias"] == "challenger" and second["previous_champion"] == "1"
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+    # The registry says why, with the evidence: the model card is the version's description and a run artifact.
+    v1, v2 = (client.get_model_version(params.register.model_name, v) for v in ("1", "2"))
+    assert v1.tags["decision"] == "champion" and "first version" in v1.tags["decision_reason"]
+    assert v2.tags["decision"] == "challenger" and "does not beat the champion's (version 1" in v2.description
+    for text in ("## Evidence", "## Provenance", "git commit", "training inputs", "`train.learning_rate`"):
+        assert text in v2.description
+    assert "model_card.md" in [a.path for a in client.list_artifacts(worse["run_id"])]
 
     score_as(first["heldout_dice_mean"] + 0.05)
     third = register.run(params)
     assert third["version"] == "2" and third["alias"] == "champion"
+
+    # A rollback by hand: who, why and when are recorded; the version replaced is told what replaced it.
+    rolled = register.promote(params, "1", "version 2 misses small RVs in clinic review")
+    assert rolled["previous_champion"] == "2"
+    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+    tags = client.get_model_version(params.register.model_name, "1").tags
+    assert tags["promotion_reason"] == "version 2 misses small RVs in clinic review" and tags["promoted_by"]
+    assert "replaced_by" in client.get_model_version(params.register.model_name, "2").tags
+    with pytest.raises(StageInputError, match="no version 9"):
+        register.promote(params, "9", "typo")
 
 
 def test_register_refuses_metrics_of_another_run(trained):

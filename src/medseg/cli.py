@@ -75,6 +75,12 @@ def _cmd_register(args: argparse.Namespace) -> dict:
     return register.run(_params(args))
 
 
+def _cmd_promote(args: argparse.Namespace) -> dict:
+    from medseg import register
+
+    return register.promote(_params(args), args.version, args.reason)
+
+
 def _cmd_predict(args: argparse.Namespace) -> dict:
     from medseg import predict
 
@@ -131,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint if it matches params")
     command("evaluate", _cmd_evaluate, "sliding-window inference on held-out cases; Dice, HD95, plots")
     command("register", _cmd_register, "register the model in MLflow; move 'champion' only if it is better")
+    p = command("promote", _cmd_promote, "make a registered version the champion by hand (rollback), recording why")
+    p.add_argument("version", help="the model version (register.model_name) to make champion")
+    p.add_argument("--reason", required=True, help="why: recorded on the version with who and when")
 
     p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder or a folder of either", params=False)
     p.add_argument("--model", required=True, action="append",

@@ -16,7 +16,7 @@ from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 from medseg.params import Params
 
-__all__ = ["run", "champion", "CHAMPION", "CHALLENGER", "SCORE_TAG", "INPUTS_TAG"]
+__all__ = ["run", "champion", "promote", "model_card", "CHAMPION", "CHALLENGER", "SCORE_TAG", "INPUTS_TAG"]
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,42 @@ def _champion_score(client, name: str) -> tuple[str | None, float]:
     return str(champion.version), float(champion.tags.get(SCORE_TAG, "-inf"))
 
 
+def _decision(alias: str, version: str, score: float, champion_version: str | None, champion_score: float) -> str:
+    """Why the version got its alias, in one sentence (the rule included)."""
+    if champion_version is None:
+        return f"champion: the first version of this model (held-out Dice {score:.4f})"
+    if champion_version == version:
+        return f"champion: already the champion (held-out Dice {score:.4f})"
+    verb = "beats" if alias == CHAMPION else "does not beat"
+    return (f"{alias}: held-out Dice {score:.4f} {verb} the champion's (version {champion_version}, "
+            f"{champion_score:.4f}); rule: promote when higher. The two are measured on different held-out patients "
+            f"(each model's own cross-validation), not yet on a shared locked test set")
+
+
+def model_card(name: str, version: str, run, score: float, why: str, tags: dict[str, str], metrics: dict) -> str:
+    """The model version's description in the registry (Markdown): what it is, what it was trained on, how it
+    scored, and why it is or is not the champion."""
+    run_tags, params = run.data.tags, run.data.params
+    lines = [f"# {name} version {version}", "", f"**Decision:** {why}", "",
+             "## Evidence", "", f"- Held-out Dice (mean over classes): {score:.4f} on {metrics.get('cases', '?')} "
+             f"cases", ""]
+    dice, hd95 = metrics.get("dice", {}), metrics.get("hd95_mm", {})
+    if dice:
+        lines += ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
+        lines += [f"| {c} | {dice[c]} | {hd95.get(c)} |" for c in dice] + [""]
+    lines += ["## Provenance", "",
+              f"- MLflow run: `{run.info.run_id}`",
+              f"- git commit: `{run_tags.get('git_commit', 'unknown')}`",
+              f"- training data: `{run_tags.get('data_md5', 'unknown')}` ({run_tags.get('data_md5_source', '')})",
+              f"- training inputs (data, params, code): `{run_tags.get(INPUTS_TAG, 'unknown')}`"]
+    lines += [f"- {key}: {value}" for key, value in sorted(tags.items())]
+    shown = {k: v for k, v in sorted(params.items()) if k.split(".")[0] in ("model", "train", "preprocess")}
+    lines += ["", "## Params", "", *[f"- `{k}`: {v}" for k, v in shown.items()]]
+    return "\n".join(lines) + "\n"
+
+
 def _register_version(client, name: str, run_info: dict, score: float, fold: int | str,
-                      tags: dict[str, str] | None = None) -> dict:
+                      tags: dict[str, str] | None = None, metrics_card: dict | None = None) -> dict:
     """One fold's run as a model version, aliased ``champion`` if it beats the current champion, else
     ``challenger``."""
     import mlflow
@@ -55,6 +89,13 @@ def _register_version(client, name: str, run_info: dict, score: float, fold: int
     champion_version, champion_score = _champion_score(client, name)
     alias = CHAMPION if champion_version == version or score > champion_score else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
+    if not existing or existing[0].tags.get("decision") != alias:  # a re-run that changes nothing keeps the card
+        why = _decision(alias, version, score, champion_version, champion_score)
+        card = model_card(name, version, client.get_run(run_id), score, why, tags or {}, metrics_card or {})
+        client.update_model_version(name, version, description=card)
+        for key, value in {"decision": alias, "decision_reason": why}.items():
+            client.set_model_version_tag(name, version, key, value[:5000])
+        client.log_text(run_id, card, "model_card.md")
     log.info("%s version %s (fold %s): held-out Dice %.4f -> %s (previous champion %s, %.4f)",
              name, version, fold, score, alias, champion_version, champion_score)
     return {"version": version, "alias": alias, "heldout_dice_mean": score, "previous_champion": champion_version,
@@ -116,11 +157,50 @@ def _register_all(p: Params, client, name: str, metrics: dict) -> list[dict]:
                 "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
                 "largest_component_classes": ",".join(map(str, (read_postprocessing(p.paths.model) or {}).get(
                     "largest_component", [])))}
-        versions.append(_register_version(client, name, read_json(final), float(metrics["dice_mean"]), ALL, tags))
+        versions.append(_register_version(client, name, read_json(final), float(metrics["dice_mean"]), ALL, tags,
+                                          metrics))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
         run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
-        versions.append(_register_version(client, name, run_info, float(fold_metrics["dice_mean"]), int(fold)))
+        versions.append(_register_version(client, name, run_info, float(fold_metrics["dice_mean"]), int(fold),
+                                          metrics_card=fold_metrics))
     return versions
+
+
+def promote(params: Params, version: str, reason: str) -> dict:
+    """Move ``champion`` to ``version`` by hand (a rollback, or a decision the rule cannot take), recording who, why
+    and when on the version's tags; the version that loses the alias is tagged with what replaced it."""
+    import datetime
+    import getpass
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from medseg.tracking import configure_mlflow, store_lock, tracking_uri
+
+    if not reason.strip():
+        raise StageInputError("promote needs --reason: the registry records why a champion was chosen by hand")
+    name = params.register.model_name
+    configure_mlflow(params.mlflow)
+    client = MlflowClient()
+    with store_lock(tracking_uri(params.mlflow)):
+        try:
+            client.get_model_version(name, str(version))
+        except MlflowException:
+            raise StageInputError(f"{name} has no version {version}") from None
+        previous, _ = _champion_score(client, name)
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        record = {"decision": CHAMPION, "decision_reason": f"promoted by hand: {reason}", "promoted_by":
+                  getpass.getuser(), "promoted_at": when, "promotion_reason": reason,
+                  "previous_champion": previous or ""}
+        for key, value in record.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        if previous and previous != str(version):
+            client.set_registered_model_alias(name, CHALLENGER, previous)
+            client.set_model_version_tag(name, previous, "replaced_by", f"version {version} at {when}: {reason}")
+    log.info("%s version %s is champion (was %s): %s", name, version, previous, reason)
+    return {"model_name": name, "version": str(version), "alias": CHAMPION, "previous_champion": previous,
+            "promoted_by": record["promoted_by"], "promoted_at": when, "reason": reason}
