@@ -40,7 +40,7 @@ def test_first_model_is_champion_worse_one_is_challenger(trained):
     v1, v2 = (client.get_model_version(params.register.model_name, v) for v in ("1", "2"))
     assert v1.tags["decision"] == "champion" and "first version" in v1.tags["decision_reason"]
     assert v2.tags["decision"] == "challenger" and "does not beat the champion's (version 1" in v2.description
-    for text in ("## Evidence", "## Provenance", "git commit", "training inputs", "`train.learning_rate`"):
+    for text in ("## Cross-validation", "## Provenance", "git commit", "training inputs", "`train.learning_rate`"):
         assert text in v2.description
     assert "model_card.md" in [a.path for a in client.list_artifacts(worse["run_id"])]
 

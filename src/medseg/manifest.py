@@ -15,7 +15,8 @@ from typing import Any
 from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 
-__all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "MANIFEST_NAME", "REPORT_NAME", "CARDIAC_LABELS"]
+__all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "locked_subjects", "MANIFEST_NAME", "REPORT_NAME",
+           "CARDIAC_LABELS"]
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
@@ -87,3 +88,40 @@ def read_manifest(root: str | Path, name: str = MANIFEST_NAME, made_by: str = "m
         labels={int(k): v for k, v in raw["labels"].items()},
         cases=tuple(Case.from_json(c) for c in raw["cases"]),
     )
+
+
+def locked_subjects(cases: list[Case], named: tuple[str, ...] | None, fraction: float, seed: int) -> list[str]:
+    """The subjects of the locked test set (``preprocess.test_cases`` / ``test_fraction``), sorted.
+
+    Named entries are subjects or case ids (a case id brings its whole subject: a patient is never split). Else
+    ``fraction`` of the labelled subjects (at least one when above 0), drawn with ``seed`` round-robin over the
+    groups, so that each group (e.g. ACDC's pathologies) is represented. Plan and preprocess both call this: the
+    test subjects are never planned on, cross-validated or trained on.
+
+    Raises:
+        StageInputError: a named entry matches no case.
+    """
+    import numpy as np
+
+    labelled = [c for c in cases if c.label is not None]
+    if named:
+        subject_of = {c.case_id: c.subject for c in labelled} | {c.subject: c.subject for c in labelled}
+        missing = [n for n in named if n not in subject_of]
+        if missing:
+            raise StageInputError(f"preprocess.test_cases {missing[:5]} are not labelled subjects or case ids of "
+                                  f"the ingested data")
+        return sorted({subject_of[n] for n in named})
+    subjects = sorted({c.subject for c in labelled})
+    if fraction <= 0 or not subjects:
+        return []
+    group_of = {c.subject: c.group or "" for c in labelled}
+    rng = np.random.default_rng(seed)
+    by_group = {g: [s for s in subjects if group_of[s] == g] for g in sorted(set(group_of.values()))}
+    queues = [list(rng.permutation(members)) for members in by_group.values()]
+    wanted = max(1, round(fraction * len(subjects)))
+    chosen: list[str] = []
+    while len(chosen) < wanted:
+        for queue in queues:
+            if queue and len(chosen) < wanted:
+                chosen.append(str(queue.pop()))
+    return sorted(chosen)

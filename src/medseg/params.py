@@ -66,6 +66,8 @@ class PlanParams:
 class PreprocessParams:
     folds: int
     seed: int
+    test_cases: tuple[str, ...] | None
+    test_fraction: float
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class RegisterParams:
     model_name: str
+    noninferiority_margin: float
+    max_class_drop: float
+    hd95_tolerance_mm: float
 
 
 @dataclass(frozen=True)
@@ -278,6 +283,10 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "evaluate.sw_overlap": (0, 0.99, False),
     "evaluate.sw_batch_size": (1, None, False),
     "evaluate.overlay_cases": (0, None, False),
+    "preprocess.test_fraction": (0, 0.5, False),
+    "register.noninferiority_margin": (0, 1, False),
+    "register.max_class_drop": (0, 1, False),
+    "register.hd95_tolerance_mm": (0, None, False),
     "demo.cardiac_patients": (0, None, False),
     "demo.ct_patients": (0, None, False),
 }

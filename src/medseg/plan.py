@@ -20,6 +20,7 @@ Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -232,9 +233,13 @@ def read_plan(folder: str | Path) -> Plan:
 def run(params: Params) -> dict:
     """Fingerprint the ingested data and write ``fingerprint.json`` and ``plans.json`` into ``paths.plans``."""
     from medseg.fingerprint import FINGERPRINT_NAME, fingerprint
-    from medseg.manifest import read_manifest
+    from medseg.manifest import read_manifest, locked_subjects
 
     manifest = read_manifest(params.paths.ingested)
+    locked = set(locked_subjects(manifest.cases, params.preprocess.test_cases, params.preprocess.test_fraction,
+                               params.preprocess.seed))
+    if locked:  # the locked test set is never planned on (intensity statistics, spacing, shape)
+        manifest = dataclasses.replace(manifest, cases=tuple(c for c in manifest.cases if c.subject not in locked))
     prints = fingerprint(manifest, seed=params.preprocess.seed)
     plan = make_plan(prints, params)
     with atomic_dir(params.paths.plans) as out:

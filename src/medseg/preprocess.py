@@ -15,11 +15,12 @@ from pathlib import Path
 
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
-from medseg.manifest import Case, Manifest, read_manifest, write_manifest
+from medseg.manifest import Case, Manifest, read_manifest, locked_subjects, write_manifest
 from medseg.params import Params
 from medseg.plan import Plan, read_plan
 
-__all__ = ["run", "make_splits", "read_splits", "read_dataset", "DATASET_NAME", "SPLITS_NAME"]
+__all__ = ["run", "make_splits", "read_splits", "read_test_set", "case_set_hash", "read_dataset", "DATASET_NAME",
+           "SPLITS_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,21 @@ def make_splits(cases: list[Case], folds: int, seed: int) -> list[dict[str, list
         train = sorted(cid for s in subjects if fold_of[s] != k for cid in by_subject[s])
         splits.append({"train": train, "val": val})
     return splits
+
+
+def case_set_hash(case_ids: list[str]) -> str:
+    """SHA-256 of the sorted test case ids: the same test set, the same hash (recorded in splits.json and on every
+    model version compared on it)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(case_ids)).encode()).hexdigest()
+
+
+def read_test_set(preprocessed: str | Path) -> tuple[list[str], str]:
+    """The locked test set's case ids (ingest's pseudonyms) and hash; empty when there is none."""
+    raw = read_json(Path(preprocessed) / SPLITS_NAME)
+    test = list(raw.get("test", []))
+    return test, raw.get("test_hash", case_set_hash(test))
 
 
 def read_splits(preprocessed: str | Path, fold: int) -> dict[str, list[str]]:
@@ -86,6 +102,13 @@ def run(params: Params) -> dict:
     skipped = len(manifest.cases) - len(labelled)
     if skipped:
         log.warning("skipping %d cases without labels", skipped)
+    pre = params.preprocess
+    locked = set(locked_subjects(manifest.cases, pre.test_cases, pre.test_fraction, pre.seed))
+    test = sorted(c.case_id for c in labelled if c.subject in locked)
+    labelled = [c for c in labelled if c.subject not in locked]  # the test set is locked away: not preprocessed
+    if test:
+        log.info("locked test set: %d cases of %d subjects, never trained or cross-validated on", len(test),
+                 len(locked))
     splits = make_splits(labelled, params.preprocess.folds, params.preprocess.seed)
     plan = read_plan(params.paths.plans)
     chains: dict = {}
@@ -94,7 +117,8 @@ def run(params: Params) -> dict:
                  for c in tqdm(labelled, desc="preprocess", unit="case")]
         write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME)
         write_json(out / SPLITS_NAME, {"folds": params.preprocess.folds, "seed": params.preprocess.seed,
-                                       "unit": "subject", "splits": splits})
+                                       "unit": "subject", "splits": splits, "test": test,
+                                       "test_hash": case_set_hash(test)})
     log.info("preprocessed %d cases into %s", len(cases), params.paths.preprocessed)
     return {"cases": len(cases), "skipped_unlabelled": skipped, "folds": params.preprocess.folds,
             "out": params.paths.preprocessed}

@@ -47,17 +47,19 @@ def _decision(alias: str, version: str, score: float, champion_version: str | No
             f"(each model's own cross-validation), not yet on a shared locked test set")
 
 
-def model_card(name: str, version: str, run, score: float, why: str, tags: dict[str, str], metrics: dict) -> str:
+def model_card(name: str, version: str, run, score: float, why: str, tags: dict[str, str], metrics: dict,
+               test_evidence: list[str] | None = None) -> str:
     """The model version's description in the registry (Markdown): what it is, what it was trained on, how it
     scored, and why it is or is not the champion."""
     run_tags, params = run.data.tags, run.data.params
     lines = [f"# {name} version {version}", "", f"**Decision:** {why}", "",
-             "## Evidence", "", f"- Held-out Dice (mean over classes): {score:.4f} on {metrics.get('cases', '?')} "
-             f"cases", ""]
+             "## Cross-validation", "", f"- Held-out Dice (mean over classes): {score:.4f} on "
+             f"{metrics.get('cases', '?')} cases", ""]
     dice, hd95 = metrics.get("dice", {}), metrics.get("hd95_mm", {})
     if dice:
         lines += ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
         lines += [f"| {c} | {dice[c]} | {hd95.get(c)} |" for c in dice] + [""]
+    lines += test_evidence or []
     lines += ["## Provenance", "",
               f"- MLflow run: `{run.info.run_id}`",
               f"- git commit: `{run_tags.get('git_commit', 'unknown')}`",
@@ -69,12 +71,33 @@ def model_card(name: str, version: str, run, score: float, why: str, tags: dict[
     return "\n".join(lines) + "\n"
 
 
-def _register_version(client, name: str, run_info: dict, score: float, fold: int | str,
+def _test_gate(p: Params, name: str, fold: int | str, champion_version: str | None) -> tuple[dict, str] | None:
+    """The candidate (this fold's model) and the champion on the locked test set, and the rule's verdict; None
+    without a test set."""
+    from medseg.mlflow_model import load_registered
+    from medseg.model_folder import fold_dir, load_trained
+    from medseg.preprocess import read_test_set
+    from medseg.promotion import compare, score_on_test
+
+    test, test_hash = read_test_set(p.paths.preprocessed)
+    if not test:
+        return None
+    candidate = score_on_test(load_trained(fold_dir(p.paths.model, fold)), p, test)
+    champion_rows = None
+    if champion_version is not None:
+        champion_rows = score_on_test(load_registered(f"models:/{name}@{CHAMPION}"), p, test)
+    return compare(candidate, champion_rows, p), test_hash
+
+
+def _register_version(client, p: Params, run_info: dict, score: float, fold: int | str,
                       tags: dict[str, str] | None = None, metrics_card: dict | None = None) -> dict:
-    """One fold's run as a model version, aliased ``champion`` if it beats the current champion, else
-    ``challenger``."""
+    """One fold's run as a model version, aliased ``champion`` if it passes the promotion rule against the current
+    champion (on the locked test set when there is one; else its cross-validation score), else ``challenger``."""
     import mlflow
 
+    from medseg.promotion import evidence_markdown
+
+    name = p.register.model_name
     run_id = run_info["run_id"]
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
@@ -87,11 +110,27 @@ def _register_version(client, name: str, run_info: dict, score: float, fold: int
     for key, value in {"fold": str(fold), **({INPUTS_TAG: inputs} if inputs else {}), **(tags or {})}.items():
         client.set_model_version_tag(name, version, key, value)
     champion_version, champion_score = _champion_score(client, name)
-    alias = CHAMPION if champion_version == version or score > champion_score else CHALLENGER
+    already = champion_version == version
+    gate = None if already else _test_gate(p, name, fold, champion_version)
+    if gate is None:
+        alias = CHAMPION if already or score > champion_score else CHALLENGER
+        why = _decision(alias, version, score, champion_version, champion_score)
+        extra: list[str] = []
+    else:
+        result, test_hash = gate
+        alias = CHAMPION if result["promote"] else CHALLENGER
+        why = f"{alias}: " + "; ".join(result["reasons"]) + (f" (against version {champion_version} on the locked "
+                                                            f"test set)" if champion_version else "")
+        extra = evidence_markdown(result, test_hash, champion_version)
+        diff = result.get("difference", {})
+        for key, value in {"case_set_hash": test_hash, "test_dice_mean": str(result["candidate"]["dice_mean"]),
+                           "test_dice_ci": ",".join(map(str, result["candidate"]["ci"])),
+                           "test_delta_dice": str(diff.get("dice_mean", "")),
+                           "test_delta_ci": ",".join(map(str, diff.get("ci", [])))}.items():
+            client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, alias, version)
     if not existing or existing[0].tags.get("decision") != alias:  # a re-run that changes nothing keeps the card
-        why = _decision(alias, version, score, champion_version, champion_score)
-        card = model_card(name, version, client.get_run(run_id), score, why, tags or {}, metrics_card or {})
+        card = model_card(name, version, client.get_run(run_id), score, why, tags or {}, metrics_card or {}, extra)
         client.update_model_version(name, version, description=card)
         for key, value in {"decision": alias, "decision_reason": why}.items():
             client.set_model_version_tag(name, version, key, value[:5000])
@@ -157,14 +196,14 @@ def _register_all(p: Params, client, name: str, metrics: dict) -> list[dict]:
                 "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
                 "largest_component_classes": ",".join(map(str, (read_postprocessing(p.paths.model) or {}).get(
                     "largest_component", [])))}
-        versions.append(_register_version(client, name, read_json(final), float(metrics["dice_mean"]), ALL, tags,
+        versions.append(_register_version(client, p, read_json(final), float(metrics["dice_mean"]), ALL, tags,
                                           metrics))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
         run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
-        versions.append(_register_version(client, name, run_info, float(fold_metrics["dice_mean"]), int(fold),
+        versions.append(_register_version(client, p, run_info, float(fold_metrics["dice_mean"]), int(fold),
                                           metrics_card=fold_metrics))
     return versions
 

@@ -1,0 +1,114 @@
+"""The promotion gate: a locked test set by subject, candidate and champion scored on the same cases, the rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from medseg.manifest import Case, locked_subjects
+from medseg.params import params_from_dict
+from medseg.promotion import compare
+
+
+def _rows(dice_by_case: dict[str, tuple[float, float]], hd=(2.0, 3.0)) -> list[dict]:
+    return [{"case_id": cid, "subject": cid.split("_")[0], "class": name, "dice": d, "hd95": h}
+            for cid, dices in dice_by_case.items() for name, d, h in zip(("RV", "LV"), dices, hd)]
+
+
+def _params(**register):
+    import yaml
+
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["register"].update(register)
+    return params_from_dict(raw)
+
+
+CHAMPION = _rows({f"s{k}_ED": (0.70, 0.80) for k in range(6)})
+
+
+def test_a_clearly_better_candidate_is_promoted():
+    result = compare(_rows({f"s{k}_ED": (0.78, 0.86) for k in range(6)}), CHAMPION, _params())
+    assert result["promote"] and result["difference"]["ci"][0] > 0
+
+
+def test_a_worse_candidate_is_not_promoted_and_says_why():
+    result = compare(_rows({f"s{k}_ED": (0.60, 0.79) for k in range(6)}), CHAMPION, _params())
+    assert not result["promote"]
+    assert any("does not improve" in r for r in result["reasons"])
+    assert any("RV loses 0.1000 Dice" in r for r in result["reasons"])
+
+
+def test_a_better_mean_with_one_class_collapsing_is_not_promoted():
+    result = compare(_rows({f"s{k}_ED": (0.62, 0.99) for k in range(6)}), CHAMPION, _params(max_class_drop=0.05))
+    assert result["difference"]["dice_mean"] > 0 and not result["promote"]
+    assert result["reasons"] == ["RV loses 0.0800 Dice (more than 0.05)"]
+
+
+def test_worse_hd95_beyond_tolerance_blocks():
+    better = _rows({f"s{k}_ED": (0.78, 0.86) for k in range(6)}, hd=(20.0, 30.0))
+    result = compare(better, CHAMPION, _params(hd95_tolerance_mm=5.0))
+    assert not result["promote"] and "HD95" in result["reasons"][0]
+
+
+def test_first_model_needs_no_comparison():
+    assert compare(CHAMPION, None, _params())["promote"]
+
+
+def _case(subject: str, phase: str, group: str) -> Case:
+    cid = f"{subject}_{phase}"
+    return Case(cid, subject, f"images/{cid}.nii.gz", f"labels/{cid}.nii.gz", "MR", (1, 1, 1), (4, 4, 4), phase,
+                group)
+
+
+def test_test_subjects_by_fraction_cover_groups_and_keep_patients_whole():
+    cases = [_case(f"sub-{g}{k}", p, g) for g in "ABCD" for k in range(5) for p in ("ED", "ES")]
+    chosen = locked_subjects(cases, None, 0.2, seed=0)
+    assert len(chosen) == 4 and {s[4] for s in chosen} == set("ABCD")  # one per group
+    assert chosen == locked_subjects(cases, None, 0.2, seed=0) != locked_subjects(cases, None, 0.2, seed=1)
+    assert locked_subjects(cases, ("sub-A0_ES", "sub-B1"), 0.0, 0) == ["sub-A0", "sub-B1"]
+    assert locked_subjects(cases, None, 0.0, 0) == []
+    from medseg.errors import StageInputError
+
+    with pytest.raises(StageInputError, match="sub-Z9"):
+        locked_subjects(cases, ("sub-Z9",), 0.0, 0)
+
+
+@pytest.mark.slow
+def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingested, params_for):
+    from medseg import evaluate, register, train
+    from medseg.model_folder import MODEL_NAME
+    from medseg.preprocess import read_dataset, read_test_set
+    from tests.conftest import planned_and_preprocessed
+
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},
+                                                 preprocess={"folds": 2, "test_cases": ["sub-0002"]},
+                                                 train={"max_epochs": 3}))
+    test, test_hash = read_test_set(params.paths.preprocessed)
+    assert test == ["sub-0002_ED", "sub-0002_ES"] and len(test_hash) == 64
+    assert not {c.case_id for c in read_dataset(params.paths.preprocessed).cases} & set(test)  # locked away
+    train.run(params)
+    evaluate.run(params)
+    first = register.run(params)
+    assert first["alias"] == "champion"
+
+    # A deliberately broken candidate (all weights zero): registered, not promoted, and the card says why.
+    train.run(params)
+    model_pt = Path(params.paths.model) / "fold_0" / MODEL_NAME
+    saved = torch.load(model_pt, weights_only=True)
+    saved["state_dict"] = {k: torch.zeros_like(v) for k, v in saved["state_dict"].items()}
+    torch.save(saved, model_pt)
+    evaluate.run(params)
+    second = register.run(params)
+    assert second["alias"] == "challenger" and second["version"] == "2"
+    client = mlflow.MlflowClient()
+    v2 = client.get_model_version(params.register.model_name, "2")
+    assert "does not improve" in v2.tags["decision_reason"] and "locked test set" in v2.tags["decision_reason"]
+    assert v2.tags["case_set_hash"] == test_hash and float(v2.tags["test_delta_dice"]) < 0
+    for text in ("## Locked test set", "champion (version 1)", "**Rule:**", "paired by case"):
+        assert text in v2.description
+    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
