@@ -64,11 +64,13 @@ def configure_mlflow(mlflow_params: MlflowParams) -> str:
         client.search_registered_models(max_results=1)  # and the registry's
         experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
         if experiment is None:
-            artifacts = Path(mlflow_params.artifact_root).resolve()
-            artifacts.mkdir(parents=True, exist_ok=True)
+            location = None  # a tracking server stores (and serves) artifacts where it was told to
+            if not uri.startswith(("http://", "https://")):
+                artifacts = Path(mlflow_params.artifact_root).resolve()
+                artifacts.mkdir(parents=True, exist_ok=True)
+                location = artifacts.as_uri()
             try:
-                experiment_id = mlflow.create_experiment(mlflow_params.experiment,
-                                                         artifact_location=artifacts.as_uri())
+                experiment_id = mlflow.create_experiment(mlflow_params.experiment, artifact_location=location)
             except MlflowException:  # a server's other client made it first
                 experiment = mlflow.get_experiment_by_name(mlflow_params.experiment)
                 if experiment is None:
