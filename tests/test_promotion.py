@@ -112,3 +112,49 @@ def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingeste
     for text in ("## Locked test set", "champion (version 1)", "**Rule:**", "paired by case"):
         assert text in v2.description
     assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+
+
+def test_drift_compare_blocks_a_new_task_and_measures_shifts():
+    from medseg.drift import compare_fingerprints, drift_lines
+
+    def prints(labels, spacing, mean, modality="MR"):
+        return {"labels": labels, "cases": [{"spacing": spacing, "shape": [200, 200, 10]}] * 3,
+                "modalities": {modality: {"foreground_intensity": {"mean": mean, "std": 50.0}}}}
+
+    cardiac = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}
+    blocking, drift = compare_fingerprints(prints(cardiac, [1.5, 1.5, 10], 100.0), prints(cardiac, [0.75, 1.5, 10],
+                                                                                           150.0))
+    assert blocking == [] and drift["spacing_ratio_max"] == 2.0 and drift["intensity"]["MR"]["mean_shift_sd"] == 1.0
+    assert any("mean moved +1.0 SD" in line for line in drift_lines(drift))
+    blocking, _ = compare_fingerprints(prints(cardiac, [1, 1, 1], 100.0), prints({"0": "background", "1": "liver"},
+                                                                                 [1, 1, 1], 100.0, "CT"))
+    assert len(blocking) == 2 and "label map" in blocking[0] and "modalities" in blocking[1]
+
+
+@pytest.mark.slow
+def test_retraining_on_another_task_is_blocked_and_drift_reaches_the_card(tiny_ingested, params_for, tmp_path):
+    import json
+
+    from medseg import evaluate, register, train
+    from medseg.errors import StageInputError
+    from medseg.fingerprint import FINGERPRINT_NAME
+    from tests.conftest import planned_and_preprocessed
+
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 1}))
+    train.run(params)
+    evaluate.run(params)
+    register.run(params)
+    prints_file = Path(params.paths.plans) / FINGERPRINT_NAME
+    prints = json.loads(prints_file.read_text())
+    shifted = {**prints, "modalities": {m: {**v, "foreground_intensity": {
+        **v["foreground_intensity"], "mean": v["foreground_intensity"]["mean"] + v["foreground_intensity"]["std"]}}
+        for m, v in prints["modalities"].items()}}
+    prints_file.write_text(json.dumps(shifted))
+    train.run(params)  # a shift is measured, not blocking
+    evaluate.run(params)
+    second = register.run(params)
+    card = mlflow.MlflowClient().get_model_version(params.register.model_name, second["version"]).description
+    assert "## Data compared with the previous champion's" in card and "mean moved +1.0 SD" in card
+    prints_file.write_text(json.dumps({**prints, "labels": {"0": "background", "1": "liver"}}))
+    with pytest.raises(StageInputError, match="label map .* differs from the champion's"):
+        train.run(params)

@@ -9,6 +9,7 @@ otherwise the new version is aliased ``challenger``. Promotion is by aliases, ne
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def model_card(name: str, version: str, run, score: float, why: str, tags: dict[
         lines += ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
         lines += [f"| {c} | {dice[c]} | {hd95.get(c)} |" for c in dice] + [""]
     lines += test_evidence or []
+    if run_tags.get("drift_summary"):
+        from medseg.drift import drift_lines
+
+        lines += drift_lines(json.loads(run_tags["drift_summary"]))
     lines += ["## Provenance", "",
               f"- MLflow run: `{run.info.run_id}`",
               f"- git commit: `{run_tags.get('git_commit', 'unknown')}`",
@@ -143,17 +148,10 @@ def _register_version(client, p: Params, run_info: dict, score: float, fold: int
 
 def champion(params: Params) -> dict[str, str] | None:
     """The current champion's version and tags (``{"version": ..., **tags}``), or None when there is none."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from medseg.tracking import champion_version
 
-    from medseg.tracking import configure_mlflow
-
-    configure_mlflow(params.mlflow)
-    try:
-        version = MlflowClient().get_model_version_by_alias(params.register.model_name, CHAMPION)
-    except MlflowException:
-        return None
-    return {"version": str(version.version), **version.tags}
+    version = champion_version(params.mlflow, params.register.model_name, CHAMPION)
+    return None if version is None else {"version": str(version.version), **version.tags}
 
 
 def run(params: Params) -> dict:

@@ -13,7 +13,7 @@ from typing import Any
 
 from medseg.params import MlflowParams, Params
 
-__all__ = ["configure_mlflow", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
+__all__ = ["configure_mlflow", "champion_version", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,18 @@ def configure_mlflow(mlflow_params: MlflowParams) -> str:
             experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def champion_version(mlflow_params: MlflowParams, model_name: str, alias: str = "champion"):
+    """The registry's model version under ``alias`` (MLflow's ``ModelVersion``), or None when there is none yet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure_mlflow(mlflow_params)
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
 
 
 def flatten_params(params: Params, sections: tuple[str, ...] = ("data", "preprocess", "model", "train")) -> dict:

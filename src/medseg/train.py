@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -297,6 +298,35 @@ def training_inputs(params: Params) -> str:
     return digest.hexdigest()
 
 
+def _check_against_champion(params: Params) -> dict[str, Any]:
+    """Compare the data about to be trained on with the champion's (both ``medseg plan`` fingerprints): a different
+    label map or modality stops here with one clear line; shifts in spacing and intensity come back as a summary
+    (logged to MLflow and shown on the model card). Empty when there is no champion or it logged no fingerprint."""
+    import mlflow
+
+    from medseg.drift import compare_fingerprints
+    from medseg.errors import StageInputError
+    from medseg.fingerprint import FINGERPRINT_NAME, read_fingerprint
+    from medseg.tracking import champion_version
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 checks; the others follow its outcome
+        return {}
+    current = champion_version(params.mlflow, params.register.model_name)
+    if current is None or not current.run_id:
+        return {}
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=current.run_id, artifact_path=FINGERPRINT_NAME)
+    except Exception:  # a champion from before fingerprints were logged: nothing to compare with
+        return {}
+    blocking, drift = compare_fingerprints(json.loads(Path(path).read_text()), read_fingerprint(params.paths.plans))
+    if blocking:
+        raise StageInputError(f"the data does not match what champion version {current.version} of "
+                              f"{params.register.model_name} was trained on: {'; '.join(blocking)}. Train it under "
+                              f"another register.model_name, or fix data.source")
+    log.info("data against champion version %s: %s", current.version, drift)
+    return drift
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     """Every global generator, as tensors and plain types (the checkpoint loads with ``weights_only=True``)."""
     from medseg.data import plain_numpy_state
@@ -351,6 +381,9 @@ def run(params: Params, resume: bool = False) -> dict:
     labels = read_dataset(params.paths.preprocessed).labels
     version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
     version["training_inputs"] = training_inputs(params)
+    drift = _check_against_champion(params)
+    if drift:
+        version["drift_summary"] = json.dumps(drift, sort_keys=True)
     choice = params.evaluate.largest_component
     with dd.distributed(params.train.device) as ctx:
         summaries, raw, post = [], [], []
@@ -516,6 +549,7 @@ def _mlflow_run(p: Params, state: dict, fold: int | str, cv_group: str, version:
     """Start (or reopen, on resume) the fold's MLflow run; re-log epochs a kill kept from reaching it."""
     import mlflow
 
+    from medseg.fingerprint import FINGERPRINT_NAME
     from medseg.tracking import configure_mlflow, flatten_params, git_commit
 
     configure_mlflow(p.mlflow)
@@ -532,6 +566,14 @@ def _mlflow_run(p: Params, state: dict, fold: int | str, cv_group: str, version:
             mlflow.log_params({**flatten_params(p), "train.fold": fold})
             mlflow.set_tags({"git_commit": git_commit(), **version, "fold": str(fold), "cv_group": cv_group,
                              "device": ctx.device.type, "world_size": str(ctx.world_size), "model": p.model.name})
+            mlflow.log_artifact(str(Path(p.paths.plans) / FINGERPRINT_NAME))  # what the next retrain is checked against
+            if version.get("drift_summary"):
+                drift = json.loads(version["drift_summary"])
+                mlflow.log_dict(drift, "drift.json")
+                shifts = [abs(v["mean_shift_sd"]) for v in drift.get("intensity", {}).values()]
+                mlflow.log_metrics({k: v for k, v in {"drift_spacing_ratio_max": drift.get("spacing_ratio_max"),
+                                                      "drift_intensity_shift_sd": max(shifts, default=None)}.items()
+                                    if v is not None})
         yield
 
 
