@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from medseg.params import Params, load_params
 
-__all__ = ["medseg_pipeline", "STAGE_TASKS"]
+__all__ = ["medseg_pipeline", "task_runner", "STAGE_TASKS"]
 
 # DVC does the caching of stage outputs; Prefect re-runs what the flow asks for. I/O-bound stages retry, backing off
 # (a network share or the MLflow server back after a blip).
@@ -84,6 +84,22 @@ def unchanged_task(params: Params) -> str | None:
     if current is None or current.get(register.INPUTS_TAG) != training_inputs(params):
         return None
     return current["version"]
+
+
+def task_runner(params: Params):
+    """The Prefect task runner ``orchestration`` names: threads in this process, or a Dask cluster (the one at
+    ``dask_address``, else a local one of ``dask_workers`` single-threaded worker processes)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    o = params.orchestration
+    if o.task_runner == "thread":
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if o.dask_address:
+        return DaskTaskRunner(address=o.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1,
+                                          "dashboard_address": None})
 
 
 # dvc.yaml stage name -> the task that runs the same stage function (checked by tests/test_contracts.py).

@@ -89,6 +89,12 @@ def _cmd_predict(args: argparse.Namespace) -> dict:
                        sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg, ensemble=args.ensemble)
 
 
+def _cmd_predict_flow(args: argparse.Namespace) -> dict:
+    from pipelines.predict_flow import run
+
+    return run(args.model, args.input, args.out, params_file=args.params)
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> dict:
     from pipelines.medseg_flow import medseg_pipeline
 
@@ -160,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (where the network runs)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="for DICOM series inputs, also write <case>.seg.dcm, a DICOM-SEG referencing the series")
+
+    p = command("predict-flow", _cmd_predict_flow, "batch prediction as the Prefect flow 'medseg-predict': one task "
+                                                    "per study or NIfTI file, on orchestration.task_runner")
+    p.add_argument("--model", required=True, help="as for predict: a model folder, fold, model.pt or models:/ URI")
+    p.add_argument("input", help="a folder of studies (sub-folders) and/or NIfTI files")
+    p.add_argument("--out", required=True, help="output folder")
 
     command("pipeline", _cmd_pipeline, "run all stages as the Prefect flow 'medseg-pipeline'")
     p = command("serve", _cmd_serve, "serve the Prefect deployment that retrains on a cron schedule")

@@ -151,6 +151,13 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class OrchestrationParams:
+    task_runner: Literal["thread", "dask"]
+    dask_address: str | None
+    dask_workers: int
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsParams
     data: DataParams
@@ -162,6 +169,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     mlflow: MlflowParams
+    orchestration: OrchestrationParams
 
     def section(self, name: str) -> dict[str, Any]:
         """One section as a plain dict (for MLflow params and fingerprints)."""
@@ -287,6 +295,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "register.noninferiority_margin": (0, 1, False),
     "register.max_class_drop": (0, 1, False),
     "register.hd95_tolerance_mm": (0, None, False),
+    "orchestration.dask_workers": (1, None, False),
     "demo.cardiac_patients": (0, None, False),
     "demo.ct_patients": (0, None, False),
 }

@@ -9,6 +9,7 @@ writes a DICOM-SEG for DICOM inputs (:mod:`medseg.dicom_seg`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 
 from medseg.errors import StageInputError
 
-__all__ = ["run", "load_models", "segment", "find_inputs", "Input", "Unreadable", "output_names"]
+__all__ = ["run", "load_models", "segment", "find_inputs", "prediction_units", "Input", "Unreadable",
+           "output_names"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,23 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
         raise StageInputError(f"no NIfTI file or readable DICOM series in {path}")
 
 
+def prediction_units(path: Path) -> list[Path]:
+    """What a batch splits into, one task each: the NIfTI files directly in ``path`` and each of its sub-folders (a
+    study or series, DICOM at any depth below); ``path`` itself when it is a file or holds DICOM files directly."""
+    from medseg.ingest.dicom_headers import looks_like_dicom
+    from medseg.ingest.nifti import is_nifti
+
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if not path.exists():
+        raise StageInputError(f"input not found: {path}")
+    if path.is_file():
+        return [path]
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if any(p.is_file() and not is_nifti(p) and looks_like_dicom(p) for p in entries):
+        return [path]
+    return [p for p in entries if p.is_dir() or (p.is_file() and is_nifti(p))]
+
+
 def output_names(name: str, taken: set[str]) -> str:
     """A file stem for ``name`` that is safe (no separator, not hidden) and not in ``taken`` (then added to it):
     the first clash gets ``_2``, the next ``_3``, in the order inputs are found, which is sorted and so stable."""
@@ -306,7 +325,7 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
 
 def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float = 0.5, tta: bool | None = None,
         largest_component: bool | None = None, device: str = "auto", sw_batch_size: int = 8,
-        dicom_seg: bool = False, ensemble: bool = False) -> dict:
+        dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``).
 
     Outputs are named after the inputs (a NIfTI file's stem, a DICOM series' folder), made unique per run by
@@ -319,6 +338,8 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         tta, largest_component: None follows the (first) model's inference config (``largest_component``: the
             classes cross-validation chose); True or False applies to every class.
         ensemble: a model folder gives every fold, the cross-validation folds and the all-data model alike.
+        prefix: put ``<prefix>_`` before each output name (the batch flow gives each study folder its own, so that
+            tasks running apart never clash).
         dicom_seg: also write a DICOM-SEG for each DICOM series (an error for NIfTI inputs).
     """
     from tqdm import tqdm
@@ -340,7 +361,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     out_dir = _output_folder(Path(out_dir), Path(input_path))
     written, dicom_segs, failed, taken = [], [], [], set()
     for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
-        name = output_names(item.name, taken)
+        name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
         try:
             if isinstance(item, Unreadable):
                 raise StageInputError(item.reason)

@@ -1,0 +1,57 @@
+"""Prefect flow ``medseg-predict``: batch prediction over many studies, one task per study or NIfTI file.
+
+The input folder splits into units (:func:`medseg.predict.prediction_units`); each runs ``medseg predict``'s own
+code in a task with retries, on the task runner ``orchestration.task_runner`` names (threads here, or a Dask
+cluster), and writes into the same output folder: a NIfTI file keeps its stem, a study folder's outputs are named
+``<study>_<series>``. The flow returns a summary of what succeeded and what failed, and why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from medseg.params import load_params
+from pipelines.medseg_flow import IO_RETRIES, task_runner
+
+__all__ = ["medseg_predict", "predict_unit"]
+
+
+@task(name="predict-case", cache_policy=NO_CACHE, **IO_RETRIES)
+def predict_unit(model: str, unit: str, out: str, overlap: float, sw_batch_size: int, device: str) -> dict:
+    from medseg import predict
+
+    prefix = None if Path(unit).is_file() else Path(unit).name
+    return predict.run(model, Path(unit), Path(out), overlap=overlap, sw_batch_size=sw_batch_size, device=device,
+                       prefix=prefix)
+
+
+@flow(name="medseg-predict", log_prints=True)
+def medseg_predict(model: str, input_path: str, out: str, params_file: str = "params.yaml") -> dict:
+    """Segment every study under ``input_path`` into ``out``, one task per study."""
+    from medseg import predict
+
+    params = load_params(params_file)
+    units = predict.prediction_units(Path(input_path))
+    futures = [predict_unit.submit(model, str(u), out, params.evaluate.sw_overlap, params.evaluate.sw_batch_size,
+                                   params.train.device) for u in units]
+    written, failed = [], []
+    for unit, future in zip(units, futures):
+        state = future.wait() or future.state
+        if state.is_completed():
+            result = future.result()
+            written += result["written"]
+            failed += [{**f, "unit": unit.name} for f in result["failed"]]
+        else:
+            failed.append({"unit": unit.name, "input": unit.name, "reason": str(state.message or state.name)})
+    print(f"medseg-predict: {len(written)} written, {len(failed)} failed, {len(units)} task(s)")
+    return {"model": model, "tasks": len(units), "written": sorted(written), "failed": failed,
+            "succeeded": len(written)}
+
+
+def run(model: str, input_path: str, out: str, params_file: str = "params.yaml") -> dict:
+    """The flow on the task runner ``orchestration`` in params names."""
+    params = load_params(params_file)
+    return medseg_predict.with_options(task_runner=task_runner(params))(model, input_path, out, params_file)
