@@ -63,3 +63,29 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(project):
 
     metrics = sh("dvc", "metrics", "show", cwd=project)
     assert "dice_mean" in metrics
+
+
+def _commit(root: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message, cwd=root)
+
+
+def test_experiments_and_a_remote_spare_a_fresh_clone_the_recomputing(project, tmp_path):
+    sh("dvc", "repro", cwd=project)
+    _commit(project, "baseline")
+
+    # A sweep point with `dvc exp run -S`, compared with `dvc exp show`.
+    sh("dvc", "exp", "run", "-S", "train.learning_rate=0.02", "-n", "lr02", cwd=project)
+    shown = sh("dvc", "exp", "show", "--no-pager", "--csv", cwd=project)
+    assert "lr02" in shown and "0.02" in shown and "dice_mean" in shown
+
+    # A remote (a local folder here): push, then a fresh clone pulls instead of recomputing.
+    sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=project)
+    sh("dvc", "push", cwd=project)
+    _commit(project, "remote")
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    sh("dvc", "pull", cwd=clone)
+    assert (clone / "data/model/fold_all/model.pt").is_file() and (clone / "data/evaluation/metrics.json").is_file()
+    assert "up to date" in sh("dvc", "status", cwd=clone)
+    assert "Running stage" not in sh("dvc", "repro", cwd=clone)
