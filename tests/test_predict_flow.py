@@ -26,6 +26,18 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Starting a local Dask cluster sets OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 in this process's environment (for
+    its worker processes); later tests' subprocesses must not inherit them."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _hashes(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 

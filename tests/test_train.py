@@ -1,6 +1,7 @@
 import csv
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -34,8 +35,12 @@ def write_params_yaml(params, path: Path) -> Path:
 
 
 def medseg(*args: str, cwd: Path) -> subprocess.Popen:
+    # The same number of intra-op threads as this process: weights compared bit for bit with a training run here
+    # must not differ by the order of floating-point sums.
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     return subprocess.Popen([sys.executable, "-m", "medseg.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
