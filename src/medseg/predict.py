@@ -105,8 +105,6 @@ def _dicom_inputs(folder: Path) -> Iterator[Input]:
     Ingest's building blocks are used directly rather than ``scan_dicom``: its items do not expose the sorted source
     files that a DICOM-SEG must reference. SEG/RTSTRUCT files (e.g. an earlier ``--dicom-seg`` output) are skipped.
     """
-    import os
-
     from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected, iter_files, modality_name, rel
     from medseg.ingest.dicom_geometry import series_geometry, split_phases
@@ -156,8 +154,6 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
     Raises:
         StageInputError: ``path`` does not exist, or holds no NIfTI file or DICOM series at all.
     """
-    import os
-
     import nibabel as nib
 
     from medseg.ingest.checks import checked_image
@@ -394,12 +390,12 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
 def _output_folder(out_dir: Path, input_path: Path) -> Path:
     """``out_dir``, created; refused when it is a file, not writable, or overlaps the input folder (predictions are
     never written among, or over, the user's inputs)."""
-    import os
+    from medseg.ingest.common import folders_overlap
 
     out_dir, source = out_dir.expanduser().resolve(), input_path.expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise StageInputError(f"--out {out_dir} is a file, not a folder")
-    if source.is_dir() and (out_dir == source or out_dir.is_relative_to(source) or source.is_relative_to(out_dir)):
+    if source.is_dir() and folders_overlap(out_dir, source):
         raise StageInputError(f"--out {out_dir} overlaps the input folder {source}: choose a folder outside it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

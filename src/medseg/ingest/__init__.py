@@ -28,7 +28,7 @@ from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
 from medseg.ingest.checks import check_label, checked_image, guess_modality, spacing_of
-from medseg.ingest.common import CaseRejected, Item, Scan, new_walk
+from medseg.ingest.common import CaseRejected, Item, Scan, folders_overlap, new_walk
 from medseg.ingest.dicom import scan_dicom
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL
 from medseg.ingest.dicom_headers import quiet_pydicom
@@ -200,7 +200,7 @@ def _remove_stale(out_dir: Path, keep: set[str], record: dict[str, dict[str, Any
 def _check_folders(source: Path, out_dir: Path) -> None:
     """Refuse an output folder that is the source, lies inside it or contains it: ingest never writes into, or
     deletes from, the user's data."""
-    if out_dir == source or out_dir.is_relative_to(source) or source.is_relative_to(out_dir):
+    if folders_overlap(out_dir, source):
         where = "is" if out_dir == source else "lies inside" if out_dir.is_relative_to(source) else "contains"
         raise IngestError(f"output folder {out_dir} {where} the source folder {source}: choose an output folder "
                           f"outside the data being ingested")

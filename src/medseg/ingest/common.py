@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "modality_name",
+__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "folders_overlap", "modality_name",
            "label_names_from_json", "read_label_json"]
 
 
@@ -113,6 +113,11 @@ def _resolved(path: Path, root: Path) -> Path | None:
             log.warning("skipped %s: a symbolic link that %s", key, kind)
         return None
     return resolved
+
+
+def folders_overlap(a: Path, b: Path) -> bool:
+    """Whether two resolved folders are the same, or one lies inside the other."""
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def named(path: Path) -> Path | None:
