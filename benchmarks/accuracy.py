@@ -46,6 +46,9 @@ from medseg.metrics import RESAMPLES, bootstrap, hd95, score_case, surface  # no
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc"
 MEDSEG = [sys.executable, "-m", "medseg.cli"]
+# Inference-only variants of medseg, scored from the same fold models (no extra training): each recipe item of
+# inference gets its ablation row in the same run. The yardstick's medseg keeps the largest component of every class.
+VARIANTS = {"no-pp": ["--no-largest-component"], "tta": ["--tta"]}
 NNUNET_TRAINER = "nnUNetTrainer_5epochs"  # the shortest shipped variant but nnUNetTrainer_1epoch
 
 
@@ -81,7 +84,7 @@ def paired_difference(rows: list[dict], a: str, b: str, seed: int = 0) -> dict |
 def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[str, float | None],
                  difference: dict | None) -> str:
     """Side-by-side rows: mean Dice [CI], Dice and HD95 per class, minutes per fold; then the paired difference."""
-    head = (f"{'method':10s} {'mean Dice [95% CI]':22s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
+    head = (f"{'method':13s} {'mean Dice [95% CI]':22s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
             + " ".join(f"{'HD95 ' + c:>17s}" for c in classes) + f" {'train min':>9s}")
     lines = [head, "-" * len(head)]
     for method, s in summaries.items():
@@ -93,7 +96,7 @@ def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[s
                 hd += f" ({pc['hd95_missing']} miss)"
             hds.append(f"{hd:>17s}")
         took = minutes.get(method)
-        lines.append(f"{method:10s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
+        lines.append(f"{method:13s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
                      + " ".join(f"{s['per_class'][c]['dice']:15.3f}" for c in classes) + " " + " ".join(hds)
                      + f" {'-' if took is None else f'{took:.1f}':>9s}")
     if difference:
@@ -173,12 +176,20 @@ def run_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict
     fold_params.write_text(yaml.safe_dump({**params, "train": {**params["train"], "fold": fold}}, sort_keys=False))
     train_s = sh(MEDSEG + ["train", "--params", str(fold_params)], work / "logs" / f"medseg_train_{fold}.log", env,
                  work)
-    inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / "medseg" / f"fold_{fold}"
+    outputs, predict_s = predict_medseg(work, fold, params, test, cases, env, "medseg", [])
+    return outputs, {"train_s": train_s, "predict_s": predict_s}
+
+
+def predict_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict, env: dict, method: str,
+                   flags: list[str]) -> tuple[dict, float]:
+    """``medseg predict [flags]`` with the fold's model on the held-out originals -> ({case_id: output}, seconds)."""
+    inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / method.replace("/", "_") / f"fold_{fold}"
     for cid in test:
         link(cases[cid]["image"], inputs / f"{cid}.nii.gz")
-    predict_s = sh(MEDSEG + ["predict", "--model", str(Path(params["paths"]["model"]) / f"fold_{fold}"),
-                             str(inputs), "--out", str(out)], work / "logs" / f"medseg_predict_{fold}.log", env, work)
-    return {cid: out / f"{cid}.nii.gz" for cid in test}, {"train_s": train_s, "predict_s": predict_s}
+    seconds = sh(MEDSEG + ["predict", "--model", str(Path(params["paths"]["model"]) / f"fold_{fold}"), *flags,
+                           str(inputs), "--out", str(out)],
+                 work / "logs" / f"{method.replace('/', '_')}_predict_{fold}.log", env, work)
+    return {cid: out / f"{cid}.nii.gz" for cid in test}, seconds
 
 
 def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases: dict, minutes: float,
@@ -264,9 +275,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="params override for medseg, dotted key and YAML value; repeatable")
     parser.add_argument("--tutorial-args", default="", help="extra arguments for tutorial_loop.py, e.g. '--tiny'")
+    parser.add_argument("--variants", default="", help=f"comma-separated inference-only medseg rows from the same "
+                        f"fold models: {', '.join(VARIANTS)} (post-processing off, mirroring TTA)")
     parser.add_argument("--json", type=Path, default=None, help="default: WORK/accuracy.json")
     parser.add_argument("--seed", type=int, default=0, help="training seeds and the bootstrap")
     args = parser.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variants) - set(VARIANTS):
+        parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
     args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else 10.0
     args.folds = args.folds if args.folds is not None else 3 if args.quick else None
     return args
@@ -335,19 +351,30 @@ def main(argv: list[str] | None = None) -> dict:
                 else:
                     outputs, times = run_nnunet(work, k, split["train"], split["val"], cases, labels, modality, env)
                 scored = score_outputs(method, k, outputs, cases, classes)
+                for name in args.variants if method == "medseg" else []:
+                    variant = f"medseg/{name}"
+                    try:
+                        out_v, seconds = predict_medseg(work, k, params, split["val"], cases, env, variant,
+                                                        VARIANTS[name])
+                        scored += score_outputs(variant, k, out_v, cases, classes)
+                        times[f"predict_{name}_s"] = seconds
+                    except Exception as err:  # the variant's rows are missing; medseg's own stand
+                        print(f"fold {k} {variant}: FAILED: {err}", flush=True)
             except Exception as err:  # fail-soft: one line, the other methods and folds go on
                 print(f"fold {k} {method}: FAILED: {err}", flush=True)
                 record["methods"][method] = {"status": "failed", "error": str(err)}
                 continue
             rows += scored
             record["methods"][method] = {"status": "ok", **{key: round(v, 1) for key, v in times.items()}}
+            scored = [r for r in scored if r["method"] == method]
             dice = np.mean([r["dice"] for r in scored]) if scored else float("nan")
             print(f"fold {k} {method}: trained {times['train_s'] / 60:.1f} min, predicted "
                   f"{times['predict_s'] / 60:.1f} min, {len(split['val'])} held-out cases, mean Dice {dice:.3f}",
                   flush=True)
 
     names = list(classes.values())
-    scored_methods = [m for m in methods if any(r["method"] == m for r in rows)]
+    variants = [f"medseg/{name}" for name in args.variants]
+    scored_methods = [m for m in methods + variants if any(r["method"] == m for r in rows)]
     summaries = {m: summarise([r for r in rows if r["method"] == m], names, args.seed) for m in scored_methods}
     minutes = {}
     for m in methods:
@@ -355,15 +382,19 @@ def main(argv: list[str] | None = None) -> dict:
         minutes[m] = float(np.mean(walls)) / 60 if walls else None
     difference = paired_difference(rows, "medseg", "tutorial", args.seed) if {"medseg", "tutorial"} <= set(
         scored_methods) else None
+    variant_differences = [d for v in variants if (d := paired_difference(rows, v, "medseg", args.seed))]
     print(format_table(summaries, names, minutes, difference), flush=True)
+    for d in variant_differences:  # same models: only the inference item differs
+        print(f"{d['a']} - {d['b']}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
     result = {"command": [sys.executable, *sys.argv] if argv is None else ["accuracy.py", *argv],
               "git_commit": git_commit(), "work": str(work), "data": str(data),
               "settings": {"folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
-                           "set": args.sets, "tutorial_args": args.tutorial_args, "seed": args.seed,
+                           "set": args.sets, "variants": args.variants, "tutorial_args": args.tutorial_args, "seed": args.seed,
                            "bootstrap_resamples": RESAMPLES, "medseg_params": params,
                            "nnunet_trainer": NNUNET_TRAINER if "nnunet" in methods else None},
               "labels": {str(k): v for k, v in labels.items()}, "folds": fold_log, "train_minutes_per_fold": minutes,
-              "summary": summaries, "difference": difference, "cases": rows}
+              "summary": summaries, "difference": difference, "variant_differences": variant_differences,
+              "cases": rows}
     out = args.json or work / "accuracy.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -157,7 +157,7 @@ def test_yardstick_end_to_end_on_tiny_acdc(tmp_path):
     before = sorted(p.name for p in data.rglob("*"))
     result = acc.main([
         "--data", str(data), "--work", str(tmp_path / "work"), "--folds", "3", "--max-folds", "1",
-        "--minutes", "0.02", "--tutorial-args=--tiny",
+        "--minutes", "0.02", "--tutorial-args=--tiny", "--variants", "no-pp,tta",
         "--set", "model.channels=[8, 16, 32]", "--set", "model.strides=[2, 2]",
         "--set", "plan.patch_size=[48, 48, 1]", "--set", "plan.batch_size=4",
         "--set", "train.max_epochs=2", "--set", "train.steps_per_epoch=2"])
@@ -183,3 +183,8 @@ def test_yardstick_end_to_end_on_tiny_acdc(tmp_path):
             assert pred.shape == original.shape
             np.testing.assert_allclose(pred.affine, original.affine, atol=1e-4)
     assert saved["difference"]["a"] == "medseg" and saved["difference"]["patients"] == 1
+    for variant in ("medseg/no-pp", "medseg/tta"):  # inference-only rows from the same fold model
+        assert sorted({r["case_id"] for r in saved["cases"] if r["method"] == variant}) == sorted(held_out)
+        assert (tmp_path / "work" / "pred" / variant.replace("/", "_") / "fold_0").is_dir()
+    assert [d["a"] for d in saved["variant_differences"]] == ["medseg/no-pp", "medseg/tta"]
+    assert all(d["b"] == "medseg" for d in saved["variant_differences"])
