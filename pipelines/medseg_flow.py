@@ -7,14 +7,17 @@ embedded server for the run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from medseg.casemap import CaseMap, as_finished
 from medseg.params import Params, load_params
 
-__all__ = ["medseg_pipeline", "task_runner", "STAGE_TASKS"]
+__all__ = ["medseg_pipeline", "run", "task_runner", "prefect_case_map", "STAGE_TASKS"]
 
 # DVC does the caching of stage outputs; Prefect re-runs what the flow asks for. I/O-bound stages retry, backing off
 # (a network share or the MLflow server back after a blip).
@@ -30,12 +33,32 @@ def demo_data_task(params: Params) -> dict:
                          ct_patients=d.ct_patients)
 
 
-@task(name="ingest", cache_policy=NO_CACHE, **IO_RETRIES)
-def ingest_task(params: Params) -> dict:
+@task(name="case", cache_policy=NO_CACHE, **IO_RETRIES)
+def case_task(fn: Callable[..., Any], args: tuple) -> Any:
+    """One case of a stage: ``fn(*args)``, on the flow's task runner (a thread here, or a Dask worker)."""
+    return fn(*args)
+
+
+def prefect_case_map(stage: str) -> CaseMap:
+    """A :mod:`medseg.casemap` case map that submits one ``<stage>-case`` task per case to the flow's task runner
+    (retried with backoff like the other I/O tasks); results are yielded as the tasks finish."""
+
+    def case_map(fn: Callable[..., Any], calls: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
+        from prefect.futures import as_completed
+
+        named = case_task.with_options(name=f"{stage}-case")
+        futures = [named.submit(fn, args) for args in calls]
+        yield from as_finished(futures, as_completed(futures))
+
+    return case_map
+
+
+def ingest_stage(params: Params) -> dict:
+    """Ingest with one task per case. Not a task itself: the case tasks go to the flow's task runner."""
     from medseg import ingest
 
     return ingest.run(Path(params.data.source), Path(params.paths.ingested), layout=params.data.layout,
-                      spacing_tolerance=params.data.slice_spacing_tolerance)
+                      spacing_tolerance=params.data.slice_spacing_tolerance, case_map=prefect_case_map("ingest"))
 
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -45,11 +68,11 @@ def plan_task(params: Params) -> dict:
     return plan.run(params)
 
 
-@task(name="preprocess", cache_policy=NO_CACHE, **IO_RETRIES)
-def preprocess_task(params: Params) -> dict:
+def preprocess_stage(params: Params) -> dict:
+    """Preprocess with one task per case, on the flow's task runner."""
     from medseg import preprocess
 
-    return preprocess.run(params)
+    return preprocess.run(params, case_map=prefect_case_map("preprocess"))
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -86,28 +109,44 @@ def unchanged_task(params: Params) -> str | None:
     return current["version"]
 
 
+# A local cluster's worker processes each get one thread for numpy/torch: the workers are the parallelism.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
 def task_runner(params: Params):
-    """The Prefect task runner ``orchestration`` names: threads in this process, or a Dask cluster (the one at
-    ``dask_address``, else a local one of ``dask_workers`` single-threaded worker processes)."""
+    """The Prefect task runner ``orchestration`` names: threads in this process (one per CPU), or a Dask cluster
+    (the one at ``dask_address``, else a local one of ``dask_workers`` single-threaded worker processes).
+
+    Per-case tasks (ingest, preprocess, batch prediction) are submitted to it; training and the other stages run in
+    the flow's own process with all its threads.
+    """
+    import os
+
     from prefect.task_runners import ThreadPoolTaskRunner
 
     o = params.orchestration
     if o.task_runner == "thread":
-        return ThreadPoolTaskRunner()
+        return ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1)
+    import dask
     from prefect_dask import DaskTaskRunner
 
     if o.dask_address:
         return DaskTaskRunner(address=o.dask_address)
+    # distributed's default "pre-spawn-environ" writes WORKER_ENV into THIS process's os.environ before spawning
+    # each worker, so training later in the flow would run on one thread; hand it to the workers alone instead.
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
     return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "env": WORKER_ENV})
 
 
-# dvc.yaml stage name -> the task that runs the same stage function (checked by tests/test_contracts.py).
+# dvc.yaml stage name -> the task (or, for per-case stages, the function submitting case tasks) that runs the same
+# stage function (checked by tests/test_contracts.py).
 STAGE_TASKS = {
     "demo_data": demo_data_task,
-    "ingest": ingest_task,
+    "ingest": ingest_stage,
     "plan": plan_task,
-    "preprocess": preprocess_task,
+    "preprocess": preprocess_stage,
     "train": train_task,
     "evaluate": evaluate_task,
     "register": register_task,
@@ -130,7 +169,7 @@ def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_
     summary: dict = {}
     if _uses_demo_data(params):
         summary["demo_data"] = demo_data_task(params)
-    summary["ingest"] = ingest_task(params)
+    summary["ingest"] = ingest_stage(params)
     if skip_unchanged:
         version = unchanged_task(params)
         if version is not None:
@@ -139,14 +178,20 @@ def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_
             summary["skipped"] = {"reason": "unchanged", "champion_version": version}
             return summary
     summary["plan"] = plan_task(params)
-    summary["preprocess"] = preprocess_task(params)
+    summary["preprocess"] = preprocess_stage(params)
     summary["train"] = train_task(params, resume=resume)
     summary["evaluate"] = evaluate_task(params)
     summary["register"] = register_task(params)
     return summary
 
 
+def run(params_file: str = "params.yaml", resume: bool = True, skip_unchanged: bool = True) -> dict:
+    """The flow on the task runner ``orchestration`` in params names."""
+    flow_ = medseg_pipeline.with_options(task_runner=task_runner(load_params(params_file)))
+    return flow_(params_file=params_file, resume=resume, skip_unchanged=skip_unchanged)
+
+
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
-    medseg_pipeline(*sys.argv[1:2])
+    run(*sys.argv[1:2])

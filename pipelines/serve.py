@@ -16,9 +16,11 @@ def build_deployment(params_file: str = "params.yaml", cron: str | None = None):
     """The deployment object (not yet registered): flow, parameters and schedule."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from pipelines.medseg_flow import medseg_pipeline
+    from medseg.params import load_params
+    from pipelines.medseg_flow import medseg_pipeline, task_runner
 
-    return medseg_pipeline.to_deployment(
+    flow_ = medseg_pipeline.with_options(task_runner=task_runner(load_params(params_file)))
+    return flow_.to_deployment(
         name=DEPLOYMENT_NAME,
         cron=cron or DEFAULT_CRON,
         # One retraining at a time; a run due while one is still going is cancelled, not queued, so missed

@@ -76,3 +76,54 @@ def test_retraining_deployment_schedule_is_registered(prefect_harness):
     from prefect.client.schemas.schedules import CronSchedule
 
     CronSchedule(cron=DEFAULT_CRON)  # the default parses as a cron schedule
+
+
+def _tree(folder) -> dict:
+    """Every file under ``folder`` but ingest's re-run cache (it holds file times) -> its SHA-256."""
+    import hashlib
+    from pathlib import Path
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != ".ingest_cache.json"}
+
+
+@pytest.mark.slow
+def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_outputs(prefect_harness, params_for,
+                                                                                      tmp_path):
+    """orchestration.task_runner: dask. Ingest and preprocess run one task per case on two worker processes; their
+    outputs are byte for byte those of the stages run alone (threads, in order); the flow's own process keeps its
+    thread settings for training."""
+    import os
+
+    from prefect import get_client
+
+    from medseg import ingest, plan, preprocess
+    from pipelines import medseg_flow
+
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1},
+                        orchestration={"task_runner": "dask", "dask_workers": 2})
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
+    threads_before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    summary = medseg_flow.run(write_params(tmp_path / "params.yaml", params))
+    assert summary["ingest"]["accepted"] == 6 and summary["preprocess"]["cases"] == 6
+    assert summary["register"]["alias"] == "champion"
+    assert {k: os.environ.get(k) for k in threads_before} == threads_before
+
+    async def case_task_names():
+        async with get_client() as client:
+            return sorted(t.name for t in await client.read_task_runs() if t.name.split("-case")[0] in
+                          ("ingest", "preprocess") and t.state.is_completed())
+
+    names = asyncio.run(case_task_names())
+    assert sum(n.startswith("ingest-case") for n in names) == 6
+    assert sum(n.startswith("preprocess-case") for n in names) == 6
+
+    alone = dataclasses.replace(params, paths=dataclasses.replace(
+        params.paths, ingested=str(tmp_path / "alone" / "ingested"), plans=str(tmp_path / "alone" / "plans"),
+        preprocessed=str(tmp_path / "alone" / "preprocessed")))
+    ingest.run(alone.data.source, alone.paths.ingested)
+    plan.run(alone)
+    preprocess.run(alone)
+    for folder in ("ingested", "preprocessed"):
+        on_dask, by_itself = _tree(getattr(params.paths, folder)), _tree(getattr(alone.paths, folder))
+        assert on_dask == by_itself and len(on_dask) >= 12, folder

@@ -95,3 +95,23 @@ def test_foreground_select_excludes_air():
     x = np.zeros((10, 10, 2), np.float32)
     x[2:8, 2:8] = 100
     assert ForegroundSelect()(x).sum() == 72
+
+
+def test_zscore_matches_monai_and_does_not_depend_on_the_thread_count():
+    from monai import transforms as mt
+
+    from medseg.transforms import ZScored
+
+    image = torch.as_tensor(np.random.default_rng(3).gamma(2.0, 40.0, (1, 197, 196, 12)).astype(np.float32))
+    expected = mt.NormalizeIntensityd("image")({"image": image.clone()})["image"]
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outputs.append(ZScored("image")({"image": image.clone()})["image"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], torch.as_tensor(expected), rtol=0, atol=1e-5)
+    assert torch.equal(ZScored("image")({"image": torch.full((1, 4, 4, 4), 7.0)})["image"], torch.zeros(1, 4, 4, 4))

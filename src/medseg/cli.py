@@ -96,9 +96,9 @@ def _cmd_predict_flow(args: argparse.Namespace) -> dict:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> dict:
-    from pipelines.medseg_flow import medseg_pipeline
+    from pipelines.medseg_flow import run
 
-    return medseg_pipeline(params_file=args.params)
+    return run(params_file=args.params)
 
 
 def _cmd_serve(args: argparse.Namespace) -> dict:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from medseg.atomic import atomic_dir, read_json, write_json
+from medseg.casemap import CaseMap, in_order
 from medseg.errors import StageInputError
 from medseg.manifest import Case, Manifest, read_manifest, locked_subjects, write_manifest
 from medseg.params import Params
@@ -71,16 +72,17 @@ def read_splits(preprocessed: str | Path, fold: int) -> dict[str, list[str]]:
     return splits[fold]
 
 
-def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path, chains: dict) -> Case:
+def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path) -> Case:
+    """One case into ``out`` (images/, labels/); its entry in dataset.json. A module-level function: the Prefect
+    flow may run it in another process (:mod:`medseg.casemap`)."""
     from medseg.atomic import save_nifti
     from medseg.transforms import IMAGE, LABEL, preprocess_transforms
 
-    if case.modality not in chains:
-        if case.modality not in plan.normalization:
-            raise StageInputError(f"case {case.case_id}: modality {case.modality} is not in plans.json "
-                                  f"(planned: {sorted(plan.normalization)}); re-run 'medseg plan'")
-        chains[case.modality] = preprocess_transforms(plan.normalization[case.modality], plan.target_spacing)
-    data = chains[case.modality]({IMAGE: str(manifest.image_path(case)), LABEL: str(manifest.label_path(case))})
+    if case.modality not in plan.normalization:
+        raise StageInputError(f"case {case.case_id}: modality {case.modality} is not in plans.json "
+                              f"(planned: {sorted(plan.normalization)}); re-run 'medseg plan'")
+    chain = preprocess_transforms(plan.normalization[case.modality], plan.target_spacing)
+    data = chain({IMAGE: str(manifest.image_path(case)), LABEL: str(manifest.label_path(case))})
     image, label = data[IMAGE], data[LABEL]
     affine = image.affine.numpy()
     image_rel, label_rel = f"images/{case.case_id}.nii.gz", f"labels/{case.case_id}.nii.gz"
@@ -91,8 +93,9 @@ def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path, chai
     return Case(case.case_id, case.subject, image_rel, label_rel, case.modality, spacing, shape, case.phase, case.group)
 
 
-def run(params: Params) -> dict:
-    """Preprocess every labelled case of the ingested manifest; returns a small summary."""
+def run(params: Params, case_map: CaseMap = in_order) -> dict:
+    """Preprocess every labelled case of the ingested manifest, one ``case_map`` call each (the Prefect flow's runs
+    a task per case); returns a small summary."""
     from tqdm import tqdm
 
     manifest = read_manifest(params.paths.ingested)
@@ -111,10 +114,13 @@ def run(params: Params) -> dict:
                  len(locked))
     splits = make_splits(labelled, params.preprocess.folds, params.preprocess.seed)
     plan = read_plan(params.paths.plans)
-    chains: dict = {}
     with atomic_dir(params.paths.preprocessed) as out:
-        cases = [_preprocess_case(manifest, c, plan, out, chains)
-                 for c in tqdm(labelled, desc="preprocess", unit="case")]
+        cases: list[Case] = [None] * len(labelled)  # type: ignore[list-item]
+        calls = [(manifest, c, plan, out) for c in labelled]
+        with tqdm(total=len(calls), desc="preprocess", unit="case") as bar:
+            for index, case in case_map(_preprocess_case, calls):
+                cases[index] = case
+                bar.update()
         write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME)
         write_json(out / SPLITS_NAME, {"folds": params.preprocess.folds, "seed": params.preprocess.seed,
                                        "unit": "subject", "splits": splits, "test": test,

@@ -24,6 +24,21 @@ IMAGE, LABEL = "image", "label"
 MAX_INDICES_PER_CLASS = 10_000
 
 
+class ZScored(mt.MapTransform):
+    """Per-image z-score, as MONAI's ``NormalizeIntensityd()`` (population std; 1 where it is 0), with the mean and
+    std summed by numpy: torch's sums round differently with the number of threads reducing them, so a case
+    preprocessed on a one-thread Dask worker would differ in the last bit from the same case preprocessed here."""
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+            mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+            d[key] = (image - mean) / (std or 1.0)
+        return d
+
+
 class ForegroundSelect:
     """Voxels above ``fraction`` of the way from the minimum to the 99th percentile: the body, not the air around it.
 
@@ -81,7 +96,7 @@ def preprocess_transforms(
     elif scheme == "zscore":
         chain += [
             mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
-            mt.NormalizeIntensityd(image_key),
+            ZScored(image_key),
         ]
     else:
         raise ValueError(f"unknown normalisation scheme {scheme!r} in plans.json (expected 'ct' or 'zscore')")

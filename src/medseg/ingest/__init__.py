@@ -5,7 +5,7 @@ Every case is checked (3D, finite, label on the image's grid, label values in th
 listed in the report with its reason and the rest are still ingested. Geometry is kept as in the source (no
 reorientation); ``case_id`` and ``subject`` are keyed pseudonyms, and no patient identifier reaches the outputs or the
 log (the optional ``id_map`` file, written outside the output folder, is the only link back). Cases are ingested in
-parallel threads; a re-run skips the cases whose sources and outputs are unchanged (see :mod:`.cache`). This package
+parallel threads (under the Prefect flow: one task each, see :mod:`medseg.casemap`); a re-run skips the cases whose sources and outputs are unchanged (see :mod:`.cache`). This package
 imports neither torch nor MONAI.
 """
 
@@ -16,7 +16,7 @@ import logging
 import os
 import time
 import traceback
-from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medseg.atomic import remove_temporaries, save_nifti, write_json
+from medseg.casemap import CaseMap, threads
 from medseg.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
@@ -95,21 +96,22 @@ DUPLICATE = "duplicate case: same patient and series/phase as an accepted case"
 def _ingest_group(group: list[Item], out_dir: Path, allowed: set[int] | None, scrub: Scrubber) -> list[dict[str, Any]]:
     """Ingest the items that share one case_id, in order: the first accepted one wins, later ones are duplicates.
 
-    Grouping keeps two threads from ever writing the same output file.
+    Grouping keeps two concurrent calls from ever writing the same output file.
     """
     results: list[dict[str, Any]] = []
     done = False
-    for item in group:
-        if done:
-            results.append(scrub.public(item.source, DUPLICATE))
-            continue
-        try:
-            case, values = _ingest_one(item, out_dir, allowed, scrub)
-        except CaseRejected as err:
-            results.append(scrub.public(item.source, str(err)))
-            continue
-        done = True
-        results.append({"input": input_key(item.source), "case": case.to_json(), "values": sorted(values)})
+    with quiet_pydicom():  # also in a worker process of a cluster, where no caller holds it
+        for item in group:
+            if done:
+                results.append(scrub.public(item.source, DUPLICATE))
+                continue
+            try:
+                case, values = _ingest_one(item, out_dir, allowed, scrub)
+            except CaseRejected as err:
+                results.append(scrub.public(item.source, str(err)))
+                continue
+            done = True
+            results.append({"input": input_key(item.source), "case": case.to_json(), "values": sorted(values)})
     return results
 
 
@@ -123,17 +125,18 @@ def _identifiers(item: Item) -> dict[str, str]:
 
 
 def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,
-               scrub: Scrubber, workers: int, desc: str) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
-    """Ingest the cases whose cache entry is stale, ``workers`` at a time.
+               scrub: Scrubber, case_map: CaseMap, desc: str
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
+    """Ingest the cases whose cache entry is stale, one ``case_map`` call each (:mod:`medseg.casemap`).
 
     Returns:
         The cache entries of this run's cases (by case_id), every entry recorded so far (the previous run's too:
         the record of what ingest itself wrote, which :func:`_remove_stale` may delete), and how many cases were
         skipped as unchanged.
 
-    numpy, pydicom's pixel copies and zlib release the GIL, so threads overlap decoding and compression. The record
-    is saved as cases finish (at most every :data:`SAVE_EVERY_S` seconds), so a killed run loses at most that much
-    work: the re-run skips every case recorded. Each output is replaced by rename, so nothing half-written is left.
+    The record is saved as cases finish (at most every :data:`SAVE_EVERY_S` seconds), so a killed run loses at most
+    that much work: the re-run skips every case recorded. Each output is replaced by rename, so nothing half-written
+    is left. An :class:`IngestError` (the output cannot be written) stops the run with what finished recorded.
     """
     # The skip pays off for `medseg ingest` run by hand and for the Prefect flow; `dvc repro` deletes the stage's
     # outputs before running it, so under DVC every case is stale here and DVC's own cache does the skipping.
@@ -141,37 +144,23 @@ def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Pat
     cache = {cid: record[cid] for cid in groups if is_fresh(record.get(cid), keys[cid], out_dir)}
     todo = [cid for cid in groups if cid not in cache]
     skipped = len(cache)
-    log.info("%d case(s) unchanged since the last run, %d to ingest with %d worker(s)", len(cache), len(todo),
-             max(1, min(workers, len(todo))))
-    pool = ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    log.info("%d case(s) unchanged since the last run, %d to ingest", len(cache), len(todo))
+    # Identifiers stay here: the calls may travel to other processes (a Dask cluster); only the id map needs them.
+    calls = [([replace(item, identifiers={}) for item in groups[cid]], out_dir, allowed, scrub) for cid in todo]
     saved = time.monotonic()
     try:
         # pydicom's quiet_pydicom() swaps process-wide state (logger level, warning filters); holding it around
-        # the pool keeps that state quiet however the threads' own enter/exit interleave.
+        # the map keeps that state quiet however the calls' own enter/exit interleave in threads.
         with quiet_pydicom(), tqdm(total=len(todo), desc=desc, unit="case", disable=None) as bar:
-            futures = {pool.submit(_ingest_group, groups[cid], out_dir, allowed, scrub): cid for cid in todo}
-            failure = None
-            for fut in as_completed(futures):
-                cid = futures[fut]
-                try:
-                    results = fut.result()
-                except CancelledError:
-                    continue
-                except IngestError as err:  # the output cannot be written: stop, but record what finished
-                    failure = failure or err
-                    for other in futures:
-                        other.cancel()
-                    continue
+            for index, results in case_map(_ingest_group, calls):
+                cid = todo[index]
                 cache[cid] = record[cid] = {"key": keys[cid], "results": results,
                                             "outputs": output_stats(out_dir, _outputs(results))}
                 bar.update()
                 if time.monotonic() - saved > SAVE_EVERY_S:
                     save_cache(out_dir, record)
                     saved = time.monotonic()
-            if failure is not None:
-                raise failure
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         if todo:
             save_cache(out_dir, record)
     return cache, record, skipped
@@ -207,7 +196,8 @@ def _check_folders(source: Path, out_dir: Path) -> None:
 
 
 def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
-        workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL) -> dict[str, Any]:
+        workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL,
+        case_map: CaseMap | None = None) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir``.
 
     Args:
@@ -217,9 +207,10 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         layout: "auto" (detect acdc, msd, dicom, nifti in that order) or one of :data:`LAYOUTS`.
         id_map: if given, a JSON file (mode 0600, outside ``out_dir``) mapping each case_id to its source
             identifiers (patient_id, study_uid, series_uid for DICOM) and source path, for re-identification.
-        workers: cases ingested at once (default: the number of CPUs).
+        workers: cases ingested at once in threads (default: the number of CPUs), unless ``case_map`` is given.
         spacing_tolerance: relative deviation of a DICOM series' slice steps from their median beyond which the
             series is refused as non-uniform (``data.slice_spacing_tolerance`` in params.yaml).
+        case_map: how the cases run (:mod:`medseg.casemap`); the Prefect flow's runs one task per case.
 
     Returns:
         Summary: ``layout``, ``out``, counts ``accepted``, ``rejected``, ``labelled``, ``skipped`` (unchanged since
@@ -242,10 +233,11 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         if id_map.is_relative_to(out_dir):  # the data folder is shared and versioned: no identifiers there
             raise IngestError(f"--write-id-map {id_map} must lie outside the output folder {out_dir}")
     with project_key(out_dir):  # the project's key, wherever the command is started from
-        return _ingest(source, out_dir, layout, id_map, workers, spacing_tolerance)
+        return _ingest(source, out_dir, layout, id_map, case_map or threads(workers or os.cpu_count() or 1),
+                       spacing_tolerance)
 
 
-def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, workers: int | None,
+def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_map: CaseMap,
             spacing_tolerance: float) -> dict[str, Any]:
     skip = (out_dir,)
     new_walk()
@@ -269,8 +261,7 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, worke
             for cid, g in groups.items()}
     for folder in (out_dir, out_dir / "images", out_dir / "labels"):  # left by a killed run
         remove_temporaries(folder)
-    cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, scrub, workers or os.cpu_count() or 1,
-                                        f"ingest {layout}")
+    cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, scrub, case_map, f"ingest {layout}")
     results = {(cid, r["input"]): r for cid, entry in cache.items() for r in entry["results"]}
     cases: dict[str, Case] = {}
     accepted, values_seen = [], set()
