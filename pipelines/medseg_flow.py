@@ -76,10 +76,10 @@ def preprocess_stage(params: Params) -> dict:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(params: Params, resume: bool = True) -> dict:
+def train_task(params: Params, resume: bool = True, inputs: str | None = None) -> dict:
     from medseg import train
 
-    return train.run(params, resume=resume)
+    return train.run(params, resume=resume, inputs=inputs)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -97,16 +97,16 @@ def register_task(params: Params) -> dict:
 
 
 @task(name="unchanged", cache_policy=NO_CACHE, **IO_RETRIES)
-def unchanged_task(params: Params) -> str | None:
-    """The champion's version when it was trained on exactly what a retraining would use now (data content,
-    params, code: :func:`medseg.train.training_inputs`), else None."""
+def unchanged_task(params: Params) -> tuple[str, str | None]:
+    """What a retraining would learn from now (data content, params, code: :func:`medseg.train.training_inputs`),
+    and the champion's version when it was trained on exactly that, else None."""
     from medseg import register
     from medseg.train import training_inputs
 
-    current = register.champion(params)
-    if current is None or current.get(register.INPUTS_TAG) != training_inputs(params):
-        return None
-    return current["version"]
+    inputs, current = training_inputs(params), register.champion(params)
+    if current is None or current.get(register.INPUTS_TAG) != inputs:
+        return inputs, None
+    return inputs, current["version"]
 
 
 # A local cluster's worker processes each get one thread for numpy/torch: the workers are the parallelism.
@@ -170,8 +170,9 @@ def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_
     if _uses_demo_data(params):
         summary["demo_data"] = demo_data_task(params)
     summary["ingest"] = ingest_stage(params)
+    inputs = None
     if skip_unchanged:
-        version = unchanged_task(params)
+        inputs, version = unchanged_task(params)
         if version is not None:
             print(f"nothing changed since champion version {version} was trained (same data, params and code): "
                   f"no retraining, no new MLflow run or model version")
@@ -179,7 +180,7 @@ def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_
             return summary
     summary["plan"] = plan_task(params)
     summary["preprocess"] = preprocess_stage(params)
-    summary["train"] = train_task(params, resume=resume)
+    summary["train"] = train_task(params, resume=resume, inputs=inputs)  # hashed once, just above
     summary["evaluate"] = evaluate_task(params)
     summary["register"] = register_task(params)
     return summary

@@ -27,11 +27,11 @@ INPUTS_TAG = "training_inputs"  # medseg.train.training_inputs of the run: data 
 
 
 def _champion_score(client, name: str) -> tuple[str | None, float]:
-    from mlflow.exceptions import MlflowException
+    """The champion's version and recorded score; (None, -inf) before there is one."""
+    from medseg.tracking import version_by_alias
 
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
+    champion = version_by_alias(client, name, CHAMPION)
+    if champion is None:
         return None, float("-inf")
     return str(champion.version), float(champion.tags.get(SCORE_TAG, "-inf"))
 

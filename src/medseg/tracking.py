@@ -13,7 +13,7 @@ from typing import Any
 
 from medseg.params import MlflowParams, Params
 
-__all__ = ["configure_mlflow", "champion_version", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
+__all__ = ["configure_mlflow", "champion_version", "version_by_alias", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,18 @@ def configure_mlflow(mlflow_params: MlflowParams) -> str:
 def champion_version(mlflow_params: MlflowParams, model_name: str, alias: str = "champion"):
     """The registry's model version under ``alias`` (MLflow's ``ModelVersion``), or None when there is none yet."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     configure_mlflow(mlflow_params)
+    return version_by_alias(mlflow.MlflowClient(), model_name, alias)
+
+
+def version_by_alias(client, model_name: str, alias: str):
+    """``client``'s model version under ``alias``, or None (no such model or alias). Takes no store lock, so it
+    serves inside :func:`store_lock` too."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        return mlflow.MlflowClient().get_model_version_by_alias(model_name, alias)
+        return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
 

@@ -366,8 +366,11 @@ def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def run(params: Params, resume: bool = False) -> dict:
+def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict:
     """Train every fold ``train.fold`` names, then (``train.final_model``) the all-data model ``fold_all``.
+
+    ``inputs``: :func:`training_inputs` when the caller has just computed it (the flow's unchanged check), so the
+    ingested data is not hashed twice; computed here otherwise.
 
     Returns ``{"model": paths.model, "folds": [per-fold summary], "postprocessing": decision}``.
     """
@@ -380,7 +383,7 @@ def run(params: Params, resume: bool = False) -> dict:
     folds = params.train.folds(params.preprocess.folds)
     labels = read_dataset(params.paths.preprocessed).labels
     version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
-    version["training_inputs"] = training_inputs(params)
+    version["training_inputs"] = inputs or training_inputs(params)
     drift = _check_against_champion(params)
     if drift:
         version["drift_summary"] = json.dumps(drift, sort_keys=True)
