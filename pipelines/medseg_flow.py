@@ -58,7 +58,8 @@ def ingest_stage(params: Params) -> dict:
     from medseg import ingest
 
     return ingest.run(Path(params.data.source), Path(params.paths.ingested), layout=params.data.layout,
-                      spacing_tolerance=params.data.slice_spacing_tolerance, case_map=prefect_case_map("ingest"))
+                      spacing_tolerance=params.data.slice_spacing_tolerance, group_pattern=params.data.group_pattern,
+                      case_map=prefect_case_map("ingest"))
 
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)

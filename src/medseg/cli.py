@@ -39,7 +39,8 @@ def _cmd_ingest(args: argparse.Namespace) -> dict:
 
     tolerance = {} if args.spacing_tolerance is None else {"spacing_tolerance": args.spacing_tolerance}
     return ingest.run(Path(args.source), Path(args.out), layout=args.layout,
-                      id_map=Path(args.write_id_map) if args.write_id_map else None, **tolerance)
+                      id_map=Path(args.write_id_map) if args.write_id_map else None,
+                      group_pattern=args.group_pattern, **tolerance)
 
 
 def _cmd_plan(args: argparse.Namespace) -> dict:
@@ -126,13 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cardiac-patients", type=int, default=16)
     p.add_argument("--ct-patients", type=int, default=4)
 
-    p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM or NIfTI data into NIfTI + manifest.json", params=False)
+    p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM, NIfTI or 2D image data into NIfTI + manifest.json", params=False)
     p.add_argument("source", help="folder to ingest")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti"])
+    p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti", "images"])
     p.add_argument("--spacing-tolerance", type=float, default=None, metavar="REL",
                    help="refuse DICOM series whose slice steps deviate more than this fraction from their median "
                         "(default: medseg.ingest.dicom_geometry.SPACING_REL_TOL, 1%%)")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="2D images: regular expression whose first group, at the start of a file stem, names the "
+                        "frame's video sequence or patient (data.group_pattern; default: each frame its own group)")
     p.add_argument("--write-id-map", metavar="PATH", default=None,
                    help="also write a private (mode 0600) map case_id -> source identifiers, outside --out")
 

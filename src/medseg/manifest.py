@@ -29,11 +29,12 @@ class Case:
     subject: str
     image: str
     label: str | None
-    modality: str  # "MR" or "CT"
+    modality: str  # "MR" or "CT"; 2D images: "RGB" or "GRAY"
     spacing: tuple[float, float, float]
     shape: tuple[int, int, int]
     phase: str | None = None  # ACDC: "ED" or "ES"
     group: str | None = None  # ACDC: pathology group (DCM, HCM, MINF, NOR, RV)
+    channels: int = 1  # image channels (a trailing axis of the image file when > 1: RGB frames)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

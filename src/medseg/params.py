@@ -39,8 +39,9 @@ class PathsParams:
 @dataclass(frozen=True)
 class DataParams:
     source: str
-    layout: Literal["auto", "acdc", "msd", "dicom", "nifti"]
+    layout: Literal["auto", "acdc", "msd", "dicom", "nifti", "images"]
     slice_spacing_tolerance: float
+    group_pattern: str | None
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,10 @@ def run(params: Params) -> dict:
     from medseg.manifest import read_manifest, locked_subjects
 
     manifest = read_manifest(params.paths.ingested)
+    multichannel = sum(c.channels > 1 for c in manifest.cases)
+    if multichannel:
+        raise StageInputError(f"{multichannel} ingested case(s) are multi-channel (RGB) images: medseg ingests them, "
+                              f"but cannot yet plan or train on more than one channel; grayscale images train")
     locked = set(locked_subjects(manifest.cases, params.preprocess.test_cases, params.preprocess.test_fraction,
                                params.preprocess.seed))
     if locked:  # the locked test set is never planned on (intensity statistics, spacing, shape)

@@ -90,7 +90,8 @@ def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path) -> C
     save_nifti(out / label_rel, label[0].numpy(), affine, dtype="uint8")
     shape = tuple(int(s) for s in image.shape[1:])
     spacing = tuple(float(s) for s in plan.target_spacing)
-    return Case(case.case_id, case.subject, image_rel, label_rel, case.modality, spacing, shape, case.phase, case.group)
+    return Case(case.case_id, case.subject, image_rel, label_rel, case.modality, spacing, shape, case.phase, case.group,
+                case.channels)
 
 
 def run(params: Params, case_map: CaseMap = in_order) -> dict:

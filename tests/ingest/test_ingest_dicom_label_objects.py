@@ -62,9 +62,9 @@ def test_spacing_tolerance_reaches_the_dicom_reader_from_the_cli(tmp_path, monke
     seen = {}
     real = ingest_pkg.scan_dicom
 
-    def spy(source, skip, tolerance):
-        seen["tolerance"] = tolerance
-        return real(source, skip, tolerance)
+    def spy(source, skip, spacing_rel_tol):
+        seen["tolerance"] = spacing_rel_tol
+        return real(source, skip, spacing_rel_tol)
 
     monkeypatch.setattr(ingest_pkg, "scan_dicom", spy)
     monkeypatch.setitem(ingest_pkg.READERS, "dicom", spy)

@@ -33,6 +33,7 @@ from medseg.ingest.common import CaseRejected, Item, Scan, folders_overlap, new_
 from medseg.ingest.dicom import scan_dicom
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL
 from medseg.ingest.dicom_headers import quiet_pydicom
+from medseg.ingest.images import scan_images
 from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_help
 from medseg.ingest.msd import scan_msd
 from medseg.ingest.nifti import scan_nifti
@@ -44,7 +45,7 @@ __all__ = ["run", "detect_layout", "LAYOUTS", "READERS"]
 
 log = logging.getLogger(__name__)
 
-READERS = {"acdc": scan_acdc, "msd": scan_msd, "dicom": scan_dicom, "nifti": scan_nifti}
+READERS = {"acdc": scan_acdc, "msd": scan_msd, "dicom": scan_dicom, "nifti": scan_nifti, "images": scan_images}
 
 
 def _image_dtype(image: np.ndarray) -> np.dtype:
@@ -69,10 +70,11 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None, scrub: Scru
     except Exception as err:  # a reader bug or an odd file must not stop the other cases
         log.debug("unexpected error reading %s:\n%s", input_key(item.source), scrub(traceback.format_exc()))
         raise CaseRejected(f"unexpected error while reading: {type(err).__name__}: {str(err)[:200]}") from None
-    image = checked_image(loaded.image)
+    image = checked_image(loaded.image, loaded.channels)
+    shape = tuple(int(s) for s in image.shape[:3])
     label, values = None, set()
     if loaded.label is not None:
-        label = check_label(np.asarray(loaded.label), loaded.label_affine, image.shape, loaded.affine, allowed)
+        label = check_label(np.asarray(loaded.label), loaded.label_affine, shape, loaded.affine, allowed)
         values = {int(v) for v in np.unique(label)}
     image_rel = f"images/{item.case_id}.nii.gz"
     label_rel = None if label is None else f"labels/{item.case_id}.nii.gz"
@@ -85,8 +87,8 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None, scrub: Scru
                           f"{item.case_id}); the cases finished so far are kept and a re-run goes on from there") \
             from None
     case = Case(case_id=item.case_id, subject=item.subject, image=image_rel, label=label_rel,
-                modality=item.modality or guess_modality(image), spacing=spacing_of(loaded.affine),
-                shape=tuple(int(s) for s in image.shape), phase=item.phase, group=item.group)
+                modality=item.modality or loaded.modality or guess_modality(image), spacing=spacing_of(loaded.affine),
+                shape=shape, phase=item.phase, group=item.group, channels=loaded.channels or 1)
     return case, values
 
 
@@ -197,7 +199,7 @@ def _check_folders(source: Path, out_dir: Path) -> None:
 
 def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
         workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL,
-        case_map: CaseMap | None = None) -> dict[str, Any]:
+        case_map: CaseMap | None = None, group_pattern: str | None = None) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir``.
 
     Args:
@@ -211,6 +213,9 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         spacing_tolerance: relative deviation of a DICOM series' slice steps from their median beyond which the
             series is refused as non-uniform (``data.slice_spacing_tolerance`` in params.yaml).
         case_map: how the cases run (:mod:`medseg.casemap`); the Prefect flow's runs one task per case.
+        group_pattern: 2D images: the regular expression whose first group, matched at the start of a file stem,
+            names the frame's video sequence or patient (``data.group_pattern``); None: each frame its own group
+            unless ``SOURCE/groups.csv`` says otherwise (:mod:`.images`).
 
     Returns:
         Summary: ``layout``, ``out``, counts ``accepted``, ``rejected``, ``labelled``, ``skipped`` (unchanged since
@@ -233,12 +238,12 @@ def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None =
         if id_map.is_relative_to(out_dir):  # the data folder is shared and versioned: no identifiers there
             raise IngestError(f"--write-id-map {id_map} must lie outside the output folder {out_dir}")
     with project_key(out_dir):  # the project's key, wherever the command is started from
-        return _ingest(source, out_dir, layout, id_map, case_map or threads(workers or os.cpu_count() or 1),
-                       spacing_tolerance)
+        options = {"dicom": {"spacing_rel_tol": spacing_tolerance}, "images": {"group_pattern": group_pattern}}
+        return _ingest(source, out_dir, layout, id_map, case_map or threads(workers or os.cpu_count() or 1), options)
 
 
 def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_map: CaseMap,
-            spacing_tolerance: float) -> dict[str, Any]:
+            options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     skip = (out_dir,)
     new_walk()
     if layout == "auto":
@@ -247,7 +252,10 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
         raise IngestError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
     log.info("ingesting data.source as layout %s", layout)  # no path: folder names can identify patients
     reader = READERS[layout]
-    scan: Scan = reader(source, skip, spacing_tolerance) if reader is scan_dicom else reader(source, skip)
+    try:
+        scan: Scan = reader(source, skip, **options.get(layout, {}))
+    except CaseRejected as err:  # a layout-wide problem (a bad groups.csv or group pattern): nothing to ingest
+        raise IngestError(f"layout {layout}: {err}") from None
     allowed = set(scan.labels) if scan.labels else None
     groups: dict[str, list[Item]] = {}
     for item in scan.items:
@@ -297,7 +305,9 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
         log.info("%d input(s) rejected, named by input-... keys in %s; --write-id-map FILE maps the keys to files",
                  len(rejected), REPORT_NAME)
     labelled = sum(c.label is not None for c in cases.values())
-    log.info("ingest: %d cases accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases), labelled,
-             len(rejected), skipped, out_dir)
-    return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "rejected": len(rejected),
-            "labelled": labelled, "skipped": skipped, "manifest": str(manifest), "report": str(report)}
+    subjects = len({c.subject for c in cases.values()})
+    log.info("ingest: %d cases of %d %s accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases),
+             subjects, "groups" if layout == "images" else "subjects", labelled, len(rejected), skipped, out_dir)
+    return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "subjects": subjects,
+            "rejected": len(rejected), "labelled": labelled, "skipped": skipped, "manifest": str(manifest),
+            "report": str(report)}

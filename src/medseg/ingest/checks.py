@@ -44,10 +44,17 @@ def check_image(image: np.ndarray) -> None:
             raise CaseRejected(f"image has {bad} NaN/inf voxels")
 
 
-def checked_image(array) -> np.ndarray:
-    """The checks every image passes, in ingest and in ``medseg predict`` alike: 3D (:func:`as_3d`), finite
-    (:func:`check_image`)."""
-    image = as_3d(np.asarray(array), "image")
+def checked_image(array, channels: int | None = None) -> np.ndarray:
+    """The checks every image passes, in ingest and in ``medseg predict`` alike: 3D (:func:`as_3d`), or 3D with a
+    trailing axis of ``channels`` (an RGB frame), finite (:func:`check_image`)."""
+    array = np.asarray(array)
+    if channels:
+        if array.ndim != 4 or array.shape[-1] != channels:
+            raise CaseRejected(f"image of shape {tuple(array.shape)} where (X, Y, Z, {channels}) is expected")
+        as_3d(array[..., 0], "image")
+        image = array
+    else:
+        image = as_3d(array, "image")
     check_image(image)
     return image
 

@@ -23,12 +23,17 @@ class CaseRejected(Exception):
 
 @dataclass
 class Loaded:
-    """One case in memory: ``image`` (X, Y, Z) with its 4x4 RAS ``affine``, and the optional label likewise."""
+    """One case in memory: ``image`` (X, Y, Z) with its 4x4 RAS ``affine``, and the optional label likewise.
+
+    ``channels``: set for a multi-channel image (X, Y, Z, channels), such as an RGB frame; ``modality``: set when the
+    reader knows it from the file (2D images: "RGB" or "GRAY")."""
 
     image: Any
     affine: Any
     label: Any = None
     label_affine: Any = None
+    channels: int | None = None
+    modality: str | None = None
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Which layout a SOURCE folder has: acdc, msd, dicom or nifti, tried in that order."""
+"""Which layout a SOURCE folder has: acdc, msd, dicom, nifti or images, tried in that order."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ from medseg.errors import IngestError
 from medseg.ingest.acdc import find_patients
 from medseg.ingest.common import CaseRejected, iter_files
 from medseg.ingest.dicom_headers import looks_like_dicom, read_header
+from medseg.ingest.images import is_images_layout
 from medseg.ingest.msd import find_msd_root
 from medseg.ingest.nifti import list_nifti_images
 
 __all__ = ["LAYOUTS", "LAYOUT_HELP", "detect_layout", "layout_help"]
 
-LAYOUTS = ("acdc", "msd", "dicom", "nifti")
+LAYOUTS = ("acdc", "msd", "dicom", "nifti", "images")
 LAYOUT_HELP = {
     "acdc": "patientNNN/Info.cfg (ED, ES, Group) beside patientNNN_frameYY.nii.gz and optional _gt.nii.gz labels",
     "msd": "Medical Segmentation Decathlon task: dataset.json with a 'training' list, imagesTr/, labelsTr/",
     "dicom": "DICOM files at any depth (any names); optional labels/<series folder>.nii.gz and labels.json",
     "nifti": "images/*.nii[.gz] with optional labels/<same name>, or a flat folder of *.nii[.gz]",
+    "images": "2D PNG/JPEG/TIFF/BMP frames: images/ + masks/ (same stem, or <stem>_mask), CVC-ClinicDB's Original/ + "
+              "Ground Truth/, or a flat folder; optional labels.json and groups.csv",
 }
 
 
@@ -44,7 +47,7 @@ def _any_dicom(source: Path, skip: tuple[Path, ...]) -> bool:
 
 def detect_layout(source: Path, skip: tuple[Path, ...] = ()) -> str:
     """The first of acdc (an Info.cfg), msd (dataset.json with 'training'), dicom (a file that looks like DICOM),
-    nifti (NIfTI images) that ``source`` matches.
+    nifti (NIfTI images), images (2D image files) that ``source`` matches.
 
     Raises:
         IngestError: ``source`` matches none of them; the message lists what each layout looks like.
@@ -57,4 +60,6 @@ def detect_layout(source: Path, skip: tuple[Path, ...] = ()) -> str:
         return "dicom"
     if list_nifti_images(source)[0]:
         return "nifti"
+    if is_images_layout(source):
+        return "images"
     raise IngestError(f"no ingestible data found in {source}; accepted layouts (--layout): {layout_help()}")
