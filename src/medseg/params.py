@@ -41,7 +41,7 @@ class DataParams:
     source: str
     layout: Literal["auto", "acdc", "msd", "dicom", "nifti", "images"]
     slice_spacing_tolerance: float
-    group_pattern: str | None
+    group_pattern: str
 
 
 @dataclass(frozen=True)
