@@ -67,11 +67,11 @@ def fingerprint(manifest: Manifest, seed: int = 0) -> dict[str, Any]:
             continue
         image = nib.load(str(manifest.image_path(case)))
         label = np.asarray(nib.load(str(manifest.label_path(case))).dataobj)
-        foreground = np.asarray(image.dataobj, dtype=np.float32)[label > 0]
+        foreground = np.asarray(image.dataobj, dtype=np.float32)[label > 0].ravel()  # (N) or (N, channels)
         if foreground.size > SAMPLES_PER_CASE:
             foreground = rng.choice(foreground, SAMPLES_PER_CASE, replace=False)
         samples[case.modality].append(foreground)
-        spacing, shape = ras_geometry(image.affine, image.shape)
+        spacing, shape = ras_geometry(image.affine, image.shape[:3])
         cases.append({"case_id": case.case_id, "modality": case.modality, "spacing": spacing, "shape": shape,
                       "foreground_fraction": round(float((label > 0).mean()), 6)})
     modalities = {

@@ -13,7 +13,10 @@ Rules after nnU-Net's experiment planner, kept few and explicit:
 - DynUNet topology (per-axis strides and kernels): an axis is downsampled only while it is at most twice as coarse as
   the finest axis and its feature map stays at least 4 voxels; kernels are 1 on axes still much coarser than that;
 - normalisation per modality: CT is clipped to the 0.5-99.5 foreground percentiles and z-scored with the foreground
-  mean and standard deviation of the whole data set; MR and others get a per-image z-score.
+  mean and standard deviation of the whole data set; MR and others get a per-image z-score, per channel for RGB;
+- 2D frames (RGB, GRAY: :mod:`medseg.ingest.images`): the target spacing is coarsened from the median until a whole
+  median frame fits one patch of the budget, so large frames are downscaled to a planned size (aspect kept) and the
+  network sees the whole field of view, as endoscopy models do.
 
 Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``plans.json`` records both.
 """
@@ -31,6 +34,7 @@ import numpy as np
 
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
+from medseg.manifest import FRAME_MODALITIES
 from medseg.params import Params
 
 __all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "dynunet_topology", "estimate_step_mb",
@@ -169,9 +173,28 @@ def _normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[str, 
             lo, hi = ct_clip or (stats["percentile_00_5"], stats["percentile_99_5"])
             plans[modality] = {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": stats["mean"],
                                "std": max(stats["std"], 1e-6)}
+        elif modality in FRAME_MODALITIES:
+            plans[modality] = {"scheme": "zscore", "channel_wise": modality == "RGB"}
         else:
             plans[modality] = {"scheme": "zscore"}
     return plans
+
+
+FRAME_SCALE_STEP = 1.05  # coarsen the target spacing of 2D frames by 5% at a time
+
+
+def _fit_frames(model: dict[str, Any], target, median_shape, budget_mb: float) -> tuple[tuple, tuple]:
+    """(target spacing, median shape) of 2D frames with the spacing coarsened (never refined) until the whole median
+    frame, rounded to the network's divisor, fits ``MIN_BATCH`` patches within ``budget_mb``."""
+    scale = 1.0
+    while True:
+        shape = tuple(max(1, int(round(s / scale))) if a < 2 else int(s) for a, s in enumerate(median_shape))
+        net = plan_network(model, 2, shape)
+        div = _divisor(net, 2, target, shape)
+        rounded = [max(d, math.ceil(p / d) * d) for p, d in zip(shape[:2], div)]
+        if estimate_step_mb(net, 2, target, rounded, MIN_BATCH) <= budget_mb or min(shape[:2]) <= 2 * max(div):
+            return (target[0] * scale, target[1] * scale, target[2]), shape
+        scale *= FRAME_SCALE_STEP
 
 
 def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
@@ -186,6 +209,11 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     spatial_dims = overrides.spatial_dims or (2 if anisotropic else 3)
     resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
     median_shape = tuple(int(round(s)) for s in np.median(resampled, axis=0))
+    frames = all(c["modality"] in FRAME_MODALITIES for c in cases)
+    if frames and spatial_dims == 2 and overrides.target_spacing is None and overrides.patch_size is None:
+        target, median_shape = _fit_frames(model, target, median_shape,
+                                           params.plan.memory_budget_mb)
+        resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
     model = plan_network(model, spatial_dims, median_shape)
     if overrides.patch_size is not None:
         patch = list(overrides.patch_size)
@@ -236,10 +264,10 @@ def run(params: Params) -> dict:
     from medseg.manifest import read_manifest, locked_subjects
 
     manifest = read_manifest(params.paths.ingested)
-    multichannel = sum(c.channels > 1 for c in manifest.cases)
-    if multichannel:
-        raise StageInputError(f"{multichannel} ingested case(s) are multi-channel (RGB) images: medseg ingests them, "
-                              f"but cannot yet plan or train on more than one channel; grayscale images train")
+    channels = {c.channels for c in manifest.cases}
+    if len(channels) > 1:
+        raise StageInputError(f"the ingested cases mix {sorted(channels)} image channels (RGB and grayscale frames); "
+                              f"one model takes one number of channels: ingest them as separate data sets")
     locked = set(locked_subjects(manifest.cases, params.preprocess.test_cases, params.preprocess.test_fraction,
                                params.preprocess.seed))
     if locked:  # the locked test set is never planned on (intensity statistics, spacing, shape)

@@ -75,6 +75,8 @@ def read_splits(preprocessed: str | Path, fold: int) -> dict[str, list[str]]:
 def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path) -> Case:
     """One case into ``out`` (images/, labels/); its entry in dataset.json. A module-level function: the Prefect
     flow may run it in another process (:mod:`medseg.casemap`)."""
+    import numpy as np
+
     from medseg.atomic import save_nifti
     from medseg.transforms import IMAGE, LABEL, preprocess_transforms
 
@@ -86,7 +88,8 @@ def _preprocess_case(manifest: Manifest, case: Case, plan: Plan, out: Path) -> C
     image, label = data[IMAGE], data[LABEL]
     affine = image.affine.numpy()
     image_rel, label_rel = f"images/{case.case_id}.nii.gz", f"labels/{case.case_id}.nii.gz"
-    save_nifti(out / image_rel, image[0].numpy(), affine, dtype="float32")
+    pixels = image.numpy()  # channel first; on disk a single channel is dropped, several go last (NIfTI's 4th axis)
+    save_nifti(out / image_rel, pixels[0] if len(pixels) == 1 else np.moveaxis(pixels, 0, -1), affine, dtype="float32")
     save_nifti(out / label_rel, label[0].numpy(), affine, dtype="uint8")
     shape = tuple(int(s) for s in image.shape[1:])
     spacing = tuple(float(s) for s in plan.target_spacing)

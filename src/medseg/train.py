@@ -64,11 +64,11 @@ POLY_POWER = 0.9
 
 
 def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: str, params: Params,
-                     fold: int | str, largest_component: list[int] | bool) -> dict[str, Any]:
+                     fold: int | str, largest_component: list[int] | bool, in_channels: int = 1) -> dict[str, Any]:
     """Everything ``medseg predict`` needs to rebuild the network and its preprocessing."""
     return {
         "network": spec,
-        "in_channels": 1,
+        "in_channels": in_channels,
         "out_channels": max(labels) + 1,
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "modality": modality,
@@ -443,7 +443,8 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     budget_s = None if t.time_budget_minutes is None else 60.0 * t.time_budget_minutes
 
     set_determinism(seed=t.seed)
-    net = build_network(spec, 1, num_classes).to(device)
+    in_channels = dataset.cases[0].channels  # one number for all cases (plan checks): RGB frames 3, volumes 1
+    net = build_network(spec, in_channels, num_classes).to(device)
     optimizer = _optimizer(t, net)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec)
@@ -530,7 +531,8 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
         if ctx.is_main:
             config = inference_config(spec, plan, dataset.labels, _modality(dataset), p, fold,
-                                      largest_component if largest_component != "auto" else True)
+                                      largest_component if largest_component != "auto" else True,
+                                      in_channels=in_channels)
             _write_fold(out / fold_name(fold), net, state, config)
         save_checkpoint()  # now carrying the logged model's URI, so a re-run does not log it twice
     final_dice = state["history"][-1].get("val_dice") if state["history"] else None

@@ -27,16 +27,35 @@ MAX_INDICES_PER_CLASS = 10_000
 class ZScored(mt.MapTransform):
     """Per-image z-score, as MONAI's ``NormalizeIntensityd()`` (population std; 1 where it is 0), with the mean and
     std summed by numpy: torch's sums round differently with the number of threads reducing them, so a case
-    preprocessed on a one-thread Dask worker would differ in the last bit from the same case preprocessed here."""
+    preprocessed on a one-thread Dask worker would differ in the last bit from the same case preprocessed here.
+    ``channel_wise``: each channel by its own statistics (RGB frames)."""
+
+    def __init__(self, keys, channel_wise: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.channel_wise = channel_wise
 
     def __call__(self, data):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
             values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-            mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
-            d[key] = (image - mean) / (std or 1.0)
+            if self.channel_wise:
+                shape = (-1,) + (1,) * (values.ndim - 1)
+                mean = values.reshape(len(values), -1).mean(axis=1, dtype=np.float64)
+                std = values.reshape(len(values), -1).std(axis=1, dtype=np.float64)
+                std[std == 0] = 1.0
+                d[key] = (image - _like(image, mean.reshape(shape))) / _like(image, std.reshape(shape))
+            else:
+                mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+                d[key] = (image - mean) / (std or 1.0)
         return d
+
+
+def _like(image, values: np.ndarray):
+    """``values`` as ``image``'s kind (tensor of its dtype and device, or numpy array of its dtype)."""
+    if isinstance(image, torch.Tensor):
+        return torch.as_tensor(values, dtype=image.dtype, device=image.device)
+    return values.astype(np.asarray(image).dtype)
 
 
 class ForegroundSelect:
@@ -96,7 +115,7 @@ def preprocess_transforms(
     elif scheme == "zscore":
         chain += [
             mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
-            ZScored(image_key),
+            ZScored(image_key, channel_wise=bool(normalization.get("channel_wise", False))),
         ]
     else:
         raise ValueError(f"unknown normalisation scheme {scheme!r} in plans.json (expected 'ct' or 'zscore')")
@@ -139,8 +158,10 @@ def train_transforms(
     indices_key = f"{LABEL}_cls_indices"
     cached = mt.Compose([
         mt.LoadImaged(keys, image_only=True),
-        # Preprocessed volumes are 3D without a channel: said explicitly, so the prefix also works without meta data.
-        mt.EnsureChannelFirstd(keys, channel_dim="no_channel"),
+        # Preprocessed labels are 3D without a channel; an image has its channels last when it has several (RGB
+        # frames: medseg.preprocess), which the loader's meta data says.
+        mt.EnsureChannelFirstd(IMAGE),
+        mt.EnsureChannelFirstd(LABEL, channel_dim="no_channel"),
         mt.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(LABEL, dtype=torch.uint8, track_meta=False),
         mt.SpatialPadd(keys, spatial_size=patch),

@@ -14,7 +14,7 @@ from PIL import Image
 
 from medseg import ingest
 from medseg.errors import IngestError, StageInputError
-from medseg.ingest.images import SLICE_THICKNESS, image_to_volume, volume_to_image
+from medseg.ingest.images import FRAME_WIDTH, SLICE_THICKNESS, image_to_volume, volume_to_image
 from medseg.manifest import read_manifest
 from medseg.preprocess import make_splits
 from tests.ingest.conftest import SHARED_DATA
@@ -62,7 +62,7 @@ def test_images_and_masks_pair_by_stem_binarise_jpeg_masks_and_keep_rgb(tmp_path
     rgb, one = cases["images/cju0.jpg"], cases["images/gray1.png"]
     assert (rgb.channels, rgb.modality, rgb.shape) == (3, "RGB", (40, 30, 1))
     assert (one.channels, one.modality) == (1, "GRAY")
-    assert rgb.spacing == (1.0, 1.0, SLICE_THICKNESS)
+    assert rgb.spacing == (FRAME_WIDTH / 40, FRAME_WIDTH / 40, SLICE_THICKNESS)  # every frame equally wide
 
     image = nib.load(str(out / rgb.image))
     assert image.shape == (40, 30, 1, 3) and image.get_data_dtype() == np.uint8

@@ -18,7 +18,9 @@ frame's *subject*, the unit splits are drawn by, is its group: the first capture
 group is its own. CVC-ClinicDB's sequences come from its metadata as such a CSV; its file names carry none.
 
 Storage: each frame becomes a NIfTI volume of (columns, rows, 1) pixels, with a trailing channel axis for RGB, and
-the label likewise without channels. Pixels are 1 x 1 and the single slice is :data:`SLICE_THICKNESS` thick, as
+the label likewise without channels. A frame has no physical scale, but an endoscope's field of view barely changes:
+every frame is taken to be :data:`FRAME_WIDTH` units wide (square pixels, aspect kept), so the planner's one target
+spacing brings frames of any resolution to one planned size. The single slice is :data:`SLICE_THICKNESS` thick, as
 nnU-Net stores 2D data: the planner sees slices far thicker than in-plane and plans a 2D network.
 """
 
@@ -31,18 +33,20 @@ from pathlib import Path
 import numpy as np
 
 from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, named, read_label_json, rel
+from medseg.manifest import FRAME_MODALITIES
 from medseg.pseudonym import pseudonym
 
-__all__ = ["IMAGE_SUFFIXES", "SLICE_THICKNESS", "MASK_THRESHOLD", "GROUPS_CSV", "find_image_pairs", "scan_images",
+__all__ = ["IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "GROUPS_CSV", "find_image_pairs", "scan_images",
            "read_image", "frame_group", "image_to_volume", "volume_to_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-SLICE_THICKNESS = 999.0  # mm: one slice, "infinitely" thick (nnU-Net's convention for 2D images)
+SLICE_THICKNESS = 999.0  # one slice, "infinitely" thick (nnU-Net's convention for 2D images)
+FRAME_WIDTH = 100.0  # every frame's width in the units of its spacing: pixel size = FRAME_WIDTH / columns
 MASK_THRESHOLD = 127  # binary masks: > this is the object
 GROUPS_CSV = "groups.csv"
 # (image folder, mask folder) pairs, tried in order.
 FOLDER_PAIRS = (("images", "masks"), ("Original", "Ground Truth"))
-MODALITY_RGB, MODALITY_GRAY = "RGB", "GRAY"  # the manifest's modality of a colour / grayscale frame
+MODALITY_RGB, MODALITY_GRAY = FRAME_MODALITIES  # the manifest's modality of a colour / grayscale frame
 BINARY_LABELS = {0: "background", 1: "foreground"}  # masks without a labels.json
 
 
@@ -121,7 +125,10 @@ def _mask_values(mask: np.ndarray, labelled: bool) -> np.ndarray:
     return (mask > MASK_THRESHOLD).astype(np.uint8)
 
 
-AFFINE = np.diag([1.0, 1.0, SLICE_THICKNESS, 1.0])
+def frame_affine(columns: int) -> np.ndarray:
+    """The 4x4 affine of a frame ``columns`` pixels wide: square pixels of ``FRAME_WIDTH / columns``."""
+    pixel = FRAME_WIDTH / columns
+    return np.diag([pixel, pixel, SLICE_THICKNESS, 1.0])
 
 
 def _kind(pixels: np.ndarray) -> dict:
@@ -129,19 +136,20 @@ def _kind(pixels: np.ndarray) -> dict:
 
 
 def pair_loader(image_path: Path, mask_path: Path | None, labelled: bool):
-    """A ``load()`` for an image file and its optional mask, as :class:`Loaded` volumes on :data:`AFFINE`."""
+    """A ``load()`` for an image file and its optional mask, as :class:`Loaded` volumes on :func:`frame_affine`."""
 
     def load() -> Loaded:
         pixels = read_image(image_path, "image")
         image = image_to_volume(pixels)
         if mask_path is None:
-            return Loaded(image, AFFINE, **_kind(pixels))
+            return Loaded(image, frame_affine(image.shape[0]), **_kind(pixels))
         mask = read_image(mask_path, "mask")
         if mask.shape[:2] != pixels.shape[:2]:
             raise CaseRejected(f"mask size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
                                f"{pixels.shape[1]}x{pixels.shape[0]} (width x height)")
         label = image_to_volume(_mask_values(mask, labelled))
-        return Loaded(image, AFFINE, label, AFFINE, **_kind(pixels))
+        affine = frame_affine(image.shape[0])
+        return Loaded(image, affine, label, affine, **_kind(pixels))
 
     return load
 

@@ -1,0 +1,67 @@
+"""2D RGB frames through the volume stages: plan (a 2D network, frames downscaled to a planned size, per-channel
+z-score), preprocess, train (three input channels) and evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medseg import evaluate, ingest, plan, preprocess, train
+from medseg.model_folder import CONFIG_NAME
+from medseg.plan import read_plan
+from medseg.transforms import ZScored
+from tests.ingest.test_ingest_images import frame, save
+
+
+@pytest.fixture
+def frames(tmp_path, monkeypatch):
+    """Eight RGB frames (160 x 120 and 320 x 240) with their masks, in four video sequences of two frames."""
+    monkeypatch.setenv("MEDSEG_PSEUDONYM_KEY", "frames-test-key")
+    src = tmp_path / "frames"
+    for k in range(8):
+        size = (160, 120) if k % 2 else (320, 240)
+        pixels, mask = frame(k, size=size)
+        save(src / "images" / f"{k // 2}_seq_{k}.png", pixels)
+        save(src / "masks" / f"{k // 2}_seq_{k}.png", mask)
+    return src
+
+
+def test_rgb_frames_plan_preprocess_train_and_evaluate(frames, params_for, tmp_path):
+    summary = ingest.run(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
+    assert summary["subjects"] == 4
+    params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
+                        plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
+                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},
+                        preprocess={"folds": 2},
+                        train={"samples_per_volume": 1, "max_epochs": 2, "steps_per_epoch": 2})
+    planned = plan.run(params)
+    the_plan = read_plan(params.paths.plans)
+    assert the_plan.spatial_dims == 2 and the_plan.normalization == {"RGB": {"scheme": "zscore",
+                                                                               "channel_wise": True}}
+    frame_width = the_plan.median_shape[0] * the_plan.target_spacing[0]
+    assert the_plan.median_shape[0] < 240 and frame_width == pytest.approx(100.0, rel=0.02)  # downscaled, whole
+    assert the_plan.patch_size[0] >= the_plan.median_shape[0] and planned["batch_size"] >= 2
+
+    preprocess.run(params)
+    image = nib.load(str(next((tmp_path / "preprocessed" / "images").glob("*.nii.gz"))))
+    assert image.shape[3] == 3 or image.shape[-1] == 3  # three channels kept
+
+    trained = train.run(params)
+    config = json.loads((tmp_path / "model" / "fold_0" / CONFIG_NAME).read_text())
+    assert config["in_channels"] == 3 and config["modality"] == "RGB"
+    assert trained["folds"][0]["epochs"] == 2
+    scores = evaluate.run(params)
+    assert 0.0 <= scores["dice_mean"] <= 1.0
+
+
+def test_channel_wise_zscore_normalises_each_channel():
+    image = torch.stack([torch.full((4, 4, 1), 10.0), torch.arange(16.0).reshape(4, 4, 1) * 3 + 100])
+    out = ZScored("image", channel_wise=True)({"image": image})["image"]
+    assert torch.equal(out[0], torch.zeros(4, 4, 1))  # constant channel: std 1
+    assert float(out[1].mean()) == pytest.approx(0.0, abs=1e-6) and float(out[1].std(unbiased=False)) == \
+        pytest.approx(1.0, abs=1e-5)
+    assert not np.allclose(out[1].numpy(), ZScored("image")({"image": image})["image"][1].numpy())
