@@ -65,3 +65,31 @@ def test_channel_wise_zscore_normalises_each_channel():
     assert float(out[1].mean()) == pytest.approx(0.0, abs=1e-6) and float(out[1].std(unbiased=False)) == \
         pytest.approx(1.0, abs=1e-5)
     assert not np.allclose(out[1].numpy(), ZScored("image")({"image": image})["image"][1].numpy())
+
+
+def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, params_for, tmp_path):
+    from PIL import Image
+
+    from medseg import predict
+
+    ingest.run(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
+    params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
+                        plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
+                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},
+                        preprocess={"folds": 2}, train={"samples_per_volume": 1, "max_epochs": 1, "steps_per_epoch": 2})
+    plan.run(params)
+    preprocess.run(params)
+    train.run(params)
+    inputs = tmp_path / "new_frames"
+    for k, size in enumerate([(200, 150), (333, 211)]):
+        pixels, _ = frame(10 + k, size=size)
+        save(inputs / f"frame{k}.jpg", pixels)
+    (inputs / "broken.png").write_bytes(b"not an image")
+    summary = predict.run(str(tmp_path / "model" / "fold_0"), inputs, tmp_path / "out")
+    assert summary["succeeded"] == 2 and [f["input"] for f in summary["failed"]] == ["broken"]
+    for k, (width, height) in enumerate([(200, 150), (333, 211)]):
+        mask = np.asarray(Image.open(tmp_path / "out" / f"frame{k}.png"))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+        overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / f"frame{k}.png"))
+        assert overlay.shape == (height, width, 3)
+    assert sorted(p.name for p in inputs.iterdir()) == ["broken.png", "frame0.jpg", "frame1.jpg"]  # untouched

@@ -3,7 +3,9 @@
 Each output ``<case>.nii.gz`` has exactly the shape and affine of its input image: the preprocessing chain
 (reorientation, resampling, crop, normalisation) is inverted on the label map with MONAI's ``Invertd``. Several models,
 or a model folder with ``fold_*``, are ensembled (softmax averaged); ``--tta`` adds mirroring; ``--dicom-seg`` also
-writes a DICOM-SEG for DICOM inputs (:mod:`medseg.dicom_seg`).
+writes a DICOM-SEG for DICOM inputs (:mod:`medseg.dicom_seg`). A 2D image file (PNG, JPEG, TIFF, BMP) is read as
+ingest stores frames (:mod:`medseg.ingest.images`) and its mask written as ``<stem>.png`` at the image's own size,
+with an overlay in ``overlays/``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ class Input:
     """One image to segment.
 
     Attributes:
-        name: output stem (NIfTI file stem or DICOM series folder name).
-        image: float32 ``(X, Y, Z)``.
+        name: output stem (NIfTI file or image stem, or DICOM series folder name).
+        image: float32 ``(X, Y, Z)``, or ``(X, Y, Z, channels)`` for an RGB frame.
         affine: RAS affine the model sees the image with (ingest's reading of the file).
         output_affine: affine written to the output (the NIfTI file's own; for DICOM the same as ``affine``).
         modality: the DICOM Modality ("CT"/"MR"), None for NIfTI (the model's modality is used).
@@ -47,6 +49,7 @@ class Input:
     modality: str | None = None
     dicom_files: tuple[Path, ...] = field(default=(), repr=False)
     source: Path | None = field(default=None, repr=False)
+    pixels: np.ndarray | None = field(default=None, repr=False)  # a 2D frame's own pixels: written back as PNG
 
 
 @dataclass(frozen=True)
@@ -158,11 +161,21 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
 
     from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected
+    from medseg.ingest.images import is_image, read_frame
     from medseg.ingest.nifti import is_nifti, load_nifti, nifti_stem
 
     path = Path(os.path.abspath(Path(path).expanduser()))  # "." has no name, its absolute form has (links kept)
     if not path.exists():
         raise StageInputError(f"input not found: {path}")
+    if path.is_file() and is_image(path):
+        try:
+            pixels, volume, affine, modality, channels = read_frame(path)
+            image = checked_image(volume, channels)
+            yield Input(path.stem, np.asarray(image, dtype=np.float32), affine, affine, modality, source=path,
+                        pixels=pixels)
+        except CaseRejected as err:
+            yield Unreadable(path.stem, f"{path.name}: {err}")
+        return
     if path.is_file() and is_nifti(path):
         try:
             array, affine = load_nifti(path)
@@ -173,22 +186,23 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
             yield Unreadable(nifti_stem(path), f"{path.name}: {err}")
         return
     if not path.is_dir():
-        raise StageInputError(f"{path}: neither a NIfTI file nor a folder")
-    niftis = sorted(p for p in path.iterdir() if p.is_file() and is_nifti(p))
-    for p in niftis:
+        raise StageInputError(f"{path}: neither a NIfTI or image file nor a folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and (is_nifti(p) or is_image(p)))
+    for p in files:
         yield from find_inputs(p)
-    found = bool(niftis)
+    found = bool(files)
     for item in _dicom_inputs(path):
         found = True
         yield item
     if not found:
-        raise StageInputError(f"no NIfTI file or readable DICOM series in {path}")
+        raise StageInputError(f"no NIfTI file, image file or readable DICOM series in {path}")
 
 
 def prediction_units(path: Path) -> list[Path]:
-    """What a batch splits into, one task each: the NIfTI files directly in ``path`` and each of its sub-folders (a
+    """What a batch splits into, one task each: the NIfTI and image files directly in ``path`` and each of its sub-folders (a
     study or series, DICOM at any depth below); ``path`` itself when it is a file or holds DICOM files directly."""
     from medseg.ingest.dicom_headers import looks_like_dicom
+    from medseg.ingest.images import is_image
     from medseg.ingest.nifti import is_nifti
 
     path = Path(os.path.abspath(Path(path).expanduser()))
@@ -197,9 +211,9 @@ def prediction_units(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    if any(p.is_file() and not is_nifti(p) and looks_like_dicom(p) for p in entries):
+    if any(p.is_file() and not is_nifti(p) and not is_image(p) and looks_like_dicom(p) for p in entries):
         return [path]
-    return [p for p in entries if p.is_dir() or (p.is_file() and is_nifti(p))]
+    return [p for p in entries if p.is_dir() or (p.is_file() and (is_nifti(p) or is_image(p)))]
 
 
 def output_names(name: str, taken: set[str]) -> str:
@@ -278,7 +292,7 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
             tta: bool = False, largest_component: bool | Sequence[int] = False, overlap: float = 0.5,
             sw_batch_size: int = 8,
             device: str = "auto", name: str = "image") -> np.ndarray:
-    """Label map (uint8, shape of ``image``) on the input grid for one ``(X, Y, Z)`` image with RAS ``affine``.
+    """Label map (uint8, ``(X, Y, Z)``) on the input grid for one ``(X, Y, Z[, channels])`` image with RAS ``affine``.
 
     Softmax averaged over ``models`` (and mirrored inputs with ``tta``), argmax, optionally the largest component of
     each class, then the preprocessing inverted on the labels (nearest neighbour).
@@ -293,7 +307,8 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
     config = models[0][1]
     pre = preprocess_transforms(_normalization(config, modality, name), config["target_spacing"], keys=[IMAGE],
                                 load=False)
-    data = pre({IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+    channel_first = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)  # RGB frames: channels last
+    data = pre({IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(channel_first, dtype=np.float32)),
                                   affine=torch.as_tensor(affine, dtype=torch.float64))})
     volume = data[IMAGE].as_tensor()[None]
     sw_device = select_device(device)
@@ -314,7 +329,7 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
         data["pred"] = MetaTensor(labels, meta=data[IMAGE].meta)
         inverted = Invertd("pred", transform=pre, orig_keys=IMAGE, nearest_interp=True)(data)["pred"]
     result = np.asarray(inverted[0]).round().astype(np.uint8)
-    if result.shape != image.shape:
+    if result.shape != image.shape[:3]:
         raise RuntimeError(f"inverted prediction has shape {result.shape}, input {image.shape}")
     return result
 
@@ -322,7 +337,9 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
 def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float = 0.5, tta: bool | None = None,
         largest_component: bool | None = None, device: str = "auto", sw_batch_size: int = 8,
         dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None) -> dict:
-    """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``).
+    """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``); a 2D
+    image file (PNG, JPEG, TIFF, BMP) into ``out_dir/<stem>.png`` at its own size (0/255 for a binary task, label
+    values otherwise) and ``out_dir/overlays/<stem>.png``.
 
     Outputs are named after the inputs (a NIfTI file's stem, a DICOM series' folder), made unique per run by
     :func:`output_names`. An input that cannot be read or segmented is reported (``failed`` in the summary, one
@@ -342,6 +359,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
 
     from medseg.atomic import save_nifti
     from medseg.dicom_seg import write_dicom_seg
+    from medseg.ingest.images import mask_pixels, overlay_pixels, save_png
 
     from medseg.model_folder import largest_component_classes
 
@@ -363,12 +381,19 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
                 raise StageInputError(item.reason)
             if dicom_seg and not item.dicom_files:
                 raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
-            target = out_dir / f"{name}.nii.gz"
+            target = out_dir / f"{name}.png" if item.pixels is not None else out_dir / f"{name}.nii.gz"
             if item.source is not None and target.exists() and target.samefile(item.source):
                 raise StageInputError(f"its output {target} would replace the input itself")
+            if item.pixels is not None and int(config["in_channels"]) != (item.image.shape[3:] or (1,))[0]:
+                raise StageInputError(f"{item.modality} image with {(item.image.shape[3:] or (1,))[0]} channel(s); the "
+                                      f"model takes {config['in_channels']}")
             labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
                              sw_batch_size, device, name)
-            written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
+            if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
+                written.append(str(save_png(target, mask_pixels(labels, num_classes))))
+                save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels))
+            else:
+                written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
             if dicom_seg:
                 dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
                                                       ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))

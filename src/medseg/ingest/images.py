@@ -36,7 +36,8 @@ from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, named, read_l
 from medseg.manifest import FRAME_MODALITIES
 from medseg.pseudonym import pseudonym
 
-__all__ = ["IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "GROUPS_CSV", "find_image_pairs", "scan_images",
+__all__ = ["IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "read_frame",
+           "mask_pixels", "overlay_pixels", "save_png", "is_image", "GROUPS_CSV", "find_image_pairs", "scan_images",
            "read_image", "frame_group", "image_to_volume", "volume_to_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -202,3 +203,47 @@ def scan_images(source: Path, skip: tuple[Path, ...] = (), group_pattern: str | 
 
 def is_images_layout(source: Path) -> bool:
     return bool(find_image_pairs(source)[0])
+
+
+def read_frame(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, int | None]:
+    """An image file as ingest stores it: (pixels, volume (columns, rows, 1[, 3]), affine, modality, channels)."""
+    pixels = read_image(path, "image")
+    volume = image_to_volume(pixels)
+    kind = _kind(pixels)
+    return pixels, volume, frame_affine(volume.shape[0]), kind["modality"], kind.get("channels")
+
+
+def mask_pixels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """A label volume (columns, rows, 1) as mask pixels at the frame's size: 0 and 255 for a binary task (as the
+    data sets' masks are), the label values otherwise."""
+    pixels = volume_to_image(labels).astype(np.uint8)
+    return pixels * np.uint8(255) if num_classes == 2 else pixels
+
+
+OVERLAY_COLOURS = np.array([[0, 0, 0], [255, 40, 40], [40, 220, 40], [60, 120, 255], [255, 200, 0], [220, 0, 220]],
+                           dtype=np.float32)
+
+
+def overlay_pixels(pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The frame (RGB, or gray made RGB) with each labelled pixel tinted by its class's colour, half opacity."""
+    rgb = np.repeat(pixels[..., None], 3, axis=2) if pixels.ndim == 2 else pixels[..., :3]
+    rgb = rgb.astype(np.float32)
+    if rgb.max() > 255:  # 16-bit images: shown on 8 bits
+        rgb = rgb / rgb.max() * 255
+    label = volume_to_image(labels)
+    tinted = rgb.copy()
+    for value in np.unique(label[label > 0]):
+        where = label == value
+        tinted[where] = 0.5 * rgb[where] + 0.5 * OVERLAY_COLOURS[int(value) % len(OVERLAY_COLOURS) or 1]
+    return tinted.round().astype(np.uint8)
+
+
+def save_png(path: Path, pixels: np.ndarray) -> Path:
+    """Write ``pixels`` as a PNG, atomically (nothing half-written is ever left under the final name)."""
+    from PIL import Image
+
+    from medseg.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+    return Path(path)
