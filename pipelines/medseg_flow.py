@@ -30,7 +30,7 @@ def demo_data_task(params: Params) -> dict:
 
     d = params.demo
     return demo_data.run(Path(params.paths.demo), seed=d.seed, cardiac_patients=d.cardiac_patients,
-                         ct_patients=d.ct_patients)
+                         ct_patients=d.ct_patients, polyp_frames=d.polyp_frames)
 
 
 @task(name="case", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -21,8 +21,9 @@ SEED = 7
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
-    summary = demo_data.run(out, seed=SEED, cardiac_patients=2, ct_patients=2)
+    summary = demo_data.run(out, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
     assert summary["out"] == str(out) and summary["cardiac_patients"] == 2 and summary["ct_series"] == 2
+    assert summary["polyp_frames"] == 6
     assert summary["files"] == sum(1 for p in out.rglob("*") if p.is_file())
     return out
 
@@ -91,7 +92,7 @@ def test_cardiac_labels_geometry_and_contrast(demo):
 
 def test_determinism(demo, tmp_path):
     again = tmp_path / "again"
-    demo_data.run(again, seed=SEED, cardiac_patients=2, ct_patients=2)
+    demo_data.run(again, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
     assert _files(demo) == _files(again)
     other = tmp_path / "other"
     demo_data.run(other, seed=SEED + 1, cardiac_patients=1, ct_patients=1)
@@ -183,3 +184,17 @@ def test_rejects_negative_counts(tmp_path):
 def test_does_not_import_torch():
     code = "import sys, medseg.demo_data; assert 'torch' not in sys.modules and 'monai' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_polyp_frames_are_rgb_with_a_polyp_mask_and_grouped_by_sequence(demo):
+    from PIL import Image
+
+    images = sorted((demo / "polyp" / "images").glob("*.png"))
+    assert [p.name for p in images] == [f"{s}_frame{k}.png" for s in (1, 2) for k in range(3)]
+    for path in images:
+        image = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(demo / "polyp" / "masks" / path.name))
+        assert image.ndim == 3 and image.shape[2] == 3 and mask.shape == image.shape[:2]
+        assert set(np.unique(mask)) == {0, 255} and 0.005 < (mask > 0).mean() < 0.5
+        polyp, wall = image[mask > 0].mean(0), image[mask == 0].mean(0)
+        assert polyp[0] > wall[0]  # redder and brighter than the wall around it

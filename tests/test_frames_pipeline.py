@@ -56,6 +56,8 @@ def test_rgb_frames_plan_preprocess_train_and_evaluate(frames, params_for, tmp_p
     assert trained["folds"][0]["epochs"] == 2
     scores = evaluate.run(params)
     assert 0.0 <= scores["dice_mean"] <= 1.0
+    dice, iou = scores["dice"]["foreground"], scores["iou"]["foreground"]
+    assert iou <= dice and (dice == 0 or iou == pytest.approx(dice / (2 - dice), abs=0.05))  # means of a convex map
 
 
 def test_channel_wise_zscore_normalises_each_channel():
@@ -93,3 +95,27 @@ def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, pa
         overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / f"frame{k}.png"))
         assert overlay.shape == (height, width, 3)
     assert sorted(p.name for p in inputs.iterdir()) == ["broken.png", "frame0.jpg", "frame1.jpg"]  # untouched
+
+
+@pytest.mark.slow
+def test_demo_polyp_frames_run_through_the_prefect_flow_mlflow_and_the_registry(params_for, tmp_path):
+    """``data.source: data/demo/polyp``: the same flow as the cardiac demo, to a registered champion."""
+    import dataclasses
+
+    import yaml
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipelines.medseg_flow import medseg_pipeline
+
+    params = params_for(demo={"cardiac_patients": 0, "ct_patients": 0, "polyp_frames": 9},
+                        plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
+                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},
+                        train={"samples_per_volume": 1})
+    params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/polyp"))
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(params)))))
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = medseg_pipeline(params_file=str(params_file))
+    assert summary["ingest"]["layout"] == "images" and summary["ingest"]["subjects"] == 3  # three sequences
+    assert summary["register"]["alias"] == "champion"
+    assert json.loads((tmp_path / "model" / "fold_0" / CONFIG_NAME).read_text())["in_channels"] == 3

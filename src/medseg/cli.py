@@ -29,9 +29,9 @@ def _cmd_demo_data(args: argparse.Namespace) -> dict:
     if args.out is None:
         p = _params(args)
         return demo_data.run(Path(p.paths.demo), seed=p.demo.seed, cardiac_patients=p.demo.cardiac_patients,
-                             ct_patients=p.demo.ct_patients)
+                             ct_patients=p.demo.ct_patients, polyp_frames=p.demo.polyp_frames)
     return demo_data.run(Path(args.out), seed=args.seed, cardiac_patients=args.cardiac_patients,
-                         ct_patients=args.ct_patients)
+                         ct_patients=args.ct_patients, polyp_frames=args.polyp_frames)
 
 
 def _cmd_ingest(args: argparse.Namespace) -> dict:
@@ -121,11 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = command("demo-data", _cmd_demo_data, "write the synthetic demo data set (ACDC-layout cardiac MR, DICOM CT)")
+    p = command("demo-data", _cmd_demo_data, "write the synthetic demo data set (ACDC-layout cardiac MR, DICOM CT, RGB colonoscopy frames)")
     p.add_argument("--out", help="output folder (default: paths.demo in params)")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--cardiac-patients", type=int, default=16)
     p.add_argument("--ct-patients", type=int, default=4)
+    p.add_argument("--polyp-frames", type=int, default=24)
 
     p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM, NIfTI or 2D image data into NIfTI + manifest.json", params=False)
     p.add_argument("source", help="folder to ingest")

@@ -21,7 +21,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 from tqdm import tqdm
 
-from medseg import demo_ct
+from medseg import demo_ct, demo_polyp
 from medseg.atomic import atomic_dir, save_nifti
 
 __all__ = ["run", "write_cardiac_patient", "GROUPS"]
@@ -230,23 +230,26 @@ def write_cardiac_patient(root: Path, index: int, seed: int) -> list[Path]:
     return [cfg, *written]
 
 
-def run(out_dir: Path, seed: int = 2024, cardiac_patients: int = 16, ct_patients: int = 4) -> dict:
+def run(out_dir: Path, seed: int = 2024, cardiac_patients: int = 16, ct_patients: int = 4,
+        polyp_frames: int = 0) -> dict:
     """Write the demo data set to ``out_dir`` (replaced whole and atomically).
 
-    Layout: ``out_dir/acdc/training/patientNNN/`` (see module doc) and ``out_dir/pancreas_ct/{dicom,labels}``
-    (see :mod:`medseg.demo_ct`).
+    Layout: ``out_dir/acdc/training/patientNNN/`` (see module doc), ``out_dir/pancreas_ct/{dicom,labels}``
+    (see :mod:`medseg.demo_ct`) and ``out_dir/polyp/{images,masks}`` (2D RGB frames, :mod:`medseg.demo_polyp`).
 
     Args:
         out_dir: folder to (re)create.
         seed: non-negative seed; equal seeds give byte-identical files.
         cardiac_patients: number of ACDC-style patients (groups cycle through NOR, DCM, HCM, MINF, RV).
         ct_patients: number of CT series.
+        polyp_frames: number of colonoscopy frames (in sequences of three).
 
     Returns:
-        ``{"out", "cardiac_patients", "ct_series", "files"}``.
+        ``{"out", "cardiac_patients", "ct_series", "polyp_frames", "files"}``.
     """
-    if seed < 0 or cardiac_patients < 0 or ct_patients < 0:
-        raise ValueError(f"seed and patient counts must be >= 0, got {seed}, {cardiac_patients}, {ct_patients}")
+    if min(seed, cardiac_patients, ct_patients, polyp_frames) < 0:
+        raise ValueError(f"seed and counts must be >= 0, got {seed}, {cardiac_patients}, {ct_patients}, "
+                         f"{polyp_frames}")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         training = tmp / "acdc" / "training"
@@ -254,6 +257,10 @@ def run(out_dir: Path, seed: int = 2024, cardiac_patients: int = 16, ct_patients
         for i in tqdm(range(cardiac_patients), desc="demo cardiac MR", unit="patient"):
             write_cardiac_patient(training, i, seed)
         ct_series = demo_ct.write_ct_dataset(tmp / "pancreas_ct", seed, ct_patients)
+        if polyp_frames:
+            demo_polyp.write_polyp_dataset(tmp / "polyp", seed, polyp_frames)
         files = sum(1 for p in tmp.rglob("*") if p.is_file())
-    log.info("demo data: %d cardiac patients, %d CT series, %d files in %s", cardiac_patients, ct_series, files, out_dir)
-    return {"out": str(out_dir), "cardiac_patients": cardiac_patients, "ct_series": ct_series, "files": files}
+    log.info("demo data: %d cardiac patients, %d CT series, %d polyp frames, %d files in %s", cardiac_patients,
+             ct_series, polyp_frames, files, out_dir)
+    return {"out": str(out_dir), "cardiac_patients": cardiac_patients, "ct_series": ct_series,
+            "polyp_frames": polyp_frames, "files": files}

@@ -70,6 +70,8 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
         row = {"case_id": item["case_id"], "fold": fold}
         for name, d, h in zip(classes, dice, hd):
             row[f"dice_{name}"], row[f"hd95_{name}"] = _finite(d), _finite(h)
+            # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
+            row[f"iou_{name}"] = None if row[f"dice_{name}"] is None else _finite(d / (2.0 - d))
         rows.append(row)
         if len(overlays) < p.evaluate.overlay_cases:
             overlays.append((item["case_id"], image[0, 0].numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))
@@ -81,9 +83,10 @@ def _summary(rows: list[dict], classes: list[str]) -> dict:
         values = [r[key] for r in rows if r[key] is not None]
         return round(float(np.mean(values)), 4) if values else None
 
-    dice = {c: mean(f"dice_{c}") for c in classes}
-    present = [d for d in dice.values() if d is not None]
+    dice, iou = {c: mean(f"dice_{c}") for c in classes}, {c: mean(f"iou_{c}") for c in classes}
+    present, present_iou = [d for d in dice.values() if d is not None], [v for v in iou.values() if v is not None]
     return {"dice_mean": round(float(np.mean(present)), 4) if present else None, "dice": dice,
+            "iou_mean": round(float(np.mean(present_iou)), 4) if present_iou else None, "iou": iou,
             "hd95_mm": {c: mean(f"hd95_{c}") for c in classes}, "cases": len(rows)}
 
 
@@ -124,7 +127,8 @@ def run(params: Params) -> dict:
         configure_mlflow(p.mlflow)
         for fold, summary in folds.items():
             with mlflow.start_run(run_id=summary["run_id"]):
-                flat = {"heldout_dice_mean": summary["dice_mean"], "cv_dice_mean": metrics["dice_mean"]}
+                flat = {"heldout_dice_mean": summary["dice_mean"], "cv_dice_mean": metrics["dice_mean"],
+                        "heldout_iou_mean": summary["iou_mean"]}
                 flat.update({f"heldout_dice_{c}": v for c, v in summary["dice"].items() if v is not None})
                 flat.update({f"heldout_hd95_{c}": v for c, v in summary["hd95_mm"].items() if v is not None})
                 mlflow.log_metrics({k: v for k, v in flat.items() if v is not None})

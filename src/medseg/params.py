@@ -49,6 +49,7 @@ class DemoParams:
     seed: int
     cardiac_patients: int
     ct_patients: int
+    polyp_frames: int
 
 
 @dataclass(frozen=True)
