@@ -171,7 +171,9 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     on_device = device.type == "cuda" and bool(train.augment_on_device)
     cached, random = train_transforms(plan.spatial_dims, plan.patch_size, per_volume, num_classes,
                                       train.augmentation, device=device if on_device else None,
-                                      foreground_fraction=train.foreground_fraction)
+                                      foreground_fraction=train.foreground_fraction,
+                                      unet_weights=(train.unet_w0, train.unet_sigma_px)
+                                      if train.loss == "unet_weighted" else None)
 
     needed = estimate_cache_bytes(files, plan.patch_size, num_classes)
     available = available_ram_bytes()

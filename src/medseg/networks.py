@@ -206,8 +206,10 @@ def primary_logits(output: torch.Tensor | list[torch.Tensor], spatial_dims: int)
     return output[:, 0] if output.ndim == spatial_dims + 3 else output
 
 
-def build_loss(spec: dict[str, Any]) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    """Return ``loss(output, target)``: MONAI ``DiceCELoss`` (softmax, one-hot target) on the network's output.
+def build_loss(spec: dict[str, Any], name: str = "dice_ce") -> Callable[..., torch.Tensor]:
+    """Return ``loss(output, target, weight=None)``: MONAI ``DiceCELoss`` (softmax, one-hot target) on the network's
+    output; ``name="unet_weighted"``: MONAI ``DiceLoss`` plus cross-entropy weighted per pixel by ``weight``
+    ``(B, 1, *spatial)`` (the U-Net paper's map, :mod:`medseg.weights`), averaged over pixels.
 
     ``target`` is ``(B, 1, *spatial)`` integer labels. ``output`` is what the network returns: logits
     ``(B, C, *spatial)``; or, when deep-supervised in ``train()`` mode, a list ``[full, coarser...]`` or DynUNet's
@@ -215,12 +217,25 @@ def build_loss(spec: dict[str, Any]) -> Callable[[Any, torch.Tensor], torch.Tens
     (``weight_mode="exp"``), which resizes the target to each coarser output (nearest neighbour). Without deep
     supervision the value equals plain ``DiceCELoss``. Logits are cast to float32 (safe under autocast).
     """
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
+    from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 
     spatial_dims = int(_validate(spec)["spatial_dims"])
+    if name == "unet_weighted":
+        dice = DiceLoss(to_onehot_y=True, softmax=True)
+
+        def weighted_loss(output: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None):
+            if not isinstance(output, torch.Tensor) or output.ndim != spatial_dims + 2:
+                raise ValueError("train.loss unet_weighted takes one full-resolution output (no deep supervision)")
+            logits = output.float()
+            ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long(), reduction="none")
+            ce = ce if weight is None else ce * weight[:, 0].to(ce.dtype)
+            return dice(logits, target) + ce.mean()
+
+        return weighted_loss
     loss = DeepSupervisionLoss(DiceCELoss(to_onehot_y=True, softmax=True), weight_mode="exp")
 
-    def segmentation_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    def segmentation_loss(output: torch.Tensor | list[torch.Tensor], target: torch.Tensor,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(output, torch.Tensor) and output.ndim == spatial_dims + 3:
             output = list(torch.unbind(output, dim=1))
         if isinstance(output, list):

@@ -113,6 +113,9 @@ class TrainParams:
     optimizer: Literal["adamw", "sgd"]
     learning_rate: float
     weight_decay: float
+    loss: Literal["dice_ce", "unet_weighted"]
+    unet_w0: float
+    unet_sigma_px: float
     val_interval: int
     cache: Literal["auto", "memory", "disk", "none"]
     num_workers: int
@@ -284,6 +287,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.max_epochs": (1, None, False),
     "train.learning_rate": (0, 10, True),
     "train.weight_decay": (0, None, False),
+    "train.unet_w0": (0, None, False),
+    "train.unet_sigma_px": (0, None, True),
     "train.val_interval": (1, None, False),
     "train.num_workers": (0, None, False),
     **{f"train.augmentation.{name}": (0, 1, False) for name in (
@@ -304,6 +309,9 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
 
 
 def _check_consistency(p: Params) -> None:
+    if p.train.loss == "unet_weighted" and p.model.deep_supervision:
+        raise ParamsError("params key 'train.loss': unet_weighted weighs full-resolution pixels; it does not combine "
+                          "with model.deep_supervision: true")
     if p.model.channels is None and p.model.strides is not None:
         raise ParamsError("params key 'model.strides' must be null when 'model.channels' is null (planned)")
     if p.model.channels is not None and p.model.strides is not None \

@@ -58,7 +58,7 @@ CHECKPOINT_NAME = "last.pt"
 # The modules whose code shapes the weights (the train stage's code deps in dvc.yaml): a checkpoint made with other
 # versions of them is not resumed.
 TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py",
-                 "model_folder.py")
+                 "model_folder.py", "weights.py")
 # nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
 POLY_POWER = 0.9
 
@@ -140,10 +140,11 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, devi
             break
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
+        weights = batch["weight"].to(device, non_blocking=True) if "weight" in batch else None  # unet_weighted
         wait += time.perf_counter() - fetch
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(images), labels)
+            loss = loss_fn(model(images), labels, weights)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -447,7 +448,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     net = build_network(spec, in_channels, num_classes).to(device)
     optimizer = _optimizer(t, net)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    loss_fn = build_loss(spec)
+    loss_fn = build_loss(spec, t.loss)
     train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
                                      rank=ctx.rank, world_size=ctx.world_size)
     val_share = val_files[ctx.rank::ctx.world_size]

@@ -17,9 +17,10 @@ from monai import transforms as mt
 
 __all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "augmentation_transforms", "rotation_range_deg",
            "eval_transforms",
-           "IMAGE", "LABEL", "MAX_INDICES_PER_CLASS"]
+           "UNetWeightd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS"]
 
 IMAGE, LABEL = "image", "label"
+WEIGHT = "weight"  # the U-Net paper's pixel weights (train.loss: unet_weighted), cropped and moved with the label
 # Voxel positions kept per class for the class-balanced crop (nnU-Net keeps 10,000): bounds the cache's size.
 MAX_INDICES_PER_CLASS = 10_000
 
@@ -56,6 +57,24 @@ def _like(image, values: np.ndarray):
     if isinstance(image, torch.Tensor):
         return torch.as_tensor(values, dtype=image.dtype, device=image.device)
     return values.astype(np.asarray(image).dtype)
+
+
+class UNetWeightd(mt.MapTransform):
+    """Add :data:`WEIGHT`, the U-Net paper's pixel weights of ``LABEL`` (:func:`medseg.weights.unet_weight_map`),
+    channel-first like the label; in 2D per slice along the last axis."""
+
+    def __init__(self, w0: float, sigma: float, spatial_dims: int) -> None:
+        super().__init__([LABEL])
+        self.w0, self.sigma, self.spatial_dims = w0, sigma, spatial_dims
+
+    def __call__(self, data):
+        from medseg.weights import unet_weight_map
+
+        d = dict(data)
+        label = np.asarray(d[LABEL])[0]
+        weight = unet_weight_map(label, self.w0, self.sigma, slice_axis=-1 if self.spatial_dims == 2 else None)
+        d[WEIGHT] = torch.from_numpy(weight)[None]
+        return d
 
 
 class ForegroundSelect:
@@ -130,6 +149,7 @@ def train_transforms(
     augmentation: Any,
     device: torch.device | str | None = None,
     foreground_fraction: float = 1.0,
+    unet_weights: tuple[float, float] | None = None,
 ) -> tuple[mt.Compose, mt.Compose]:
     """Training chain for preprocessed volumes, as two parts: the deterministic prefix a cache holds and the random
     rest that runs on every draw.
@@ -148,22 +168,26 @@ def train_transforms(
         num_classes: label classes including background.
         augmentation: ``params.train.augmentation`` (``*_prob`` of 0 leaves that transform out).
         device: where the random part runs; ``None`` leaves the tensors where the cache holds them (CPU).
+        unet_weights: ``(w0, sigma)``: the prefix also computes the U-Net paper's pixel weights (:data:`WEIGHT`),
+            which every crop, resampling and flip then moves with the label.
 
     Returns:
         ``(cached, random)``: apply ``cached`` to ``{"image": path, "label": path}``, then ``random`` to its output,
         which gives ``samples_per_volume`` dicts with "image" float32 and "label" int64, each ``(1, *patch)``.
     """
-    keys = [IMAGE, LABEL]
+    loaded = [IMAGE, LABEL]
+    keys = loaded + ([WEIGHT] if unet_weights else [])
     patch = tuple(int(s) for s in patch_size)
     indices_key = f"{LABEL}_cls_indices"
     cached = mt.Compose([
-        mt.LoadImaged(keys, image_only=True),
+        mt.LoadImaged(loaded, image_only=True),
         # Preprocessed labels are 3D without a channel; an image has its channels last when it has several (RGB
         # frames: medseg.preprocess), which the loader's meta data says.
         mt.EnsureChannelFirstd(IMAGE),
         mt.EnsureChannelFirstd(LABEL, channel_dim="no_channel"),
         mt.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(LABEL, dtype=torch.uint8, track_meta=False),
+        *([UNetWeightd(*unet_weights, spatial_dims)] if unet_weights else []),
         mt.SpatialPadd(keys, spatial_size=patch),
         mt.ClassesToIndicesd(LABEL, num_classes=num_classes, max_samples_per_class=MAX_INDICES_PER_CLASS),
     ])
@@ -185,7 +209,7 @@ def train_transforms(
     random.append(mt.DeleteItemsd(indices_key))
     if spatial_dims == 2:
         random.append(mt.SqueezeDimd(keys, dim=-1))
-    random += augmentation_transforms(spatial_dims, augmentation, patch)
+    random += augmentation_transforms(spatial_dims, augmentation, patch, extra_keys=keys[2:])
     random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
     return cached, mt.Compose(random)
 
@@ -202,25 +226,28 @@ def rotation_range_deg(spatial_dims: int, patch_size: Sequence[int], a: Any) -> 
     return 180.0 if max(sides) <= 1.5 * min(sides) else 15.0
 
 
-def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int] = (1, 1, 1)) -> list:
+def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int] = (1, 1, 1),
+                            extra_keys: Sequence[str] = ()) -> list:
     """nnU-Net v2's default augmentation as MONAI transforms on channel-first patches, in nnU-Net's order, from
     ``params.train.augmentation``; a probability of 0 leaves the transform out.
 
     Rotation (see :func:`rotation_range_deg`) and scaling, Gaussian noise (variance up to 0.1), Gaussian blur
     (sigma 0.5-1), multiplicative brightness (0.75-1.25), contrast (0.75-1.25, range kept), simulated low resolution
     (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), mirroring per axis.
+    ``extra_keys`` (pixel weights) move with the label: nearest-neighbour resampling, the same flips.
     """
-    keys = [IMAGE, LABEL]
+    keys = [IMAGE, LABEL, *extra_keys]
+    nearest = ["nearest"] * (len(keys) - 1)
     linear = "bilinear" if spatial_dims == 2 else "trilinear"
     angle = math.radians(rotation_range_deg(spatial_dims, patch_size, a))
     chain: list = []
     if a.rotate_prob > 0:
         ranges = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
-        chain.append(mt.RandRotated(keys, prob=a.rotate_prob, mode=["bilinear", "nearest"], padding_mode="zeros",
+        chain.append(mt.RandRotated(keys, prob=a.rotate_prob, mode=["bilinear", *nearest], padding_mode="zeros",
                                     keep_size=True, **ranges))
     if a.scale_prob > 0:
         lo, hi = a.scale_range
-        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=lo, max_zoom=hi, mode=[linear, "nearest"],
+        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=lo, max_zoom=hi, mode=[linear, *nearest],
                                   padding_mode="constant", keep_size=True))
     if a.noise_prob > 0:
         chain.append(mt.RandGaussianNoised(IMAGE, prob=a.noise_prob, std=math.sqrt(0.1)))
