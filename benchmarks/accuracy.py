@@ -15,6 +15,11 @@ Everything is written to a work folder (``--work``, default a fresh temporary fo
 3. Scoring on the ORIGINAL grids and ground truths: per case and class Dice and HD95 (mm, the file's pixdim), mean
    Dice with a bootstrap 95% CI over patients, and the paired difference medseg minus the peer.
 
+2D image folders (``medseg ingest``'s ``images`` layout: PolypGen, Kvasir-SEG, CVC-ClinicDB) run the same way: folds
+by group (video sequence, ``data.group_pattern``), medseg predicting ``<case>.png`` at each frame's size, the peer
+``benchmarks/tutorial_loop_2d.py`` (frames resized to 256 x 256), scored against the original masks (binarised at
+> 127) with HD95 in pixels; IoU is reported beside Dice.
+
 Conventions: a class absent from both truth and prediction scores Dice 1 and HD95 0; absent from one only, Dice 0
 and HD95 missing (no surface to measure to), reported as a count beside the HD95 mean, which excludes it.
 No choice may see the test patients: ``evaluate.largest_component: auto`` would decide medseg's post-processing from
@@ -63,9 +68,15 @@ def summarise(rows: list[dict], classes: list[str], seed: int = 0) -> dict:
         mine = [r for r in rows if r["class"] == name]
         hds = [r["hd95"] for r in mine if r["hd95"] is not None]
         per_class[name] = {"dice": float(np.mean([r["dice"] for r in mine])),
+                           "iou": float(np.mean([iou(r["dice"]) for r in mine])),
                            "hd95": float(np.mean(hds)) if hds else None, "hd95_missing": len(mine) - len(hds)}
-    return {"mean_dice": mean, "ci95": [lo, hi], "per_class": per_class, "patients": len(by_patient),
-            "cases": len({r["case_id"] for r in rows})}
+    return {"mean_dice": mean, "ci95": [lo, hi], "mean_iou": float(np.mean([iou(r["dice"]) for r in rows])),
+            "per_class": per_class, "patients": len(by_patient), "cases": len({r["case_id"] for r in rows})}
+
+
+def iou(dice: float) -> float:
+    """IoU (Jaccard) of the masks whose Dice is ``dice``: exactly Dice / (2 - Dice)."""
+    return dice / (2.0 - dice)
 
 
 def paired_difference(rows: list[dict], a: str, b: str, seed: int = 0) -> dict | None:
@@ -84,7 +95,7 @@ def paired_difference(rows: list[dict], a: str, b: str, seed: int = 0) -> dict |
 def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[str, float | None],
                  difference: dict | None) -> str:
     """Side-by-side rows: mean Dice [CI], Dice and HD95 per class, minutes per fold; then the paired difference."""
-    head = (f"{'method':13s} {'mean Dice [95% CI]':22s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
+    head = (f"{'method':13s} {'mean Dice [95% CI]':22s} {'IoU':>6s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
             + " ".join(f"{'HD95 ' + c:>17s}" for c in classes) + f" {'train min':>9s}")
     lines = [head, "-" * len(head)]
     for method, s in summaries.items():
@@ -97,6 +108,7 @@ def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[s
             hds.append(f"{hd:>17s}")
         took = minutes.get(method)
         lines.append(f"{method:13s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
+                     f"{s.get('mean_iou', float('nan')):6.3f} "
                      + " ".join(f"{s['per_class'][c]['dice']:15.3f}" for c in classes) + " " + " ".join(hds)
                      + f" {'-' if took is None else f'{took:.1f}':>9s}")
     if difference:
@@ -150,8 +162,15 @@ def write_params(work: Path, data: Path, folds: int, minutes: float, seed: int, 
 
 def original_files(data: Path, source: str, ingested: Path, case: dict) -> tuple[Path, Path]:
     """A case's original image and ground truth: the source NIfTI and the label beside it (ACDC ``_gt``,
-    ``labelsTr/`` or ``labels/`` of the same name); for other sources (DICOM) the ingested files, on the same grid."""
+    ``labelsTr/`` or ``labels/`` of the same name); a 2D image file and its mask; for other sources (DICOM) the
+    ingested files, on the same grid."""
+    from medseg.ingest.images import find_image_pairs, is_image, mask_for
+
     image = data / source
+    if image.is_file() and is_image(image):
+        mask = mask_for(image, find_image_pairs(data)[1])
+        if mask is not None:
+            return image, mask
     if image.is_file() and image.name.endswith((".nii.gz", ".nii")):
         stem = image.name.removesuffix(".gz").removesuffix(".nii")
         for label in (image.with_name(f"{stem}_gt{image.name[len(stem):]}"),
@@ -185,11 +204,21 @@ def predict_medseg(work: Path, fold: int, params: dict, test: list[str], cases: 
     """``medseg predict [flags]`` with the fold's model on the held-out originals -> ({case_id: output}, seconds)."""
     inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / method.replace("/", "_") / f"fold_{fold}"
     for cid in test:
-        link(cases[cid]["image"], inputs / f"{cid}.nii.gz")
+        link(cases[cid]["image"], inputs / f"{cid}{input_suffix(cases[cid]['image'])}")
     seconds = sh(MEDSEG + ["predict", "--model", str(Path(params["paths"]["model"]) / f"fold_{fold}"), *flags,
                            str(inputs), "--out", str(out)],
                  work / "logs" / f"{method.replace('/', '_')}_predict_{fold}.log", env, work)
-    return {cid: out / f"{cid}.nii.gz" for cid in test}, seconds
+    return {cid: out / output_name(cid, cases[cid]["image"]) for cid in test}, seconds
+
+
+def input_suffix(image: Path) -> str:
+    """``.nii.gz`` for volumes; a 2D image keeps its own suffix (medseg predict reads it by that)."""
+    return ".nii.gz" if image.name.endswith((".nii.gz", ".nii")) else image.suffix.lower()
+
+
+def output_name(cid: str, image: Path) -> str:
+    """What predict writes for an input: ``<case>.nii.gz`` for a volume, ``<case>.png`` for a 2D image."""
+    return f"{cid}.nii.gz" if input_suffix(image) == ".nii.gz" else f"{cid}.png"
 
 
 def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases: dict, minutes: float,
@@ -201,14 +230,17 @@ def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases
     (folder / "train.json").write_text(json.dumps([{"image": str(cases[c]["image"]), "label": str(cases[c]["label"])}
                                                    for c in train], indent=1))
     (folder / "predict.json").write_text(json.dumps([{"image": str(cases[c]["image"]),
-                                                      "output": str(out / f"{c}.nii.gz")} for c in test], indent=1))
-    wall = sh([sys.executable, str(REPO / "benchmarks" / "tutorial_loop.py"),
+                                                      "output": str(out / output_name(c, cases[c]["image"]))}
+                                                     for c in test], indent=1))
+    frames = any(output_name(c, cases[c]["image"]).endswith(".png") for c in test)
+    script = "tutorial_loop_2d.py" if frames else "tutorial_loop.py"  # resize-to-256 frames, or slices at 1.5 mm
+    wall = sh([sys.executable, str(REPO / "benchmarks" / script),
                "--train-list", str(folder / "train.json"), "--predict-list", str(folder / "predict.json"),
                "--out", str(folder), "--minutes", str(minutes), "--num-classes", str(num_classes),
                "--seed", str(seed), *extra],
               work / "logs" / f"tutorial_{fold}.log", env, work)
     summary = json.loads((folder / "summary.json").read_text())
-    return {c: out / f"{c}.nii.gz" for c in test}, {"train_s": wall - summary["predict_seconds"],
+    return {c: out / output_name(c, cases[c]["image"]) for c in test}, {"train_s": wall - summary["predict_seconds"],
                                                      "predict_s": summary["predict_seconds"], "steps": summary["steps"]}
 
 
@@ -317,8 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         env["MEDSEG_PSEUDONYM_KEY"] = project_secret(REPO / SECRET_FILE).decode()
     ingested, id_map = work / "ingested", work / "id_map.json"
-    sh(MEDSEG + ["ingest", str(data), "--out", str(ingested), "--write-id-map", str(id_map)],
-       work / "logs" / "ingest.log", env, work)
+    group_pattern = write_params(work, data, 2, 1.0, args.seed, args.sets)["data"]["group_pattern"]
+    sh(MEDSEG + ["ingest", str(data), "--out", str(ingested), "--write-id-map", str(id_map),
+                 "--group-pattern", group_pattern], work / "logs" / "ingest.log", env, work)
     manifest, sources = json.loads((ingested / "manifest.json").read_text()), json.loads(id_map.read_text())
     labels = {int(k): v for k, v in manifest["labels"].items()}
     classes = {k: v for k, v in sorted(labels.items()) if k != 0}
@@ -411,14 +444,30 @@ def score_outputs(method: str, fold: int, outputs: dict[str, Path], cases: dict,
 
     rows = []
     for cid, path in outputs.items():
-        truth_img = nib.load(str(cases[cid]["label"]))
-        truth = np.asarray(truth_img.dataobj).round().astype(np.int64)
-        pred = np.asarray(nib.load(str(path)).dataobj).round().astype(np.int64)
-        spacing = [float(z) for z in truth_img.header.get_zooms()[:3]]
+        if Path(path).suffix == ".png":  # a 2D frame: the mask as the data set gives it, HD95 in pixels
+            truth, pred = read_masks(path, cases[cid]["label"], len(classes) + 1)
+            spacing = [1.0, 1.0, 1.0]
+        else:
+            truth_img = nib.load(str(cases[cid]["label"]))
+            truth = np.asarray(truth_img.dataobj).round().astype(np.int64)
+            pred = np.asarray(nib.load(str(path)).dataobj).round().astype(np.int64)
+            spacing = [float(z) for z in truth_img.header.get_zooms()[:3]]
         for name, s in score_case(pred, truth, classes, spacing).items():
             rows.append({"method": method, "fold": fold, "case_id": cid, "subject": cases[cid]["subject"],
                          "class": name, **s})
     return rows
+
+
+def read_masks(pred_png: Path, truth_file: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, prediction) label arrays ``(H, W, 1)`` of a frame: a mask whose values are all below ``num_classes``
+    holds label values; any other is binary, binarised at > 127 (JPEG masks, predicted 0/255 PNGs)."""
+    from medseg.ingest.images import mask_values, read_image
+
+    def labels(path: Path) -> np.ndarray:
+        mask = read_image(Path(path), "mask")
+        return mask_values(mask, labelled=int(mask.max()) < num_classes).astype(np.int64)[..., None]
+
+    return labels(truth_file), labels(pred_png)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO, write_tiny_volume
 
@@ -100,7 +101,8 @@ def test_summary_difference_and_table():
     peer = _rows("tutorial", {"p": [0.8, 0.7], "q": [0.6]}, hd=None)
     summary = acc.summarise(ours, ["A", "B"])
     assert summary["mean_dice"] == pytest.approx(0.8)
-    assert summary["per_class"]["A"] == {"dice": pytest.approx(0.8), "hd95": 5.0, "hd95_missing": 0}
+    assert summary["per_class"]["A"] == {"dice": pytest.approx(0.8), "iou": pytest.approx((0.9 / 1.1 + 0.8 / 1.2 + 0.7 / 1.3) / 3),
+                                         "hd95": 5.0, "hd95_missing": 0}
     assert (summary["patients"], summary["cases"]) == (2, 3)
     peer_summary = acc.summarise(peer, ["A", "B"])
     assert peer_summary["per_class"]["B"]["hd95_missing"] == 3
@@ -109,7 +111,8 @@ def test_summary_difference_and_table():
     table = acc.format_table({"medseg": summary, "tutorial": peer_summary}, ["A", "B"],
                              {"medseg": 1.5, "tutorial": None}, diff)
     lines = table.splitlines()
-    assert lines[2].split()[:4] == ["medseg", "0.800", "[0.700,", "0.850]"]  # patient means 0.85 and 0.7
+    assert lines[2].split()[:5] == ["medseg", "0.800", "[0.700,", "0.850]",  # patient means 0.85 and 0.7
+                                    f"{np.mean([acc.iou(d) for d in (0.9, 0.8, 0.7) for _ in 'AB']):.3f}"]
     assert "(3 miss)" in lines[3]
     assert lines[-1] == "medseg - tutorial: +0.100 [+0.100, +0.100] (2 patients)"
 
@@ -188,3 +191,34 @@ def test_yardstick_end_to_end_on_tiny_acdc(tmp_path):
         assert (tmp_path / "work" / "pred" / variant.replace("/", "_") / "fold_0").is_dir()
     assert [d["a"] for d in saved["variant_differences"]] == ["medseg/no-pp", "medseg/tta"]
     assert all(d["b"] == "medseg" for d in saved["variant_differences"])
+
+
+@pytest.mark.slow  # about 30 s on 2 cores
+def test_yardstick_end_to_end_on_tiny_frames(tmp_path):
+    """A folder of RGB frames (images/ + masks/): folds by video sequence, medseg's mask PNGs and the 2D peer's,
+    scored against the original masks."""
+    from medseg.demo_polyp import write_polyp_dataset
+
+    data = tmp_path / "frames"
+    write_polyp_dataset(data, seed=3, frames=9)  # three sequences of three frames
+    result = acc.main([
+        "--data", str(data), "--work", str(tmp_path / "work"), "--folds", "3", "--max-folds", "1",
+        "--minutes", "0.02", "--tutorial-args=--tiny",
+        "--set", "model.channels=[8, 16, 32]", "--set", "model.strides=[2, 2]",
+        "--set", "plan.memory_budget_mb=12",
+        "--set", "train.max_epochs=2", "--set", "train.steps_per_epoch=2"])
+    fold = result["folds"][0]
+    assert [fold["methods"][m]["status"] for m in ("medseg", "tutorial")] == ["ok", "ok"]
+    sources = json.loads((tmp_path / "work" / "id_map.json").read_text())
+    held_out = {sources[c]["source"].split("_")[0] for c in fold["test"]}
+    trained = {sources[c]["source"].split("_")[0] for c in fold["train"]}
+    assert len(fold["test"]) == 3 and len(held_out) == 1 and not held_out & trained  # one whole sequence
+    for method in ("medseg", "tutorial"):
+        rows = [r for r in result["cases"] if r["method"] == method]
+        assert sorted({r["case_id"] for r in rows}) == sorted(fold["test"]) and {r["class"] for r in rows} == \
+            {"foreground"}
+        for case in fold["test"]:
+            written = np.asarray(Image.open(tmp_path / "work" / "pred" / method / "fold_0" / f"{case}.png"))
+            original = Image.open(data / sources[case]["source"])
+            assert written.shape == (original.height, original.width)
+        assert 0.0 <= result["summary"][method]["mean_iou"] <= result["summary"][method]["mean_dice"] <= 1.0

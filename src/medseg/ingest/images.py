@@ -36,7 +36,7 @@ from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, named, read_l
 from medseg.manifest import FRAME_MODALITIES
 from medseg.pseudonym import pseudonym
 
-__all__ = ["IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "read_frame",
+__all__ = ["mask_for", "mask_values", "IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "read_frame",
            "mask_pixels", "overlay_pixels", "save_png", "is_image", "GROUPS_CSV", "find_image_pairs", "scan_images",
            "read_image", "frame_group", "image_to_volume", "volume_to_image"]
 
@@ -65,7 +65,8 @@ def find_image_pairs(source: Path) -> tuple[list[Path], Path | None]:
     return sorted(p for p in source.iterdir() if p.is_file() and is_image(p)) if source.is_dir() else [], None
 
 
-def _mask_for(image: Path, masks: Path | None) -> Path | None:
+def mask_for(image: Path, masks: Path | None) -> Path | None:
+    """The mask file of ``image`` in the folder ``masks`` (same stem, or ``<stem>_mask``; any image suffix)."""
     if masks is None or not masks.is_dir():
         return None
     for stem in (image.stem, f"{image.stem}_mask"):
@@ -113,7 +114,7 @@ def volume_to_image(volume: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.swapaxes(np.asarray(volume)[:, :, 0], 0, 1))
 
 
-def _mask_values(mask: np.ndarray, labelled: bool) -> np.ndarray:
+def mask_values(mask: np.ndarray, labelled: bool) -> np.ndarray:
     """A mask as label values: binarised (> :data:`MASK_THRESHOLD`) unless ``labelled`` (label-indexed)."""
     if mask.ndim == 3:  # an RGB mask: accepted when gray
         spread = int(np.abs(mask.astype(np.int16) - mask[..., :1].astype(np.int16)).max())
@@ -148,7 +149,7 @@ def pair_loader(image_path: Path, mask_path: Path | None, labelled: bool):
         if mask.shape[:2] != pixels.shape[:2]:
             raise CaseRejected(f"mask size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
                                f"{pixels.shape[1]}x{pixels.shape[0]} (width x height)")
-        label = image_to_volume(_mask_values(mask, labelled))
+        label = image_to_volume(mask_values(mask, labelled))
         affine = frame_affine(image.shape[0])
         return Loaded(image, affine, label, affine, **_kind(pixels))
 
@@ -196,7 +197,7 @@ def scan_images(source: Path, skip: tuple[Path, ...] = (), group_pattern: str | 
         subject = pseudonym("group", group) if group else pseudonym("frame", image.stem)
         case_id = pseudonym(subject, image.stem, prefix="img")
         scan.items.append(Item(source=rel(image, source), subject=subject, case_id=case_id,
-                               load=pair_loader(image, _mask_for(image, masks), labels is not None),
+                               load=pair_loader(image, mask_for(image, masks), labels is not None),
                                modality=None))
     return scan
 
