@@ -16,7 +16,8 @@ from tests.conftest import REPO, write_tiny_volume
 
 CPU = torch.device("cpu")
 NO_AUGMENTATION = dict(rotate_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0, gamma_prob=0.0,
-                       contrast_prob=0.0, blur_prob=0.0, brightness_prob=0.0, lowres_prob=0.0, inverted_gamma_prob=0.0)
+                       contrast_prob=0.0, blur_prob=0.0, brightness_prob=0.0, lowres_prob=0.0, inverted_gamma_prob=0.0,
+                       colour_prob=0.0)
 
 
 def write_volumes(root, count=3, shape=(40, 36, 5)) -> list[dict]:

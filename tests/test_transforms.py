@@ -69,14 +69,15 @@ def test_zero_probabilities_leave_augmentation_out():
 
     off = dataclasses.replace(augmentation(), rotate_prob=0.0, scale_prob=0.0, flip_prob=0.0, noise_prob=0.0,
                               gamma_prob=0.0, contrast_prob=0.0, blur_prob=0.0, brightness_prob=0.0, lowres_prob=0.0,
-                              inverted_gamma_prob=0.0)
+                              inverted_gamma_prob=0.0, colour_prob=0.0)
     _, random = train_transforms(3, (16, 16, 4), 1, 4, off)
     assert [type(t).__name__ for t in random.transforms] == ["RandCropByLabelClassesd", "DeleteItemsd", "EnsureTyped"]
     _, random = train_transforms(3, (16, 16, 4), 1, 4, augmentation())
     names = [type(t).__name__ for t in random.transforms]
     assert names.count("RandFlipd") == 3
     assert {"RandRotated", "RandZoomd", "RandGaussianNoised", "RandAdjustContrastd", "RandGaussianSmoothd",
-            "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond"} <= set(names)
+            "RandScaleIntensityd", "RandScaleIntensityFixedMeand", "RandSimulateLowResolutiond",
+            "RandColourShiftd"} <= set(names)
     assert names.count("RandAdjustContrastd") == 2  # gamma on the inverted and on the plain image
 
 
@@ -115,3 +116,19 @@ def test_zscore_matches_monai_and_does_not_depend_on_the_thread_count():
     assert torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.as_tensor(expected), rtol=0, atol=1e-5)
     assert torch.equal(ZScored("image")({"image": torch.full((1, 4, 4, 4), 7.0)})["image"], torch.zeros(1, 4, 4, 4))
+
+
+def test_colour_shift_moves_each_rgb_channel_by_its_own_offset_and_leaves_gray_alone():
+    from medseg.transforms import RandColourShiftd
+
+    shift = RandColourShiftd("image", prob=1.0)
+    shift.set_random_state(0)
+    rgb = torch.zeros(3, 8, 8)
+    out = shift({"image": rgb})["image"]
+    offsets = out.reshape(3, -1)
+    assert torch.all(offsets == offsets[:, :1]) and len(set(offsets[:, 0].tolist())) == 3
+    assert float(offsets.abs().max()) <= 0.2
+    gray = torch.zeros(1, 8, 8)
+    assert torch.equal(shift({"image": gray})["image"], gray)
+    never = RandColourShiftd("image", prob=0.0)
+    assert torch.equal(never({"image": rgb})["image"], rgb)

@@ -99,6 +99,7 @@ class AugmentationParams:
     lowres_prob: float
     inverted_gamma_prob: float
     gamma_prob: float
+    colour_prob: float
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.num_workers": (0, None, False),
     **{f"train.augmentation.{name}": (0, 1, False) for name in (
         "rotate_prob", "scale_prob", "flip_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
-        "lowres_prob", "inverted_gamma_prob", "gamma_prob")},
+        "lowres_prob", "inverted_gamma_prob", "gamma_prob", "colour_prob")},
     "train.augmentation.rotate_range_deg": (0, 180, False),
     "evaluate.sw_overlap": (0, 0.99, False),
     "evaluate.sw_batch_size": (1, None, False),

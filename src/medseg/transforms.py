@@ -17,7 +17,7 @@ from monai import transforms as mt
 
 __all__ = ["ForegroundSelect", "preprocess_transforms", "train_transforms", "augmentation_transforms", "rotation_range_deg",
            "eval_transforms",
-           "UNetWeightd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS"]
+           "UNetWeightd", "RandColourShiftd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS"]
 
 IMAGE, LABEL = "image", "label"
 WEIGHT = "weight"  # the U-Net paper's pixel weights (train.loss: unet_weighted), cropped and moved with the label
@@ -74,6 +74,28 @@ class UNetWeightd(mt.MapTransform):
         label = np.asarray(d[LABEL])[0]
         weight = unet_weight_map(label, self.w0, self.sigma, slice_axis=-1 if self.spatial_dims == 2 else None)
         d[WEIGHT] = torch.from_numpy(weight)[None]
+        return d
+
+
+class RandColourShiftd(mt.RandomizableTransform, mt.MapTransform):
+    """With probability ``prob``, shift each channel of a multi-channel (RGB) image by its own offset, uniform in
+    +-``offset`` (images are z-scored per channel: 0.2 standard deviations): the hue and white-balance differences
+    between endoscopes and centres. A one-channel image is left alone (brightness has its own transform)."""
+
+    def __init__(self, keys, prob: float, offset: float = 0.2) -> None:
+        mt.RandomizableTransform.__init__(self, prob)
+        mt.MapTransform.__init__(self, keys)
+        self.offset = offset
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not self._do_transform or image.shape[0] < 2:
+                continue
+            shifts = self.R.uniform(-self.offset, self.offset, size=image.shape[0])
+            d[key] = image + _like(image, shifts.reshape((-1,) + (1,) * (image.ndim - 1)))
         return d
 
 
@@ -233,7 +255,8 @@ def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int]
 
     Rotation (see :func:`rotation_range_deg`) and scaling, Gaussian noise (variance up to 0.1), Gaussian blur
     (sigma 0.5-1), multiplicative brightness (0.75-1.25), contrast (0.75-1.25, range kept), simulated low resolution
-    (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), mirroring per axis.
+    (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), a colour shift per
+    channel for RGB frames (:class:`RandColourShiftd`), mirroring per axis.
     ``extra_keys`` (pixel weights) move with the label: nearest-neighbour resampling, the same flips.
     """
     keys = [IMAGE, LABEL, *extra_keys]
@@ -267,6 +290,8 @@ def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int]
                                             retain_stats=True))
     if a.gamma_prob > 0:
         chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5), retain_stats=True))
+    if a.colour_prob > 0:
+        chain.append(RandColourShiftd(IMAGE, prob=a.colour_prob))
     if a.flip_prob > 0:
         chain += [mt.RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
     return chain
