@@ -72,6 +72,9 @@ def test_images_and_masks_pair_by_stem_binarise_jpeg_masks_and_keep_rgb(tmp_path
     assert set(np.unique(label)) == {0, 1}
     assert np.array_equal(volume_to_image(label), mask > 127) or (volume_to_image(label) != (mask > 127)).mean() < 0.01
     np.testing.assert_array_equal(volume_to_image(np.asarray(nib.load(str(out / one.label)).dataobj)), gray_mask > 127)
+    again = ingest.run(src, out, id_map=id_map)  # a re-run skips the unchanged frames
+    assert again["skipped"] == 2 and again["accepted"] == 2
+    assert not [p for p in out.rglob("*") if "medseg-tmp" in p.name]  # nothing half-written left
 
 
 def test_volume_round_trip_puts_columns_on_x():
@@ -173,16 +176,17 @@ def test_a_bad_group_pattern_is_one_clear_error(tmp_path):
         ingest.run(tmp_path / "src", tmp_path / "out", group_pattern="(unclosed")
 
 
-def test_plan_refuses_rgb_cases_in_one_line(tmp_path, params_for):
+def test_plan_refuses_a_mix_of_rgb_and_gray_frames_in_one_line(tmp_path, params_for):
     from medseg import plan
 
     src = tmp_path / "src"
-    pixels, mask = frame(0)
-    save(src / "images" / "a.png", pixels)
-    save(src / "masks" / "a.png", mask)
+    for k, rgb in enumerate((True, False)):
+        pixels, mask = frame(k, rgb=rgb)
+        save(src / "images" / f"{k}.png", pixels)
+        save(src / "masks" / f"{k}.png", mask)
     ingest.run(src, tmp_path / "ingested")
     params = params_for(paths={"ingested": str(tmp_path / "ingested")})
-    with pytest.raises(StageInputError, match="1 ingested case.*multi-channel"):
+    with pytest.raises(StageInputError, match=r"mix \[1, 3\] image channels"):
         plan.run(params)
 
 
