@@ -105,12 +105,18 @@ def test_label_indexed_masks_follow_labels_json_and_values_outside_it_are_reject
     save(src / "masks" / "a.png", good)
     save(src / "images" / "b.png", pixels)
     save(src / "masks" / "b.png", np.full((30, 40), 7, np.uint8))
+    palette = Image.fromarray(good).convert("P")  # a palette PNG, as VOC-style label masks are
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)  # indices 1, 2 shown red, green
+    save(src / "images" / "c.png", pixels)
+    palette.save(src / "masks" / "c.png")
+    assert Image.open(src / "masks" / "c.png").mode == "P"
     out = tmp_path / "out"
     summary = ingest.run(src, out)
-    assert summary["accepted"] == 1 and summary["rejected"] == 1
+    assert summary["accepted"] == 2 and summary["rejected"] == 1
     assert read_manifest(out).labels == {0: "background", 1: "polyp", 2: "instrument"}
-    case = read_manifest(out).cases[0]
-    assert set(np.unique(np.asarray(nib.load(str(out / case.label)).dataobj))) == {0, 1, 2}
+    for case in read_manifest(out).cases:  # the plain and the palette PNG give the same labels
+        stored = volume_to_image(np.asarray(nib.load(str(out / case.label)).dataobj))
+        np.testing.assert_array_equal(stored, good)
     report = json.loads((out / "ingest_report.json").read_text())
     assert "label values [7] are not in the label map" in report["rejected"][0]["reason"]
 

@@ -91,6 +91,9 @@ def read_image(path: Path, what: str = "image") -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            if what == "mask" and img.mode in ("P", "PA"):  # a label-indexed palette PNG: the indices are the labels
+                array = np.asarray(img)
+                return array[..., 0] if array.ndim == 3 else array
             if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
                 img = img.convert("RGB" if img.mode not in ("LA",) else "L")
             array = np.asarray(img)
