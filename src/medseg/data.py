@@ -137,7 +137,8 @@ class TrainLoader:
 
 
 def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int, device: torch.device, seed: int,
-                      cache_dir: str | Path | None, rank: int = 0, world_size: int = 1) -> TrainLoader:
+                      cache_dir: str | Path | None, rank: int = 0, world_size: int = 1,
+                      in_channels: int = 1) -> TrainLoader:
     """The training loader: ``train.steps_per_epoch`` batches per epoch of ``plan.batch_size`` random patches.
 
     Args:
@@ -173,7 +174,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
                                       train.augmentation, device=device if on_device else None,
                                       foreground_fraction=train.foreground_fraction,
                                       unet_weights=(train.unet_w0, train.unet_sigma_px)
-                                      if train.loss == "unet_weighted" else None)
+                                      if train.loss == "unet_weighted" else None, in_channels=in_channels)
 
     needed = estimate_cache_bytes(files, plan.patch_size, num_classes)
     available = available_ram_bytes()

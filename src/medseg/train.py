@@ -144,7 +144,8 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, devi
         wait += time.perf_counter() - fetch
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(images), labels, weights)
+            output = model(images)
+            loss = loss_fn(output, labels) if weights is None else loss_fn(output, labels, weights)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -450,7 +451,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec, t.loss)
     train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
-                                     rank=ctx.rank, world_size=ctx.world_size)
+                                     rank=ctx.rank, world_size=ctx.world_size, in_channels=in_channels)
     val_share = val_files[ctx.rank::ctx.world_size]
     val_loader = make_val_loader(val_share) if val_share else []
     inferer = build_inferer(plan.patch_size, spec["spatial_dims"], p.evaluate.sw_overlap, p.evaluate.sw_batch_size)

@@ -172,6 +172,7 @@ def train_transforms(
     device: torch.device | str | None = None,
     foreground_fraction: float = 1.0,
     unet_weights: tuple[float, float] | None = None,
+    in_channels: int = 1,
 ) -> tuple[mt.Compose, mt.Compose]:
     """Training chain for preprocessed volumes, as two parts: the deterministic prefix a cache holds and the random
     rest that runs on every draw.
@@ -192,6 +193,7 @@ def train_transforms(
         device: where the random part runs; ``None`` leaves the tensors where the cache holds them (CPU).
         unet_weights: ``(w0, sigma)``: the prefix also computes the U-Net paper's pixel weights (:data:`WEIGHT`),
             which every crop, resampling and flip then moves with the label.
+        in_channels: image channels (3 for RGB frames, stored channels-last).
 
     Returns:
         ``(cached, random)``: apply ``cached`` to ``{"image": path, "label": path}``, then ``random`` to its output,
@@ -203,9 +205,9 @@ def train_transforms(
     indices_key = f"{LABEL}_cls_indices"
     cached = mt.Compose([
         mt.LoadImaged(loaded, image_only=True),
-        # Preprocessed labels are 3D without a channel; an image has its channels last when it has several (RGB
-        # frames: medseg.preprocess), which the loader's meta data says.
-        mt.EnsureChannelFirstd(IMAGE),
+        # Preprocessed volumes are 3D without a channel, an image with several channels has them last (RGB frames:
+        # medseg.preprocess): said explicitly, so the prefix also works without meta data.
+        mt.EnsureChannelFirstd(IMAGE, channel_dim="no_channel" if in_channels == 1 else -1),
         mt.EnsureChannelFirstd(LABEL, channel_dim="no_channel"),
         mt.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False),
         mt.EnsureTyped(LABEL, dtype=torch.uint8, track_meta=False),

@@ -161,8 +161,9 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_cases(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     for k in range(8):
         write_series(src / f"s{k}", axial_positions(3), series_uid=f"1.5.{k}", patient_id=f"P{k}")
-    # The CLI ingests on every core: a second per case keeps the run going well past the moment we interrupt it.
-    code = CHILD.replace("time.sleep(0.4)", "time.sleep(1.0)").replace("ingest.run(sys.argv[1], sys.argv[2], workers=1)",
+    # The CLI ingests on every core: two seconds per case keep the run going well past the moment we interrupt it,
+    # even on a loaded machine (at one second a fresh clone's run, beside a training, finished first).
+    code = CHILD.replace("time.sleep(0.4)", "time.sleep(2.0)").replace("ingest.run(sys.argv[1], sys.argv[2], workers=1)",
                          "from medseg.cli import main\nsys.exit(main(['ingest', sys.argv[1], '--out', sys.argv[2]]))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen([sys.executable, "-c", code, str(src), str(out)], env=env, stdout=subprocess.DEVNULL,
