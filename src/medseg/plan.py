@@ -197,6 +197,11 @@ def _fit_frames(model: dict[str, Any], target, median_shape, budget_mb: float) -
         scale *= FRAME_SCALE_STEP
 
 
+def _resampled(cases: list[dict[str, Any]], target) -> np.ndarray:
+    """Each fingerprinted case's shape at the ``target`` spacing (voxels, RAS axes)."""
+    return np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
+
+
 def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     """Derive the plan from ``fingerprint`` (see the module docstring), then apply ``params.plan`` overrides."""
     overrides, model = params.plan, params.section("model")
@@ -207,13 +212,11 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     target = tuple(float(s) for s in (overrides.target_spacing or np.median(spacings, axis=0)))
     anisotropic = target[2] > ANISOTROPY_RATIO * max(target[0], target[1])
     spatial_dims = overrides.spatial_dims or (2 if anisotropic else 3)
-    resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
-    median_shape = tuple(int(round(s)) for s in np.median(resampled, axis=0))
+    median_shape = tuple(int(round(s)) for s in np.median(_resampled(cases, target), axis=0))
     frames = all(c["modality"] in FRAME_MODALITIES for c in cases)
     if frames and spatial_dims == 2 and overrides.target_spacing is None and overrides.patch_size is None:
-        target, median_shape = _fit_frames(model, target, median_shape,
-                                           params.plan.memory_budget_mb)
-        resampled = np.array([[sh * sp / t for sh, sp, t in zip(c["shape"], c["spacing"], target)] for c in cases])
+        target, median_shape = _fit_frames(model, target, median_shape, params.plan.memory_budget_mb)
+    resampled = _resampled(cases, target)
     model = plan_network(model, spatial_dims, median_shape)
     if overrides.patch_size is not None:
         patch = list(overrides.patch_size)

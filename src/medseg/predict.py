@@ -384,9 +384,10 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
             target = out_dir / f"{name}.png" if item.pixels is not None else out_dir / f"{name}.nii.gz"
             if item.source is not None and target.exists() and target.samefile(item.source):
                 raise StageInputError(f"its output {target} would replace the input itself")
-            if item.pixels is not None and int(config["in_channels"]) != (item.image.shape[3:] or (1,))[0]:
-                raise StageInputError(f"{item.modality} image with {(item.image.shape[3:] or (1,))[0]} channel(s); the "
-                                      f"model takes {config['in_channels']}")
+            channels = item.image.shape[3] if item.image.ndim == 4 else 1
+            if item.pixels is not None and int(config["in_channels"]) != channels:
+                raise StageInputError(f"{item.modality} image with {channels} channel(s); the model takes "
+                                      f"{config['in_channels']}")
             labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
                              sw_batch_size, device, name)
             if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
