@@ -132,3 +132,30 @@ def test_colour_shift_moves_each_rgb_channel_by_its_own_offset_and_leaves_gray_a
     assert torch.equal(shift({"image": gray})["image"], gray)
     never = RandColourShiftd("image", prob=0.0)
     assert torch.equal(never({"image": rgb})["image"], rgb)
+
+
+def test_frames_leave_out_the_scanner_transforms_that_volumes_keep():
+    import dataclasses
+
+    every = dataclasses.replace(augmentation(), skip_for_frames=("noise", "lowres", "gamma"))
+    scan = [type(t).__name__ for t in train_transforms(2, (16, 16, 1), 1, 2, every)[1].transforms]
+    frame = [type(t).__name__ for t in train_transforms(2, (16, 16, 1), 1, 2, every, frames=True)[1].transforms]
+    assert {"RandGaussianNoised", "RandSimulateLowResolutiond"} <= set(scan)
+    assert not {"RandGaussianNoised", "RandSimulateLowResolutiond"} & set(frame)
+    assert scan.count("RandAdjustContrastd") == 2 and frame.count("RandAdjustContrastd") == 1  # inverted gamma kept
+    assert set(scan) - set(frame) == {"RandGaussianNoised", "RandSimulateLowResolutiond"}
+    unskipped = dataclasses.replace(every, skip_for_frames=None)
+    assert [type(t).__name__ for t in train_transforms(2, (16, 16, 1), 1, 2, unskipped, frames=True)[1].transforms] \
+        == scan
+
+
+def test_skip_for_frames_names_only_known_transforms(tmp_path):
+    import yaml
+
+    from medseg.params import ParamsError
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["augmentation"]["skip_for_frames"] = ["noise", "sharpen"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="skip_for_frames"):
+        load_params(tmp_path / "params.yaml")

@@ -138,7 +138,7 @@ class TrainLoader:
 
 def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int, device: torch.device, seed: int,
                       cache_dir: str | Path | None, rank: int = 0, world_size: int = 1,
-                      in_channels: int = 1) -> TrainLoader:
+                      in_channels: int = 1, frames: bool = False) -> TrainLoader:
     """The training loader: ``train.steps_per_epoch`` batches per epoch of ``plan.batch_size`` random patches.
 
     Args:
@@ -151,6 +151,8 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
         seed: base seed; combined with ``rank`` so DDP ranks draw different volumes and augmentations.
         cache_dir: where ``PersistentDataset`` writes (``params.paths.cache``) when the cache goes to disk.
         rank, world_size: this process's DDP rank and the number of ranks (each rank yields its own batches).
+        in_channels, frames: image channels, and whether the volumes are 2D camera frames
+            (:func:`medseg.transforms.train_transforms`).
 
     Returns:
         An iterable; each epoch yields dicts with "image" float32 ``(B, 1, *patch)`` and "label" int64
@@ -174,7 +176,8 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
                                       train.augmentation, device=device if on_device else None,
                                       foreground_fraction=train.foreground_fraction,
                                       unet_weights=(train.unet_w0, train.unet_sigma_px)
-                                      if train.loss == "unet_weighted" else None, in_channels=in_channels)
+                                      if train.loss == "unet_weighted" else None, in_channels=in_channels,
+                                      frames=frames)
 
     needed = estimate_cache_bytes(files, plan.patch_size, num_classes)
     available = available_ram_bytes()

@@ -85,6 +85,10 @@ class ModelParams:
     deep_supervision: bool
 
 
+AugmentationName = Literal["rotate", "scale", "flip", "noise", "blur", "brightness", "contrast", "lowres",
+                           "inverted_gamma", "gamma", "colour"]  # each one ``<name>_prob`` of AugmentationParams
+
+
 @dataclass(frozen=True)
 class AugmentationParams:
     rotate_prob: float
@@ -100,6 +104,7 @@ class AugmentationParams:
     inverted_gamma_prob: float
     gamma_prob: float
     colour_prob: float
+    skip_for_frames: tuple[AugmentationName, ...] | None
 
 
 @dataclass(frozen=True)
@@ -292,9 +297,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.unet_sigma_px": (0, None, True),
     "train.val_interval": (1, None, False),
     "train.num_workers": (0, None, False),
-    **{f"train.augmentation.{name}": (0, 1, False) for name in (
-        "rotate_prob", "scale_prob", "flip_prob", "noise_prob", "blur_prob", "brightness_prob", "contrast_prob",
-        "lowres_prob", "inverted_gamma_prob", "gamma_prob", "colour_prob")},
+    **{f"train.augmentation.{name}_prob": (0, 1, False) for name in typing.get_args(AugmentationName)},
     "train.augmentation.rotate_range_deg": (0, 180, False),
     "evaluate.sw_overlap": (0, 0.99, False),
     "evaluate.sw_batch_size": (1, None, False),

@@ -47,6 +47,7 @@ import torch
 from medseg.atomic import atomic_dir, atomic_path, write_json
 from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POSTPROCESSING_NAME, RUN_NAME, fold_name,
                                  largest_component_classes, update_config)
+from medseg.manifest import FRAME_MODALITIES
 from medseg.params import Params
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
@@ -58,7 +59,7 @@ CHECKPOINT_NAME = "last.pt"
 # The modules whose code shapes the weights (the train stage's code deps in dvc.yaml): a checkpoint made with other
 # versions of them is not resumed.
 TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py",
-                 "model_folder.py", "weights.py")
+                 "model_folder.py", "weights.py", "manifest.py")
 # nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
 POLY_POWER = 0.9
 
@@ -451,7 +452,8 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec, t.loss)
     train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
-                                     rank=ctx.rank, world_size=ctx.world_size, in_channels=in_channels)
+                                     rank=ctx.rank, world_size=ctx.world_size, in_channels=in_channels,
+                                     frames=_modality(dataset) in FRAME_MODALITIES)
     val_share = val_files[ctx.rank::ctx.world_size]
     val_loader = make_val_loader(val_share) if val_share else []
     inferer = build_inferer(plan.patch_size, spec["spatial_dims"], p.evaluate.sw_overlap, p.evaluate.sw_batch_size)

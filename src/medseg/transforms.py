@@ -7,6 +7,7 @@ the cacheable deterministic prefix (load, pad, class positions) and, separately,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -173,6 +174,7 @@ def train_transforms(
     foreground_fraction: float = 1.0,
     unet_weights: tuple[float, float] | None = None,
     in_channels: int = 1,
+    frames: bool = False,
 ) -> tuple[mt.Compose, mt.Compose]:
     """Training chain for preprocessed volumes, as two parts: the deterministic prefix a cache holds and the random
     rest that runs on every draw.
@@ -194,6 +196,8 @@ def train_transforms(
         unet_weights: ``(w0, sigma)``: the prefix also computes the U-Net paper's pixel weights (:data:`WEIGHT`),
             which every crop, resampling and flip then moves with the label.
         in_channels: image channels (3 for RGB frames, stored channels-last).
+        frames: the volumes are 2D camera frames (RGB or gray): augmentation leaves out
+            ``augmentation.skip_for_frames``.
 
     Returns:
         ``(cached, random)``: apply ``cached`` to ``{"image": path, "label": path}``, then ``random`` to its output,
@@ -233,7 +237,7 @@ def train_transforms(
     random.append(mt.DeleteItemsd(indices_key))
     if spatial_dims == 2:
         random.append(mt.SqueezeDimd(keys, dim=-1))
-    random += augmentation_transforms(spatial_dims, augmentation, patch, extra_keys=keys[2:])
+    random += augmentation_transforms(spatial_dims, augmentation, patch, extra_keys=keys[2:], frames=frames)
     random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
     return cached, mt.Compose(random)
 
@@ -251,7 +255,7 @@ def rotation_range_deg(spatial_dims: int, patch_size: Sequence[int], a: Any) -> 
 
 
 def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int] = (1, 1, 1),
-                            extra_keys: Sequence[str] = ()) -> list:
+                            extra_keys: Sequence[str] = (), frames: bool = False) -> list:
     """nnU-Net v2's default augmentation as MONAI transforms on channel-first patches, in nnU-Net's order, from
     ``params.train.augmentation``; a probability of 0 leaves the transform out.
 
@@ -260,7 +264,10 @@ def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int]
     (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), a colour shift per
     channel for RGB frames (:class:`RandColourShiftd`), mirroring per axis.
     ``extra_keys`` (pixel weights) move with the label: nearest-neighbour resampling, the same flips.
+    ``frames`` (2D camera frames, not scans): the transforms named in ``a.skip_for_frames`` are left out.
     """
+    if frames and a.skip_for_frames:
+        a = dataclasses.replace(a, **{f"{name}_prob": 0.0 for name in a.skip_for_frames})
     keys = [IMAGE, LABEL, *extra_keys]
     nearest = ["nearest"] * (len(keys) - 1)
     linear = "bilinear" if spatial_dims == 2 else "trilinear"
