@@ -11,7 +11,8 @@ import torch
 from monai.inferers import SliceInferer, SlidingWindowInferer
 
 from medseg.errors import StageInputError
-from medseg.inference import build_inferer, keep_largest_component, mirror_axes, probabilities, stitch_device
+from medseg.inference import build_inferer, mirror_axes, probabilities, stitch_device
+from medseg.postprocess import keep_largest_component
 from medseg.networks import build_network
 
 CARDIAC = {"0": "background", "1": "RV", "2": "myocardium", "3": "LV"}

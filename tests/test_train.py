@@ -16,6 +16,7 @@ import yaml
 
 from medseg import train
 from medseg.model_folder import CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from medseg.postprocess import decide_postprocessing
 from medseg.train import CHECKPOINT_NAME
 from tests.conftest import planned_and_preprocessed
 
@@ -174,6 +175,29 @@ def test_resume_ignores_checkpoint_from_other_params(tiny_ingested, params_for):
     assert second["run_id"] != first["run_id"]
 
 
+def test_a_post_processing_edit_revalidates_a_finished_fold_and_a_training_edit_retrains(tiny_ingested, params_for,
+                                                                                         monkeypatch, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="medseg.train")
+    params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}, train={"max_epochs": 2}))
+    first = train.run(params)["folds"][0]
+    weights = (Path(params.paths.model) / "fold_0" / MODEL_NAME).read_bytes()
+
+    monkeypatch.setattr(train, "postprocess_code", lambda: "edited post-processing")
+    caplog.clear()
+    again = train.run(params, resume=True)["folds"][0]
+    assert again["run_id"] == first["run_id"] and again["epochs"] == 2
+    assert "resuming from" in caplog.text and "validated again" in caplog.text and "starting afresh" not in caplog.text
+    assert (Path(params.paths.model) / "fold_0" / MODEL_NAME).read_bytes() == weights  # not retrained
+    assert checkpoint(params)["state"]["final_val"]["postprocess_code"] == "edited post-processing"
+
+    monkeypatch.setattr(train, "training_code", lambda: ["medseg/register.py"])  # other code shaping the weights
+    caplog.clear()
+    retrained = train.run(params, resume=True)["folds"][0]
+    assert "starting afresh" in caplog.text and retrained["run_id"] != first["run_id"]
+
+
 class _Payload:
     """Unpickling this runs ``touch``: what a planted checkpoint could do if it were loaded with full pickle."""
 
@@ -310,7 +334,7 @@ def test_postprocessing_is_kept_only_for_classes_it_improves():
     labels = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
     raw = np.array([[0.5, 0.8, 0.9], [0.7, 0.8, np.nan]])
     post = np.array([[0.6, 0.7, 0.9], [0.7, 0.8, np.nan]])
-    decision = train.decide_postprocessing(raw, post, labels)
+    decision = decide_postprocessing(raw, post, labels)
     assert decision["largest_component"] == [1]  # RV improves; myocardium gets worse; LV unchanged
     assert decision["dice_without"]["RV"] == 0.6 and decision["dice_with"]["RV"] == 0.65 and decision["cases"] == 2
 
@@ -330,5 +354,5 @@ def test_training_inputs_change_with_data_params_and_code_but_not_with_the_rerun
     label.write_bytes(label.read_bytes() + b"\0")
     assert train.training_inputs(params) != base
     changed = train.training_inputs(params)
-    monkeypatch.setattr(train, "TRAINING_CODE", train.TRAINING_CODE + ("register.py",))
+    monkeypatch.setattr(train, "TRAINING_MODULE", "medseg.register")  # other code
     assert train.training_inputs(params) != changed

@@ -11,7 +11,6 @@ import csv
 import logging
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,7 +40,8 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
     from monai.networks.utils import one_hot
     from tqdm import tqdm
 
-    from medseg.inference import build_inferer, keep_largest_component, probabilities, stitch_device
+    from medseg.inference import build_inferer, probabilities, stitch_device
+    from medseg.postprocess import keep_largest_component
     from medseg.model_folder import largest_component_classes, load_trained
     from medseg.train import data_lists
     from medseg.transforms import eval_transforms

@@ -1,18 +1,17 @@
-"""Sliding-window inference shared by validation, evaluation and ``medseg predict``: fold ensembles, mirroring
-test-time augmentation and largest-component post-processing. (Loading a trained model: :mod:`medseg.model_folder`.)"""
+"""Sliding-window inference shared by validation, evaluation and ``medseg predict``: fold ensembles and mirroring
+test-time augmentation. (Post-processing: :mod:`medseg.postprocess`; loading a trained model:
+:mod:`medseg.model_folder`.)"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
-import numpy as np
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 
 __all__ = ["build_inferer", "select_device", "stitch_device", "check_ensemble", "probabilities",
-           "mirror_axes", "keep_largest_component", "ENSEMBLE_KEYS"]
+           "mirror_axes", "ENSEMBLE_KEYS"]
 
 # inference-config entries that must agree for nets to be averaged: same classes, same input grid and intensities
 ENSEMBLE_KEYS = ("labels", "target_spacing", "normalization", "modality", "in_channels", "out_channels")
@@ -112,32 +111,3 @@ def probabilities(nets: Sequence[torch.nn.Module], image: torch.Tensor, inferer:
                 total = probs if total is None else total.add_(probs)
                 count += 1
     return total.div_(count)
-
-
-def keep_largest_component(labels: np.ndarray | torch.Tensor, classes: Sequence[int]) -> np.ndarray | torch.Tensor:
-    """Keep only the largest connected component of each class in ``classes``; the rest becomes background (0).
-
-    Classes are independent (MONAI ``KeepLargestConnectedComponent(independent=True)``), with full connectivity
-    (26-neighbourhood in 3D) as MONAI's default. Done with ``scipy.ndimage.label`` on the CPU, as MONAI's version needs
-    scikit-image.
-
-    Args:
-        labels: ``(1, *spatial)`` integer label map (numpy or torch; returned as the same type, device and dtype).
-    """
-    from scipy import ndimage
-
-    is_tensor = isinstance(labels, torch.Tensor)
-    array = labels.detach().cpu().numpy().copy() if is_tensor else np.array(labels, copy=True)
-    structure = ndimage.generate_binary_structure(array.ndim, array.ndim)
-    boxes = ndimage.find_objects(array)  # every class's bounding box in one pass (integer labels, any width)
-    for c in classes:
-        if c < 1 or c > len(boxes) or boxes[c - 1] is None:
-            continue
-        box = boxes[c - 1]
-        region = array[box] == c  # label only the class's bounding box: much cheaper than the whole volume
-        components, n = ndimage.label(region, structure=structure)
-        if n < 2:
-            continue
-        largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
-        array[box][region & (components != largest)] = 0
-    return torch.as_tensor(array, device=labels.device) if is_tensor else array

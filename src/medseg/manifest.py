@@ -16,10 +16,11 @@ from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 
 __all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "locked_subjects", "MANIFEST_NAME", "REPORT_NAME",
-           "CARDIAC_LABELS", "FRAME_MODALITIES"]
+           "CACHE_NAME", "CARDIAC_LABELS", "FRAME_MODALITIES"]
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
+CACHE_NAME = ".ingest_cache.json"  # ingest's re-run cache in the same folder (file times: not part of the data)
 CARDIAC_LABELS = {0: "background", 1: "RV", 2: "myocardium", 3: "LV"}
 # Modalities of 2D frames (photographs: endoscopy and the like; medseg.ingest.images): no physical scale, and RGB is
 # normalised per channel.

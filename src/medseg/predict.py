@@ -300,7 +300,8 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
-    from medseg.inference import build_inferer, keep_largest_component, probabilities, select_device, stitch_device
+    from medseg.inference import build_inferer, probabilities, select_device, stitch_device
+    from medseg.postprocess import keep_largest_component
     from medseg.model_folder import largest_component_classes
     from medseg.transforms import IMAGE, preprocess_transforms
 

@@ -49,17 +49,18 @@ from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POS
                                  largest_component_classes, update_config)
 from medseg.manifest import FRAME_MODALITIES
 from medseg.params import Params
+from medseg.postprocess import class_means, decide_postprocessing
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
-           "fit_epochs", "training_progress", "poly_lr", "decide_postprocessing", "training_inputs", "CHECKPOINT_NAME"]
+           "fit_epochs", "training_progress", "poly_lr", "training_inputs", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
-# The modules whose code shapes the weights (the train stage's code deps in dvc.yaml): a checkpoint made with other
-# versions of them is not resumed.
-TRAINING_CODE = ("train.py", "data.py", "transforms.py", "networks.py", "plan.py", "distributed.py", "inference.py",
-                 "model_folder.py", "weights.py", "manifest.py")
+# The code a training run executes: this module's import closure within medseg (medseg.codedeps, the same source as
+# the train stage's code deps in dvc.yaml). A checkpoint made with another version of any of it is not resumed.
+TRAINING_MODULE = "medseg.train"
+POSTPROCESS_MODULE = "medseg.postprocess"
 # nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
 POLY_POWER = 0.9
 
@@ -173,7 +174,7 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
     from monai.networks.utils import one_hot
 
     from medseg import distributed as dd
-    from medseg.inference import keep_largest_component
+    from medseg.postprocess import keep_largest_component
 
     def dice(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
         return compute_dice(one_hot(pred, num_classes), one_hot(label.long(), num_classes), include_background=False,
@@ -196,20 +197,12 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
     return stack(raw), stack(post) if largest_component else None
 
 
-def _nanmean(rows: np.ndarray) -> np.ndarray:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case: NaN, as DiceMetric
-        return np.nanmean(rows, axis=0)
-
-
 def validate(net: torch.nn.Module, loader, inferer, num_classes: int, device: torch.device,
              amp_dtype: torch.dtype | None = None, ctx: Any = None) -> np.ndarray:
     """Mean Dice per foreground class, shape ``(num_classes - 1,)``: :func:`validate_cases` averaged over cases
     (classes absent from a case's ground truth do not count for that case)."""
     rows, _ = validate_cases(net, loader, inferer, num_classes, device, amp_dtype, ctx)
-    return _nanmean(rows)
+    return class_means(rows)
 
 
 def fit_epochs(budget_s: float, elapsed_s: float, epochs_done: int, max_epochs: int, val_s: float = 0.0,
@@ -241,38 +234,43 @@ def poly_lr(base_lr: float, progress: float) -> float:
     return base_lr * max(0.0, 1.0 - progress) ** POLY_POWER
 
 
-def decide_postprocessing(raw: np.ndarray, post: np.ndarray, labels: dict[int, str]) -> dict[str, Any]:
-    """nnU-Net's ``determine_postprocessing`` per class: keep the largest connected component of a class only where
-    that raises the class's mean cross-validation Dice (``raw``/``post``: per case and foreground class)."""
-    classes = sorted(labels)[1:]
-    without, with_ = _nanmean(raw), _nanmean(post)
-    keep = [c for c, a, b in zip(classes, without, with_) if np.isfinite(a) and np.isfinite(b) and b > a]
-    names = [labels[c] for c in classes]
-    return {"largest_component": keep, "cases": int(raw.shape[0]),
-            "dice_without": {n: _finite(v) for n, v in zip(names, without)},
-            "dice_with": {n: _finite(v) for n, v in zip(names, with_)}}
-
-
-def _finite(x: float) -> float | None:
-    return round(float(x), 4) if np.isfinite(x) else None
-
-
 def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = False) -> str:
     """Hash of what shapes training: params sections (``train.fold`` aside), plan, data, ``extra`` and, with
-    ``code``, the source of :data:`TRAINING_CODE`."""
+    ``code``, the source of :func:`training_code`."""
     digest = hashlib.sha256()
     sections = {name: params.section(name) for name in ("plan", "preprocess", "model", "train")}
     sections["train"].pop("fold")
     digest.update(json.dumps([sections, dataclasses.asdict(plan), data_md5, *extra], sort_keys=True,
                              default=str).encode())
     if code:
-        for name in TRAINING_CODE:
-            digest.update((Path(__file__).parent / name).read_bytes())
+        _hash_code(digest)
     return digest.hexdigest()
 
 
-# Code that shapes what training learns from, besides TRAINING_CODE: the ingested data's content stands for ingest.
-INPUT_CODE = ("preprocess.py",)
+def training_code() -> list[str]:
+    """The source files that shape the weights: :data:`TRAINING_MODULE`'s import closure without post-processing
+    (:data:`POSTPROCESS_MODULE`, which the train stage also runs, on the final validation)."""
+    from medseg.codedeps import module_closure
+
+    return module_closure(TRAINING_MODULE, stop={POSTPROCESS_MODULE})
+
+
+def _hash_code(digest, files: list[str] | None = None) -> None:
+    from medseg.codedeps import PACKAGE_ROOT
+
+    for name in training_code() if files is None else files:
+        digest.update(name.encode() + b"\x1f")
+        digest.update((PACKAGE_ROOT / name).read_bytes())
+
+
+def postprocess_code() -> str:
+    """Hash of the post-processing code: a finished fold whose final validation was post-processed by other code is
+    validated again on resume (its weights still stand)."""
+    from medseg.codedeps import module_closure
+
+    digest = hashlib.sha256()
+    _hash_code(digest, module_closure(POSTPROCESS_MODULE))
+    return digest.hexdigest()
 
 
 def training_inputs(params: Params) -> str:
@@ -285,7 +283,7 @@ def training_inputs(params: Params) -> str:
     Computed after ingest, before plan and preprocess: reading the ingested files takes seconds.
     """
     from medseg.atomic import is_temporary
-    from medseg.ingest.cache import CACHE_NAME
+    from medseg.manifest import CACHE_NAME
 
     digest = hashlib.sha256()
     root = Path(params.paths.ingested)
@@ -296,8 +294,8 @@ def training_inputs(params: Params) -> str:
     sections["train"].pop("fold")
     sections["data"].pop("source")
     digest.update(json.dumps(sections, sort_keys=True, default=str).encode())
-    for name in TRAINING_CODE + INPUT_CODE:
-        digest.update((Path(__file__).parent / name).read_bytes())
+    _hash_code(digest)  # preprocess.py among it: the ingested data's content stands for ingest's code
+    digest.update(postprocess_code().encode())
     return digest.hexdigest()
 
 
@@ -512,14 +510,15 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
                 val_started = time.perf_counter()
                 rows, post = validate_cases(net, val_loader, inferer, num_classes, device, amp_dtype, ctx,
                                             largest_component=last)
-                per_class = _nanmean(rows)
+                per_class = class_means(rows)
                 record["val_dice"] = float(np.nanmean(per_class))
                 for label, dice in zip(sorted(dataset.labels)[1:], per_class):
                     record[f"val_dice_{dataset.labels[label]}"] = float(dice)
                 if record["val_dice"] > state["best_dice"]:  # reported; the weights kept are the last epoch's
                     state.update(best_dice=record["val_dice"], best_epoch=epoch + 1)
                 if last:
-                    state["final_val"] = {"raw": rows.tolist(), "post": post.tolist()}
+                    state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(),
+                                          "postprocess_code": postprocess_code()}
                 state["val_s"] = time.perf_counter() - val_started
             state["history"].append(record)
             state["epoch"] = epoch + 1
@@ -531,6 +530,12 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
                 log.info("%s epoch %d/%d: loss %.4f, lr %.2e, val Dice %s, data wait %.0f%%", fold_name(fold),
                          epoch + 1, state["epochs"], record["train_loss"], lr, dice,
                          100 * record["data_wait_fraction"])
+        if val_files and state["final_val"] and state["final_val"].get("postprocess_code") != postprocess_code():
+            # resumed after the last epoch, and post-processing changed since: validate again, keep the weights
+            rows, post = validate_cases(net, val_loader, inferer, num_classes, device, amp_dtype, ctx,
+                                        largest_component=True)
+            state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(), "postprocess_code": postprocess_code()}
+            log.info("%s: post-processing code changed since the last epoch: validated again", fold_name(fold))
         if log.isEnabledFor(logging.DEBUG):  # lets the torchrun test check that every rank ends with equal weights
             log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
         if ctx.is_main:

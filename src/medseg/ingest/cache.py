@@ -22,13 +22,13 @@ from typing import Any
 
 from medseg.atomic import read_json, write_json
 from medseg.ingest.common import iter_files, rel
+from medseg.manifest import CACHE_NAME
 
 __all__ = ["CACHE_NAME", "CACHE_VERSION", "code_version", "SourceIndex", "load_cache", "save_cache", "is_fresh",
            "output_stats"]
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = ".ingest_cache.json"
 CACHE_VERSION = 1
 
 
