@@ -1,7 +1,7 @@
 """Prefect flow ``medseg-pipeline``: the same stage functions that ``dvc.yaml`` and the CLI call.
 
 Tasks take parameters and paths and return small JSON summaries, never volumes or models. Run it locally with
-``medseg pipeline`` (or ``python -m pipelines.medseg_flow``); with no ``PREFECT_API_URL`` set, Prefect starts its
+``medseg pipeline`` (or ``python -m medseg_pipelines.medseg_flow``); with no ``PREFECT_API_URL`` set, Prefect starts its
 embedded server for the run.
 """
 
@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from medseg.casemap import CaseMap, as_finished
-from medseg.params import Params, load_params
+from medseg.params import DEFAULT_PARAMS_FILE, Params, load_params
 
 __all__ = ["medseg_pipeline", "run", "task_runner", "prefect_case_map", "STAGE_TASKS"]
 
@@ -160,7 +160,7 @@ def _uses_demo_data(params: Params) -> bool:
 
 
 @flow(name="medseg-pipeline", log_prints=True)
-def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_unchanged: bool = True) -> dict:
+def medseg_pipeline(params_file: str = DEFAULT_PARAMS_FILE, resume: bool = True, skip_unchanged: bool = True) -> dict:
     """Demo data (when the source is the demo set), ingest, plan, preprocess, train, evaluate, register.
 
     With ``skip_unchanged`` (the default, and what the scheduled deployment runs), a run whose data content, params
@@ -187,7 +187,7 @@ def medseg_pipeline(params_file: str = "params.yaml", resume: bool = True, skip_
     return summary
 
 
-def run(params_file: str = "params.yaml", resume: bool = True, skip_unchanged: bool = True) -> dict:
+def run(params_file: str = DEFAULT_PARAMS_FILE, resume: bool = True, skip_unchanged: bool = True) -> dict:
     """The flow on the task runner ``orchestration`` in params names."""
     flow_ = medseg_pipeline.with_options(task_runner=task_runner(load_params(params_file)))
     return flow_(params_file=params_file, resume=resume, skip_unchanged=skip_unchanged)

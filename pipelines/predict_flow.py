@@ -13,8 +13,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from medseg.params import load_params
-from pipelines.medseg_flow import IO_RETRIES, task_runner
+from medseg.params import DEFAULT_PARAMS_FILE, load_params
+from medseg_pipelines.medseg_flow import IO_RETRIES, task_runner
 
 __all__ = ["medseg_predict", "predict_unit"]
 
@@ -29,7 +29,7 @@ def predict_unit(model: str, unit: str, out: str, overlap: float, sw_batch_size:
 
 
 @flow(name="medseg-predict", log_prints=True)
-def medseg_predict(model: str, input_path: str, out: str, params_file: str = "params.yaml") -> dict:
+def medseg_predict(model: str, input_path: str, out: str, params_file: str = DEFAULT_PARAMS_FILE) -> dict:
     """Segment every study under ``input_path`` into ``out``, one task per study."""
     from medseg import predict
 
@@ -51,7 +51,7 @@ def medseg_predict(model: str, input_path: str, out: str, params_file: str = "pa
             "succeeded": len(written)}
 
 
-def run(model: str, input_path: str, out: str, params_file: str = "params.yaml") -> dict:
+def run(model: str, input_path: str, out: str, params_file: str = DEFAULT_PARAMS_FILE) -> dict:
     """The flow on the task runner ``orchestration`` in params names."""
     params = load_params(params_file)
     return medseg_predict.with_options(task_runner=task_runner(params))(model, input_path, out, params_file)

@@ -1,10 +1,12 @@
 """The retraining deployment: ``medseg-pipeline`` on a cron schedule, served by this process.
 
-``medseg serve`` (or ``python -m pipelines.serve``) registers the deployment with the Prefect server named by
+``medseg serve`` (or ``python -m medseg_pipelines.serve``) registers the deployment with the Prefect server named by
 ``PREFECT_API_URL`` (start one with ``prefect server start``) and runs scheduled flow runs until stopped.
 """
 
 from __future__ import annotations
+
+from medseg.params import DEFAULT_PARAMS_FILE
 
 __all__ = ["DEPLOYMENT_NAME", "DEFAULT_CRON", "build_deployment", "serve"]
 
@@ -12,12 +14,12 @@ DEPLOYMENT_NAME = "medseg-retrain"
 DEFAULT_CRON = "0 2 * * 0"  # Sundays at 02:00: weekly retraining on whatever data.source holds by then
 
 
-def build_deployment(params_file: str = "params.yaml", cron: str | None = None):
+def build_deployment(params_file: str = DEFAULT_PARAMS_FILE, cron: str | None = None):
     """The deployment object (not yet registered): flow, parameters and schedule."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
     from medseg.params import load_params
-    from pipelines.medseg_flow import medseg_pipeline, task_runner
+    from medseg_pipelines.medseg_flow import medseg_pipeline, task_runner
 
     flow_ = medseg_pipeline.with_options(task_runner=task_runner(load_params(params_file)))
     return flow_.to_deployment(
@@ -32,7 +34,7 @@ def build_deployment(params_file: str = "params.yaml", cron: str | None = None):
     )
 
 
-def serve(params_file: str = "params.yaml", cron: str | None = None) -> None:
+def serve(params_file: str = DEFAULT_PARAMS_FILE, cron: str | None = None) -> None:
     """Register the deployment and serve its scheduled runs (blocks)."""
     from prefect import serve as prefect_serve
 

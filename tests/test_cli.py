@@ -5,16 +5,36 @@ import pytest
 
 from medseg.cli import build_parser, main
 
-COMMANDS = ["demo-data", "ingest", "preprocess", "train", "evaluate", "register", "predict", "pipeline", "serve"]
+COMMANDS = ["demo-data", "ingest", "plan", "preprocess", "train", "evaluate", "register", "promote", "predict",
+            "predict-flow", "pipeline", "serve"]
 
 
-def test_help_lists_every_command(capsys):
+def subcommands() -> dict:
+    import argparse
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_help_lists_every_command_once_with_its_summary(capsys):
+    assert list(subcommands()) == COMMANDS  # a command added or dropped is a deliberate change here too
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    for command in COMMANDS:
-        assert command in out
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("    ") and not line.startswith("     ")]
+    assert listed == COMMANDS
+
+
+def test_every_dvc_stage_is_a_command_of_the_same_name():
+    import yaml
+
+    from tests.conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {name.replace("_", "-") for name in stages} <= set(subcommands())
+    for name, stage in stages.items():
+        assert stage["cmd"].split()[:2] == ["medseg", name.replace("_", "-")], name
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["ingest", "--help"]])
@@ -41,5 +61,7 @@ def test_stage_with_bad_params_names_the_key(tmp_path, capsys):
     assert "missing params key 'paths.demo'" in capsys.readouterr().err
 
 
-def test_parser_builds():
-    assert build_parser().parse_args(["train", "--resume"]).resume is True
+def test_train_resume_and_params_options_parse():
+    args = build_parser().parse_args(["train", "--resume", "--params", "other.yaml"])
+    assert args.resume is True and args.params == "other.yaml"
+    assert build_parser().parse_args(["train"]).resume is False

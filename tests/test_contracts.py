@@ -1,7 +1,9 @@
 """Every dvc.yaml stage maps to a stage module and a flow task; its params and deps are real."""
 
 import importlib
+import inspect
 import re
+import shlex
 
 import pytest
 import yaml
@@ -25,26 +27,50 @@ def resolve(text: str) -> str:
     return re.sub(r"\$\{([^}]+)\}", lookup, text)
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_has_module_and_flow_task(stage):
-    from pipelines.medseg_flow import STAGE_TASKS
+def _normalise(value):
+    """Paths and strings naming the same place compare equal; params compare by value."""
+    from pathlib import Path
 
+    if isinstance(value, Path) or (isinstance(value, str) and "/" in value):
+        return str(Path(value).resolve())
+    return value
+
+
+def _stage_calls(stage: str, signature, monkeypatch, call) -> list:
+    """The ``medseg.<stage>.run`` calls ``call()`` makes, with the stage function replaced by a recorder."""
     module = importlib.import_module(f"medseg.{stage}")
-    assert callable(module.run)
+    calls = []
+
+    def recorder(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # a default passed or left out is the same call
+        arguments = dict(bound.arguments)
+        arguments.pop("case_map", None)  # how per-case work runs (threads, or the flow's task runner)
+        calls.append({name: _normalise(value) for name, value in arguments.items()})
+        return {}
+
+    monkeypatch.setattr(module, "run", recorder)
+    call()
+    return calls
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_dvc_and_the_flow_call_the_same_stage_function_with_the_same_arguments(stage, monkeypatch):
+    """``dvc repro`` runs the stage's command (the CLI); the Prefect flow runs its task. Both must reach
+    ``medseg.<stage>.run`` once, with equal arguments, from the same params.yaml."""
+    from medseg.cli import main
+    from medseg_pipelines.medseg_flow import STAGE_TASKS
+
+    monkeypatch.chdir(REPO)  # the commands read params.yaml from the project folder, as under dvc
     assert stage in STAGE_TASKS, f"dvc stage {stage} has no Prefect task"
     runner = STAGE_TASKS[stage]  # a task, or a function that submits a task per case
-    source = getattr(runner, "fn", runner).__code__.co_names
-    assert "run" in source, f"task for {stage} does not call a stage run()"
-
-
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_stage_deps_include_its_code_and_exist(stage):
-    deps = [resolve(d) for d in STAGES[stage]["deps"]]
-    module_path = f"src/medseg/{stage}"
-    assert any(d == module_path + ".py" or d == module_path for d in deps), f"{stage} deps miss its module"
-    for dep in deps:
-        if dep.startswith("src/"):
-            assert (REPO / dep).exists(), f"{stage} dep {dep} does not exist"
+    params = load_params(REPO / "params.yaml")
+    signature = inspect.signature(importlib.import_module(f"medseg.{stage}").run)
+    argv = shlex.split(resolve(STAGES[stage]["cmd"]))  # as DVC's shell splits it
+    by_cli = _stage_calls(stage, signature, monkeypatch, lambda: main(argv[1:]))
+    by_flow = _stage_calls(stage, signature, monkeypatch, lambda: getattr(runner, "fn", runner)(params))
+    assert len(by_cli) == 1, f"medseg {stage} did not call medseg.{stage}.run once"
+    assert by_flow == by_cli, f"the flow calls medseg.{stage}.run differently from dvc.yaml's command"
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

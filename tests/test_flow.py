@@ -23,7 +23,7 @@ def write_params(path, params) -> str:
 def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_path):
     from prefect.states import State
 
-    from pipelines.medseg_flow import medseg_pipeline
+    from medseg_pipelines.medseg_flow import medseg_pipeline
 
     params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
@@ -56,7 +56,7 @@ def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_p
 def test_retraining_deployment_schedule_is_registered(prefect_harness):
     from prefect.client.orchestration import get_client
 
-    from pipelines.serve import DEFAULT_CRON, DEPLOYMENT_NAME, build_deployment
+    from medseg_pipelines.serve import DEFAULT_CRON, DEPLOYMENT_NAME, build_deployment
 
     deployment = build_deployment(cron="30 3 * * 1")
 
@@ -98,7 +98,7 @@ def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_ou
     from prefect import get_client
 
     from medseg import ingest, plan, preprocess
-    from pipelines import medseg_flow
+    from medseg_pipelines import medseg_flow
 
     params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1},
                         orchestration={"task_runner": "dask", "dask_workers": 2})

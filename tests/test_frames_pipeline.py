@@ -105,7 +105,7 @@ def test_demo_polyp_frames_run_through_the_prefect_flow_mlflow_and_the_registry(
     import yaml
     from prefect.testing.utilities import prefect_test_harness
 
-    from pipelines.medseg_flow import medseg_pipeline
+    from medseg_pipelines.medseg_flow import medseg_pipeline
 
     params = params_for(demo={"cardiac_patients": 0, "ct_patients": 0, "polyp_frames": 9},
                         plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},

@@ -44,7 +44,7 @@ def _hashes(folder):
 
 def test_batch_flow_on_threads_and_on_dask_matches_predict(prefect_harness, params_for, tmp_path):
     from medseg import predict
-    from pipelines import predict_flow
+    from medseg_pipelines import predict_flow
 
     model = write_folds(tmp_path / "model", folds=(0,))
     batch = tmp_path / "batch"

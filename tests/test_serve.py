@@ -66,7 +66,7 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from pipelines.serve import DEPLOYMENT_NAME
+    from medseg_pipelines.serve import DEPLOYMENT_NAME
 
     params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))

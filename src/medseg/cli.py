@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from medseg.params import DEFAULT_PARAMS_FILE
+
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("medseg")
@@ -91,19 +93,19 @@ def _cmd_predict(args: argparse.Namespace) -> dict:
 
 
 def _cmd_predict_flow(args: argparse.Namespace) -> dict:
-    from pipelines.predict_flow import run
+    from medseg_pipelines.predict_flow import run
 
     return run(args.model, args.input, args.out, params_file=args.params)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> dict:
-    from pipelines.medseg_flow import run
+    from medseg_pipelines.medseg_flow import run
 
     return run(params_file=args.params)
 
 
 def _cmd_serve(args: argparse.Namespace) -> dict:
-    from pipelines.serve import serve
+    from medseg_pipelines.serve import serve
 
     serve(params_file=args.params, cron=args.cron)
     return {}
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, func, help_: str, params: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         if params:
-            p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+            p.add_argument("--params", default=DEFAULT_PARAMS_FILE,
+                           help=f"parameters file (default: {DEFAULT_PARAMS_FILE})")
         p.set_defaults(func=func)
         return p
 
@@ -152,13 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="the model version (register.model_name) to make champion")
     p.add_argument("--reason", required=True, help="why: recorded on the version with who and when")
 
-    p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder or a folder of either", params=False)
+    p = command("predict", _cmd_predict, "segment a NIfTI file, a DICOM series folder, a 2D image (PNG, JPEG, TIFF, "
+                                                   "BMP) or a folder of them", params=False)
     p.add_argument("--model", required=True, action="append",
                    help="model folder (its all-data model fold_all, else its fold_* ensembled), fold_<k> folder, "
                         "model.pt, or models:/NAME@champion; "
                         "repeat to ensemble several models")
-    p.add_argument("input", help="NIfTI file, DICOM series folder, or folder of either")
-    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz (and <case>.seg.dcm)")
+    p.add_argument("input", help="NIfTI file, DICOM series folder, 2D image file, or a folder of them")
+    p.add_argument("--out", required=True, help="output folder for <case>.nii.gz (and <case>.seg.dcm); a 2D image: "
+                                                       "<stem>.png at its own size and overlays/<stem>.png")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--sw-batch-size", type=int, default=8, help="windows per network call")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
