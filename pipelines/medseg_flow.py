@@ -28,9 +28,7 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
 def demo_data_task(params: Params) -> dict:
     from medseg import demo_data
 
-    d = params.demo
-    return demo_data.run(Path(params.paths.demo), seed=d.seed, cardiac_patients=d.cardiac_patients,
-                         ct_patients=d.ct_patients, polyp_frames=d.polyp_frames)
+    return demo_data.run(params)
 
 
 @task(name="case", cache_policy=NO_CACHE, **IO_RETRIES)

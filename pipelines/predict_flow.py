@@ -9,6 +9,7 @@ cluster), and writes into the same output folder: a NIfTI file keeps its stem, a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -20,12 +21,11 @@ __all__ = ["medseg_predict", "predict_unit"]
 
 
 @task(name="predict-case", cache_policy=NO_CACHE, **IO_RETRIES)
-def predict_unit(model: str, unit: str, out: str, overlap: float, sw_batch_size: int, device: str) -> dict:
+def predict_unit(model: str, unit: str, out: str, device: str, mlflow_params: Any) -> dict:
     from medseg import predict
 
     prefix = None if Path(unit).is_file() else Path(unit).name
-    return predict.run(model, Path(unit), Path(out), overlap=overlap, sw_batch_size=sw_batch_size, device=device,
-                       prefix=prefix)
+    return predict.run(model, Path(unit), Path(out), device=device, prefix=prefix, mlflow_params=mlflow_params)
 
 
 @flow(name="medseg-predict", log_prints=True)
@@ -35,8 +35,7 @@ def medseg_predict(model: str, input_path: str, out: str, params_file: str = DEF
 
     params = load_params(params_file)
     units = predict.prediction_units(Path(input_path))
-    futures = [predict_unit.submit(model, str(u), out, params.evaluate.sw_overlap, params.evaluate.sw_batch_size,
-                                   params.train.device) for u in units]
+    futures = [predict_unit.submit(model, str(u), out, params.train.device, params.mlflow) for u in units]
     written, failed = [], []
     for unit, future in zip(units, futures):
         state = future.wait() or future.state

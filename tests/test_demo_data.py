@@ -21,7 +21,7 @@ SEED = 7
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "data"
-    summary = demo_data.run(out, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
+    summary = demo_data.write(out, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
     assert summary["out"] == str(out) and summary["cardiac_patients"] == 2 and summary["ct_series"] == 2
     assert summary["polyp_frames"] == 6
     assert summary["files"] == sum(1 for p in out.rglob("*") if p.is_file())
@@ -92,10 +92,10 @@ def test_cardiac_labels_geometry_and_contrast(demo):
 
 def test_determinism(demo, tmp_path):
     again = tmp_path / "again"
-    demo_data.run(again, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
+    demo_data.write(again, seed=SEED, cardiac_patients=2, ct_patients=2, polyp_frames=6)
     assert _files(demo) == _files(again)
     other = tmp_path / "other"
-    demo_data.run(other, seed=SEED + 1, cardiac_patients=1, ct_patients=1)
+    demo_data.write(other, seed=SEED + 1, cardiac_patients=1, ct_patients=1, polyp_frames=0)
     first, second = _files(demo), _files(other)
     cardiac = [k for k in second if k.startswith("acdc") and k.endswith(".nii.gz")]
     assert cardiac and all(first.get(k) != second[k] for k in cardiac)
@@ -165,20 +165,20 @@ def test_atomic_when_generation_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(demo_ct, "write_ct_series", boom)
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
-        demo_data.run(fresh, seed=1, cardiac_patients=1, ct_patients=1)
+        demo_data.write(fresh, seed=1, cardiac_patients=1, ct_patients=1, polyp_frames=0)
     assert not fresh.exists()
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "old.txt").write_text("previous run")
     with pytest.raises(RuntimeError):
-        demo_data.run(kept, seed=1, cardiac_patients=1, ct_patients=1)
+        demo_data.write(kept, seed=1, cardiac_patients=1, ct_patients=1, polyp_frames=0)
     assert [p.name for p in kept.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # no temporary siblings left
 
 
 def test_rejects_negative_counts(tmp_path):
     with pytest.raises(ValueError):
-        demo_data.run(tmp_path / "x", seed=1, cardiac_patients=-1, ct_patients=0)
+        demo_data.write(tmp_path / "x", seed=1, cardiac_patients=-1, ct_patients=0, polyp_frames=0)
 
 
 def test_does_not_import_torch():

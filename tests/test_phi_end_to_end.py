@@ -40,7 +40,7 @@ def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
     params = params_for(data={"source": str(tmp_path / "demo" / "pancreas_ct"), "layout": "dicom"},
                         preprocess={"folds": 2}, plan={"target_spacing": [3.0, 3.0, 6.0]}, train={"max_epochs": 1},
                         register={"model_name": "pancreas-phi-check"})
-    demo_data.run(tmp_path / "demo", seed=3, cardiac_patients=1, ct_patients=2)
+    demo_data.write(tmp_path / "demo", seed=3, cardiac_patients=1, ct_patients=2, polyp_frames=0)
     root = tmp_path / "demo" / "pancreas_ct"  # one series folder named as hospital exports often are
     (root / "dicom" / "series001").rename(root / "dicom" / FOLDER)
     (root / "labels" / "series001.nii.gz").rename(root / "labels" / f"{FOLDER}.nii.gz")

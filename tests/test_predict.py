@@ -74,7 +74,7 @@ def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(model, tmp_path):
     from medseg import demo_data, ingest
     from medseg.manifest import read_manifest
 
-    demo_data.run(tmp_path / "demo", seed=5, cardiac_patients=1, ct_patients=1)
+    demo_data.write(tmp_path / "demo", seed=5, cardiac_patients=1, ct_patients=1, polyp_frames=0)
     ct_root = tmp_path / "demo" / "pancreas_ct"
     series = sorted(p for p in (ct_root / "dicom").rglob("*") if p.is_dir() and any(p.glob("*.dcm")))[0]
     summary = predict.run(str(model), series, tmp_path / "pred", overlap=0.25)

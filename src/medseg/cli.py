@@ -26,14 +26,16 @@ def _params(args: argparse.Namespace):
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     from medseg import demo_data
 
-    if args.out is None:
-        p = _params(args)
-        return demo_data.run(Path(p.paths.demo), seed=p.demo.seed, cardiac_patients=p.demo.cardiac_patients,
-                             ct_patients=p.demo.ct_patients, polyp_frames=p.demo.polyp_frames)
-    return demo_data.run(Path(args.out), seed=args.seed, cardiac_patients=args.cardiac_patients,
-                         ct_patients=args.ct_patients, polyp_frames=args.polyp_frames)
+    params = _params(args)
+    given = {"seed": args.seed, "cardiac_patients": args.cardiac_patients, "ct_patients": args.ct_patients,
+             "polyp_frames": args.polyp_frames}
+    demo = dataclasses.replace(params.demo, **{k: v for k, v in given.items() if v is not None})
+    paths = dataclasses.replace(params.paths, demo=args.out) if args.out else params.paths
+    return demo_data.run(dataclasses.replace(params, demo=demo, paths=paths))
 
 
 def _cmd_ingest(args: argparse.Namespace) -> dict:
@@ -87,9 +89,12 @@ def _cmd_promote(args: argparse.Namespace) -> dict:
 def _cmd_predict(args: argparse.Namespace) -> dict:
     from medseg import predict
 
+    # The project's registry, for models:/ URIs: its params.yaml when there is one (else MLflow's environment).
+    mlflow_params = _params(args).mlflow if Path(args.params).is_file() else None
     return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap, tta=args.tta,
                        largest_component=args.largest_component, device=args.device,
-                       sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg, ensemble=args.ensemble)
+                       sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg, ensemble=args.ensemble,
+                       mlflow_params=mlflow_params)
 
 
 def _cmd_predict_flow(args: argparse.Namespace) -> dict:
@@ -126,10 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo-data", _cmd_demo_data, "write the synthetic demo data set (ACDC-layout cardiac MR, DICOM CT, RGB colonoscopy frames)")
     p.add_argument("--out", help="output folder (default: paths.demo in params)")
-    p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--cardiac-patients", type=int, default=16)
-    p.add_argument("--ct-patients", type=int, default=4)
-    p.add_argument("--polyp-frames", type=int, default=24)
+    for option in ("seed", "cardiac-patients", "ct-patients", "polyp-frames"):
+        p.add_argument(f"--{option}", type=int, help=f"default: demo.{option.replace('-', '_')} in params")
 
     p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM, NIfTI or 2D image data into NIfTI + manifest.json", params=False)
     p.add_argument("source", help="folder to ingest")
@@ -164,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="NIfTI file, DICOM series folder, 2D image file, or a folder of them")
     p.add_argument("--out", required=True, help="output folder for <case>.nii.gz (and <case>.seg.dcm); a 2D image: "
                                                        "<stem>.png at its own size and overlays/<stem>.png")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
-    p.add_argument("--sw-batch-size", type=int, default=8, help="windows per network call")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap (default: the model's, evaluate.sw_overlap "
+                                                 "of the params it was trained with)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per network call (default: the model's)")
+    p.add_argument("--params", default=DEFAULT_PARAMS_FILE,
+                   help="the project's params file, whose MLflow store models:/ URIs are looked up in, if it exists")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring test-time augmentation (default: the model's inference config)")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,

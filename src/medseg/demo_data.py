@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from medseg import demo_ct, demo_polyp
 from medseg.atomic import atomic_dir, save_nifti
+from medseg.params import Params
 
-__all__ = ["run", "write_cardiac_patient", "GROUPS"]
+__all__ = ["run", "write", "write_cardiac_patient", "GROUPS"]
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,14 @@ def write_cardiac_patient(root: Path, index: int, seed: int) -> list[Path]:
     return [cfg, *written]
 
 
-def run(out_dir: Path, seed: int = 2024, cardiac_patients: int = 16, ct_patients: int = 4,
-        polyp_frames: int = 0) -> dict:
+def run(params: Params) -> dict:
+    """The demo_data stage: :func:`write` to ``paths.demo`` with the ``demo`` params (seed and counts)."""
+    demo = params.demo
+    return write(Path(params.paths.demo), seed=demo.seed, cardiac_patients=demo.cardiac_patients,
+                 ct_patients=demo.ct_patients, polyp_frames=demo.polyp_frames)
+
+
+def write(out_dir: Path, *, seed: int, cardiac_patients: int, ct_patients: int, polyp_frames: int) -> dict:
     """Write the demo data set to ``out_dir`` (replaced whole and atomically).
 
     Layout: ``out_dir/acdc/training/patientNNN/`` (see module doc), ``out_dir/pancreas_ct/{dicom,labels}``

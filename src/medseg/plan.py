@@ -163,7 +163,7 @@ def _fit_patch(model, spatial_dims, spacing, median_shape, budget_mb) -> list[in
         patch[axis] = rounded[axis] - div[axis]
 
 
-def _normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[str, Any]]:
+def _plan_normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[str, Any]]:
     plans = {}
     for modality, info in fingerprint["modalities"].items():
         stats = info["foreground_intensity"]
@@ -243,7 +243,7 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     overridden = tuple(k for k in ("target_spacing", "spatial_dims", "patch_size", "batch_size", "ct_clip")
                        if getattr(overrides, k) is not None)
     return Plan(spatial_dims=spatial_dims, target_spacing=target, patch_size=tuple(int(p) for p in patch),
-                batch_size=batch, normalization=_normalization(fingerprint, overrides.ct_clip),
+                batch_size=batch, normalization=_plan_normalization(fingerprint, overrides.ct_clip),
                 median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1),
                 channels=tuple(model["channels"]), strides=tuple(model["strides"]), overridden=overridden)
 

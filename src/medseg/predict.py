@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ __all__ = ["run", "load_models", "segment", "find_inputs", "prediction_units", "
 log = logging.getLogger(__name__)
 
 Model = tuple[torch.nn.Module, dict]
+# The sliding window of models trained before their inference config recorded it (params.yaml's evaluate values then).
+LEGACY_WINDOW = {"sw_overlap": 0.5, "sw_batch_size": 8}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class Unreadable:
     reason: str
 
 
-def _load_one(model: str, ensemble: bool = False) -> list[Model]:
+def _load_one(model: str, ensemble: bool = False, mlflow_params: Any = None) -> list[Model]:
     """A ``models:/NAME@alias`` (or ``runs:/...``) URI from MLflow, or a local model folder / fold / ``model.pt``
     (a model folder: its all-data model, or with ``ensemble`` every fold; see
     :func:`medseg.model_folder.model_files`)."""
@@ -73,10 +76,8 @@ def _load_one(model: str, ensemble: bool = False) -> list[Model]:
     import mlflow
 
     from medseg.mlflow_model import load_registered
-    from medseg.params import DEFAULT_PARAMS_FILE, load_params
     from medseg.tracking import tracking_uri
 
-    mlflow_params = load_params(DEFAULT_PARAMS_FILE).mlflow if Path(DEFAULT_PARAMS_FILE).is_file() else None
     uri = tracking_uri(mlflow_params)
     store = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
     if store is not None and not Path(store).is_file():  # MLflow would create an empty store here, then fail
@@ -86,14 +87,14 @@ def _load_one(model: str, ensemble: bool = False) -> list[Model]:
     return load_registered(model)
 
 
-def load_models(models: str | Sequence[str], ensemble: bool = False) -> list[Model]:
+def load_models(models: str | Sequence[str], ensemble: bool = False, mlflow_params: Any = None) -> list[Model]:
     """Every network of every model given (``ensemble``: every fold of a model folder), checked to be
     ensemble-able."""
     from medseg.inference import check_ensemble
 
     names, loaded = [], []
     for model in [models] if isinstance(models, (str, Path)) else models:
-        found = _load_one(str(model), ensemble)
+        found = _load_one(str(model), ensemble, mlflow_params)
         loaded += found
         names += [str(model)] * len(found)
     if not loaded:
@@ -228,7 +229,7 @@ def output_names(name: str, taken: set[str]) -> str:
     return unique
 
 
-def _normalization(config: dict, modality: str | None, name: str) -> dict:
+def _model_normalization(config: dict, modality: str | None, name: str) -> dict:
     """The model's normalisation for an input of ``modality`` (None: the model's own modality)."""
     norms = config["normalization"]
     if modality in norms:
@@ -288,9 +289,8 @@ def _invert_labels(pre, image, labels: torch.Tensor):
         return before.inverse({IMAGE: pred})[IMAGE]
 
 
-def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, modality: str | None = None,
-            tta: bool = False, largest_component: bool | Sequence[int] = False, overlap: float = 0.5,
-            sw_batch_size: int = 8,
+def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, modality: str | None,
+            tta: bool, largest_component: bool | Sequence[int], overlap: float, sw_batch_size: int,
             device: str = "auto", name: str = "image") -> np.ndarray:
     """Label map (uint8, ``(X, Y, Z)``) on the input grid for one ``(X, Y, Z[, channels])`` image with RAS ``affine``.
 
@@ -306,7 +306,7 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
     from medseg.transforms import IMAGE, preprocess_transforms
 
     config = models[0][1]
-    pre = preprocess_transforms(_normalization(config, modality, name), config["target_spacing"], keys=[IMAGE],
+    pre = preprocess_transforms(_model_normalization(config, modality, name), config["target_spacing"], keys=[IMAGE],
                                 load=False)
     channel_first = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)  # RGB frames: channels last
     data = pre({IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(channel_first, dtype=np.float32)),
@@ -335,9 +335,10 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
     return result
 
 
-def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float = 0.5, tta: bool | None = None,
-        largest_component: bool | None = None, device: str = "auto", sw_batch_size: int = 8,
-        dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None) -> dict:
+def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float | None = None,
+        tta: bool | None = None, largest_component: bool | None = None, device: str = "auto",
+        sw_batch_size: int | None = None, dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None,
+        mlflow_params: Any = None) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``); a 2D
     image file (PNG, JPEG, TIFF, BMP) into ``out_dir/<stem>.png`` at its own size (0/255 for a binary task, label
     values otherwise) and ``out_dir/overlays/<stem>.png``.
@@ -351,6 +352,10 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
             ``model.pt`` files or MLflow model URIs; all are ensembled.
         tta, largest_component: None follows the (first) model's inference config (``largest_component``: the
             classes cross-validation chose); True or False applies to every class.
+        overlap, sw_batch_size: the sliding window; None: the model's, as evaluate scored it (``evaluate.sw_overlap``
+            and ``evaluate.sw_batch_size`` of the params it was trained with).
+        mlflow_params: ``params.mlflow`` of the project whose registry ``models:/...`` names; None: MLflow's
+            environment (``MLFLOW_TRACKING_URI``).
         ensemble: a model folder gives every fold, the cross-validation folds and the all-data model alike.
         prefix: put ``<prefix>_`` before each output name (the batch flow gives each study folder its own, so that
             tasks running apart never clash).
@@ -364,9 +369,12 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
 
     from medseg.model_folder import largest_component_classes
 
-    models = load_models(model, ensemble)
+    models = load_models(model, ensemble, mlflow_params)
     config = models[0][1]
     tta = bool(config.get("tta", False)) if tta is None else tta
+    overlap = float(config.get("sw_overlap", LEGACY_WINDOW["sw_overlap"])) if overlap is None else overlap
+    sw_batch_size = int(config.get("sw_batch_size", LEGACY_WINDOW["sw_batch_size"])) if sw_batch_size is None \
+        else sw_batch_size
     num_classes = int(config["out_channels"])
     largest = largest_component_classes(config if largest_component is None else
                                         {"largest_component": largest_component}, num_classes)

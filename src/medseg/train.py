@@ -78,6 +78,8 @@ def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: st
         "normalization": plan.normalization,
         "patch_size": [int(s) for s in plan.patch_size],
         "tta": params.evaluate.tta,
+        "sw_overlap": params.evaluate.sw_overlap,  # predict's sliding window, as evaluate scored the model
+        "sw_batch_size": params.evaluate.sw_batch_size,
         "largest_component": largest_component,  # classes, or true/false for all of them
         "fold": fold,
     }
@@ -173,7 +175,7 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
     from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
-    from medseg import distributed as dd
+    from medseg import distributed
     from medseg.postprocess import keep_largest_component
 
     def dice(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
@@ -190,8 +192,8 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
             if largest_component:
                 post.append(dice(keep_largest_component(pred[0], range(1, num_classes))[None], batch["label"]))
     if ctx is not None:
-        raw = [row for rank_rows in dd.all_gather(raw, ctx) for row in rank_rows]
-        post = [row for rank_rows in dd.all_gather(post, ctx) for row in rank_rows]
+        raw = [row for rank_rows in distributed.all_gather(raw, ctx) for row in rank_rows]
+        post = [row for rank_rows in distributed.all_gather(post, ctx) for row in rank_rows]
     empty = np.zeros((0, num_classes - 1))
     stack = lambda rows: np.concatenate(rows) if rows else empty  # noqa: E731
     return stack(raw), stack(post) if largest_component else None
@@ -375,7 +377,7 @@ def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict
 
     Returns ``{"model": paths.model, "folds": [per-fold summary], "postprocessing": decision}``.
     """
-    from medseg import distributed as dd
+    from medseg import distributed
     from medseg.plan import read_plan
     from medseg.preprocess import read_dataset
     from medseg.tracking import data_version
@@ -389,7 +391,7 @@ def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict
     if drift:
         version["drift_summary"] = json.dumps(drift, sort_keys=True)
     choice = params.evaluate.largest_component
-    with dd.distributed(params.train.device) as ctx:
+    with distributed.distributed(params.train.device) as ctx:
         summaries, raw, post = [], [], []
         with atomic_dir(params.paths.model) if ctx.is_main else contextlib.nullcontext() as out:
             for fold in folds:
@@ -417,11 +419,11 @@ def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict
                 summaries.append(summary)
         if ctx.is_main:
             log.info("model written to %s (%s)", params.paths.model, ", ".join(fold_name(s["fold"]) for s in summaries))
-        dd.barrier(ctx)  # the model folder is in place before any rank returns
+        distributed.barrier(ctx)  # the model folder is in place before any rank returns
     return {"model": params.paths.model, "folds": summaries, "postprocessing": decision}
 
 
-def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bool, ctx, out: Path | None,
+def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resume: bool, ctx, out: Path | None,
                 largest_component: list[int] | bool | str) -> tuple[dict, dict | None]:
     """Train (or finish, or just re-export) one fold; every rank runs this, rank 0 writes into ``out``.
 
@@ -430,42 +432,45 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
     """
     from monai.utils import set_determinism
 
-    from medseg import distributed as dd
+    from medseg import distributed
     from medseg.data import loader_random_state, make_train_loader, make_val_loader, set_loader_random_state
     from medseg.inference import build_inferer
     from medseg.networks import build_loss, build_network
 
-    t, device = p.train, ctx.device
-    train_files, val_files, dataset = data_lists(p, fold)
+    training, device = params.train, ctx.device
+    train_files, val_files, dataset = data_lists(params, fold)
     num_classes = dataset.num_classes
-    spec = plan.network_spec(p.section("model"))
-    fingerprint = _digest(p, plan, version["data_md5"], fold, ctx.world_size, code=True)
-    amp_dtype, use_scaler = amp_settings(t.amp, device)
-    budget_s = None if t.time_budget_minutes is None else 60.0 * t.time_budget_minutes
+    spec = plan.network_spec(params.section("model"))
+    # what a checkpoint must match to be resumed
+    resume_key = _digest(params, plan, version["data_md5"], fold, ctx.world_size, code=True)
+    amp_dtype, use_scaler = amp_settings(training.amp, device)
+    budget_s = None if training.time_budget_minutes is None else 60.0 * training.time_budget_minutes
 
-    set_determinism(seed=t.seed)
+    set_determinism(seed=training.seed)
     in_channels = dataset.cases[0].channels  # one number for all cases (plan checks): RGB frames 3, volumes 1
     net = build_network(spec, in_channels, num_classes).to(device)
-    optimizer = _optimizer(t, net)
+    optimizer = _optimizer(training, net)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    loss_fn = build_loss(spec, t.loss)
-    train_loader = make_train_loader(train_files, plan, t, num_classes, device, t.seed, p.paths.cache,
+    loss_fn = build_loss(spec, training.loss)
+    train_loader = make_train_loader(train_files, plan, training, num_classes, device, training.seed,
+                                     params.paths.cache,
                                      rank=ctx.rank, world_size=ctx.world_size, in_channels=in_channels,
                                      frames=_modality(dataset) in FRAME_MODALITIES)
     val_share = val_files[ctx.rank::ctx.world_size]
     val_loader = make_val_loader(val_share) if val_share else []
-    inferer = build_inferer(plan.patch_size, spec["spatial_dims"], p.evaluate.sw_overlap, p.evaluate.sw_batch_size)
+    inferer = build_inferer(plan.patch_size, spec["spatial_dims"], params.evaluate.sw_overlap,
+                            params.evaluate.sw_batch_size)
 
-    ckpt_path = Path(p.paths.checkpoints) / fold_name(fold) / CHECKPOINT_NAME
-    state = {"epoch": 0, "epochs": t.max_epochs, "elapsed_s": 0.0, "val_s": 0.0, "best_dice": -1.0,
+    ckpt_path = Path(params.paths.checkpoints) / fold_name(fold) / CHECKPOINT_NAME
+    state = {"epoch": 0, "epochs": training.max_epochs, "elapsed_s": 0.0, "val_s": 0.0, "best_dice": -1.0,
              "best_epoch": 0, "final_val": None, "history": [], "run_id": None, "model_uri": None}
     ckpt = None
     if resume and ctx.is_main and ckpt_path.is_file():
         ckpt = _load_checkpoint(ckpt_path)
-    ckpt = dd.broadcast(ckpt, ctx)  # one reader; ranks on other nodes need no shared file system
+    ckpt = distributed.broadcast(ckpt, ctx)  # one reader; ranks on other nodes need no shared file system
     if ckpt is not None:
         # Restored last: building the network and loaders above consumed randomness the checkpoint supersedes.
-        if ckpt.get("fingerprint") == fingerprint:
+        if ckpt.get("resume_key") == resume_key:
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
@@ -477,36 +482,38 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             log.warning("%s: checkpoint %s was made with other params, plan, data, code or number of "
                         "processes: starting afresh", fold_name(fold), ckpt_path)
 
-    model = dd.wrap_ddp(net, ctx)
-    if t.compile:
+    model = distributed.wrap_ddp(net, ctx)
+    if training.compile:
         model = torch.compile(model)  # weights stay shared with ``net``, whose state_dict is what gets saved
 
     def save_checkpoint() -> None:
-        ranks = dd.all_gather({"rng": _rng_state(device), "loader": loader_random_state(train_loader)}, ctx)
+        ranks = distributed.all_gather({"rng": _rng_state(device), "loader": loader_random_state(train_loader)}, ctx)
         if ctx.is_main:
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "ranks": ranks, "state": state,
-                            "fingerprint": fingerprint}, tmp)
+                            "resume_key": resume_key}, tmp)
 
-    cv_group = f"{p.model.name}-cv-{_digest(p, plan, version['data_md5'])[:12]}"
-    with _mlflow_run(p, state, fold, cv_group, version, ctx) if ctx.is_main else contextlib.nullcontext():
+    cv_group = f"{params.model.name}-cv-{_digest(params, plan, version['data_md5'])[:12]}"
+    with _mlflow_run(params, state, fold, cv_group, version, ctx) if ctx.is_main else contextlib.nullcontext():
         while state["epoch"] < state["epochs"]:
             epoch, started = state["epoch"], time.perf_counter()
             # With a budget the decay follows the clock, so it ends with the budget whatever the machine's load.
-            lr = poly_lr(t.learning_rate, training_progress(epoch, t.max_epochs, state["elapsed_s"], budget_s))
+            progress = training_progress(epoch, training.max_epochs, state["elapsed_s"], budget_s)
+            lr = poly_lr(training.learning_rate, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             stats = train_epoch(model, train_loader, optimizer, scaler, loss_fn, device, amp_dtype)
-            record = {"epoch": epoch + 1, "train_loss": dd.mean_over_ranks(stats["loss"], ctx), "lr": lr,
-                      "data_wait_fraction": dd.mean_over_ranks(stats["data_wait_fraction"], ctx),
+            record = {"epoch": epoch + 1, "train_loss": distributed.mean_over_ranks(stats["loss"], ctx), "lr": lr,
+                      "data_wait_fraction": distributed.mean_over_ranks(stats["data_wait_fraction"], ctx),
                       "epoch_seconds": stats["seconds"]}
             if budget_s is not None:  # rank 0's clock decides, so every rank stops after the same epoch
                 elapsed = state["elapsed_s"] + time.perf_counter() - started
-                fitted = fit_epochs(budget_s, elapsed, epoch + 1, t.max_epochs, state["val_s"], t.val_interval)
-                state["epochs"] = dd.broadcast(fitted, ctx)
+                fitted = fit_epochs(budget_s, elapsed, epoch + 1, training.max_epochs, state["val_s"],
+                                    training.val_interval)
+                state["epochs"] = distributed.broadcast(fitted, ctx)
             last = epoch + 1 >= state["epochs"]
-            if val_files and ((epoch + 1) % t.val_interval == 0 or last):
+            if val_files and ((epoch + 1) % training.val_interval == 0 or last):
                 val_started = time.perf_counter()
                 rows, post = validate_cases(net, val_loader, inferer, num_classes, device, amp_dtype, ctx,
                                             largest_component=last)
@@ -523,7 +530,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             state["history"].append(record)
             state["epoch"] = epoch + 1
             save_checkpoint()
-            state["elapsed_s"] = dd.broadcast(state["elapsed_s"] + time.perf_counter() - started, ctx)
+            state["elapsed_s"] = distributed.broadcast(state["elapsed_s"] + time.perf_counter() - started, ctx)
             if ctx.is_main:  # after the checkpoint: a resumed run re-logs only what never reached MLflow
                 _log_epoch(record)
                 dice = f"{record['val_dice']:.4f}" if "val_dice" in record else "-"
@@ -537,9 +544,10 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
             state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(), "postprocess_code": postprocess_code()}
             log.info("%s: post-processing code changed since the last epoch: validated again", fold_name(fold))
         if log.isEnabledFor(logging.DEBUG):  # lets the torchrun test check that every rank ends with equal weights
-            log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold, dd.weights_digest(net.state_dict()))
+            log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold,
+                      distributed.weights_digest(net.state_dict()))
         if ctx.is_main:
-            config = inference_config(spec, plan, dataset.labels, _modality(dataset), p, fold,
+            config = inference_config(spec, plan, dataset.labels, _modality(dataset), params, fold,
                                       largest_component if largest_component != "auto" else True,
                                       in_channels=in_channels)
             _write_fold(out / fold_name(fold), net, state, config)
@@ -550,7 +558,7 @@ def _train_fold(p: Params, plan: Any, version: dict, fold: int | str, resume: bo
                "best_val_dice": None if state["best_dice"] < 0 else round(state["best_dice"], 4),
                "best_epoch": state["best_epoch"], "train_minutes": round(state["elapsed_s"] / 60, 2),
                "data_wait_fraction": round(float(np.mean([r["data_wait_fraction"] for r in state["history"]])), 4)}
-    return dd.broadcast(summary, ctx), state["final_val"]
+    return distributed.broadcast(summary, ctx), state["final_val"]
 
 
 def _modality(dataset) -> str:
@@ -559,16 +567,16 @@ def _modality(dataset) -> str:
 
 
 @contextlib.contextmanager
-def _mlflow_run(p: Params, state: dict, fold: int | str, cv_group: str, version: dict, ctx):
+def _mlflow_run(params: Params, state: dict, fold: int | str, cv_group: str, version: dict, ctx):
     """Start (or reopen, on resume) the fold's MLflow run; re-log epochs a kill kept from reaching it."""
     import mlflow
 
     from medseg.fingerprint import FINGERPRINT_NAME
     from medseg.tracking import configure_mlflow, flatten_params, git_commit
 
-    configure_mlflow(p.mlflow)
+    configure_mlflow(params.mlflow)
     resumed = state["run_id"] is not None
-    with mlflow.start_run(run_id=state["run_id"], run_name=None if resumed else f"{p.model.name}-fold{fold}"):
+    with mlflow.start_run(run_id=state["run_id"], run_name=None if resumed else f"{params.model.name}-fold{fold}"):
         if resumed:
             history = mlflow.MlflowClient().get_metric_history(state["run_id"], "train_loss")
             logged = max((m.step for m in history), default=0)
@@ -577,10 +585,11 @@ def _mlflow_run(p: Params, state: dict, fold: int | str, cv_group: str, version:
                     _log_epoch(record)
         else:
             state["run_id"] = mlflow.active_run().info.run_id
-            mlflow.log_params({**flatten_params(p), "train.fold": fold})
+            mlflow.log_params({**flatten_params(params), "train.fold": fold})
             mlflow.set_tags({"git_commit": git_commit(), **version, "fold": str(fold), "cv_group": cv_group,
-                             "device": ctx.device.type, "world_size": str(ctx.world_size), "model": p.model.name})
-            mlflow.log_artifact(str(Path(p.paths.plans) / FINGERPRINT_NAME))  # what the next retrain is checked against
+                             "device": ctx.device.type, "world_size": str(ctx.world_size), "model": params.model.name})
+            # what the next retraining is checked against
+            mlflow.log_artifact(str(Path(params.paths.plans) / FINGERPRINT_NAME))
             if version.get("drift_summary"):
                 drift = json.loads(version["drift_summary"])
                 mlflow.log_dict(drift, "drift.json")
