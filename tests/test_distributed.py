@@ -40,6 +40,7 @@ def test_bad_torchrun_environment_is_named(monkeypatch):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 def test_torchrun_two_cpu_ranks_train_one_model(tiny_ingested, params_for, tmp_path):
     params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},

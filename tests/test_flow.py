@@ -20,6 +20,7 @@ def write_params(path, params) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_path):
     from prefect.states import State
 

@@ -108,6 +108,7 @@ def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, para
     assert len(held_out) == len(set(held_out)) == 6  # every case validated exactly once across the folds
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_into_same_run_with_identical_weights(tiny_ingested, params_for, tmp_path):
     """A real SIGKILL during the second epoch; ``--resume`` must end exactly where an uninterrupted run ends."""
     shared = {"ingested": str(tiny_ingested)}
