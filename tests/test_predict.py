@@ -169,3 +169,24 @@ def test_fast_label_inversion_equals_monai_invertd(name, normalization):
     reference = Invertd("pred", transform=pre, orig_keys=IMAGE, nearest_interp=True)(data)["pred"]
     assert fast is not None and fast.shape == (1, *image.shape)
     np.testing.assert_array_equal(np.asarray(fast), np.asarray(reference).round().astype(np.uint8))
+
+
+def test_the_sliding_window_is_the_models_unless_the_command_says_otherwise(tmp_path, monkeypatch):
+    """overlap and windows per call come from the model's inference config (evaluate's values at training); a model
+    from before they were recorded gets the values evaluate then used; --overlap and --sw-batch-size override."""
+    from medseg import inference
+
+    seen = []
+    build = inference.build_inferer
+    monkeypatch.setattr(inference, "build_inferer",
+                        lambda patch, dims, overlap, sw_batch_size, **kw: seen.append((overlap, sw_batch_size))
+                        or build(patch, dims, overlap, sw_batch_size, **kw))
+    image, _ = write_tiny_volume(3)
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(tmp_path / "case.nii.gz"))
+    recorded = write_model(tmp_path / "recorded", {**inference_config(), "sw_overlap": 0.25, "sw_batch_size": 3})
+    legacy = write_model(tmp_path / "legacy", inference_config())
+    for model, argv in [(recorded, []), (legacy, []), (recorded, ["--overlap", "0.1", "--sw-batch-size", "5"])]:
+        out = tmp_path / f"out{len(seen)}"
+        assert main(["predict", "--model", str(model), str(tmp_path / "case.nii.gz"), "--out", str(out), *argv]) == 0
+    assert seen == [(0.25, 3), (predict.LEGACY_WINDOW["sw_overlap"], predict.LEGACY_WINDOW["sw_batch_size"]),
+                    (0.1, 5)]

@@ -70,7 +70,10 @@ def test_train_writes_fold_model_checkpoint_and_mlflow_run(trained):
     plan = json.loads((Path(params.paths.plans) / "plans.json").read_text())
     config = json.loads((fold_dir / CONFIG_NAME).read_text())
     assert set(config) == {"network", "in_channels", "out_channels", "labels", "modality", "target_spacing",
-                           "normalization", "patch_size", "tta", "largest_component", "fold"}
+                           "normalization", "patch_size", "tta", "sw_overlap", "sw_batch_size", "largest_component",
+                           "fold"}
+    assert (config["sw_overlap"], config["sw_batch_size"]) == (params.evaluate.sw_overlap,
+                                                               params.evaluate.sw_batch_size)
     assert config["network"] == plan["network"] and config["patch_size"] == plan["patch_size"]
     assert config["normalization"] == plan["normalization"] and config["target_spacing"] == plan["target_spacing"]
     assert config["out_channels"] == 4 and config["labels"]["3"] == "LV" and config["modality"] == "MR"
