@@ -49,7 +49,7 @@ from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POS
                                  largest_component_classes, update_config)
 from medseg.manifest import FRAME_MODALITIES
 from medseg.params import Params
-from medseg.postprocess import class_means, decide_postprocessing
+from medseg.postprocess import class_means, decide_postprocessing, keep_largest_component
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
            "fit_epochs", "training_progress", "poly_lr", "training_inputs", "CHECKPOINT_NAME"]
@@ -176,7 +176,6 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
     from monai.networks.utils import one_hot
 
     from medseg import distributed
-    from medseg.postprocess import keep_largest_component
 
     def dice(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
         return compute_dice(one_hot(pred, num_classes), one_hot(label.long(), num_classes), include_background=False,
@@ -443,6 +442,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
     spec = plan.network_spec(params.section("model"))
     # what a checkpoint must match to be resumed
     resume_key = _digest(params, plan, version["data_md5"], fold, ctx.world_size, code=True)
+    post_code = postprocess_code()  # recorded with the final validation's post-processed Dice
     amp_dtype, use_scaler = amp_settings(training.amp, device)
     budget_s = None if training.time_budget_minutes is None else 60.0 * training.time_budget_minutes
 
@@ -525,7 +525,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
                     state.update(best_dice=record["val_dice"], best_epoch=epoch + 1)
                 if last:
                     state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(),
-                                          "postprocess_code": postprocess_code()}
+                                          "postprocess_code": post_code}
                 state["val_s"] = time.perf_counter() - val_started
             state["history"].append(record)
             state["epoch"] = epoch + 1
@@ -537,11 +537,11 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
                 log.info("%s epoch %d/%d: loss %.4f, lr %.2e, val Dice %s, data wait %.0f%%", fold_name(fold),
                          epoch + 1, state["epochs"], record["train_loss"], lr, dice,
                          100 * record["data_wait_fraction"])
-        if val_files and state["final_val"] and state["final_val"].get("postprocess_code") != postprocess_code():
+        if val_files and state["final_val"] and state["final_val"].get("postprocess_code") != post_code:
             # resumed after the last epoch, and post-processing changed since: validate again, keep the weights
             rows, post = validate_cases(net, val_loader, inferer, num_classes, device, amp_dtype, ctx,
                                         largest_component=True)
-            state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(), "postprocess_code": postprocess_code()}
+            state["final_val"] = {"raw": rows.tolist(), "post": post.tolist(), "postprocess_code": post_code}
             log.info("%s: post-processing code changed since the last epoch: validated again", fold_name(fold))
         if log.isEnabledFor(logging.DEBUG):  # lets the torchrun test check that every rank ends with equal weights
             log.debug("rank %d fold %s final weights sha256 %s", ctx.rank, fold,
