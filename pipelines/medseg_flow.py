@@ -55,9 +55,7 @@ def ingest_stage(params: Params) -> dict:
     """Ingest with one task per case. Not a task itself: the case tasks go to the flow's task runner."""
     from medseg import ingest
 
-    return ingest.run(Path(params.data.source), Path(params.paths.ingested), layout=params.data.layout,
-                      spacing_tolerance=params.data.slice_spacing_tolerance, group_pattern=params.data.group_pattern,
-                      case_map=prefect_case_map("ingest"))
+    return ingest.run(params, case_map=prefect_case_map("ingest"))
 
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -127,7 +127,7 @@ def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_ou
     alone = dataclasses.replace(params, paths=dataclasses.replace(
         params.paths, ingested=str(tmp_path / "alone" / "ingested"), plans=str(tmp_path / "alone" / "plans"),
         preprocessed=str(tmp_path / "alone" / "preprocessed")))
-    ingest.run(alone.data.source, alone.paths.ingested)
+    ingest.ingest_folder(alone.data.source, alone.paths.ingested)
     plan.run(alone)
     preprocess.run(alone)
     for folder in ("ingested", "preprocessed"):

@@ -31,7 +31,7 @@ def frames(tmp_path, monkeypatch):
 
 
 def test_rgb_frames_plan_preprocess_train_and_evaluate(frames, params_for, tmp_path):
-    summary = ingest.run(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
+    summary = ingest.ingest_folder(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
     assert summary["subjects"] == 4
     params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
                         plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
@@ -74,7 +74,7 @@ def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, pa
 
     from medseg import predict
 
-    ingest.run(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
+    ingest.ingest_folder(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
     params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
                         plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
                         model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},

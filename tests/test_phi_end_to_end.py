@@ -49,7 +49,7 @@ def test_dicom_identifiers_never_leave_ingestion(params_for, tmp_path, caplog):
     source_bytes = every_byte(tmp_path / "demo" / "pancreas_ct")
     assert all(v.encode() in source_bytes for v in phi - {FOLDER, str(root)})  # the search below does find them where they are
 
-    ingest.run(Path(params.data.source), Path(params.paths.ingested), layout="dicom")
+    ingest.ingest_folder(Path(params.data.source), Path(params.paths.ingested), layout="dicom")
     plan.run(params)
     preprocess.run(params)
     train.run(params)

@@ -81,7 +81,7 @@ def test_predict_on_a_dicom_series_keeps_the_ingest_geometry(model, tmp_path):
     written = nib.load(summary["written"][0])
     assert Path(summary["written"][0]).name == f"{series.name}.nii.gz"
 
-    ingest.run(ct_root, tmp_path / "ingested_ct")
+    ingest.ingest_folder(ct_root, tmp_path / "ingested_ct")
     manifest = read_manifest(tmp_path / "ingested_ct")
     reference = nib.load(str(manifest.image_path(manifest.cases[0])))
     assert written.shape == reference.shape

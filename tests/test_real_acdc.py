@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow,
 def test_real_acdc_ingests_and_trains(params_for, tmp_path):
     params = params_for(data={"source": str(ACDC)}, preprocess={"folds": 5}, train={"max_epochs": 1},
                         plan={"spatial_dims": None, "patch_size": None, "batch_size": None})
-    summary = ingest.run(Path(params.data.source), Path(params.paths.ingested))
+    summary = ingest.ingest_folder(Path(params.data.source), Path(params.paths.ingested))
     assert summary["accepted"] == 10 and summary["rejected"] == 0
     manifest = json.loads((Path(params.paths.ingested) / "manifest.json").read_text())
     assert {c["phase"] for c in manifest["cases"]} == {"ED", "ES"}

@@ -39,12 +39,24 @@ def _cmd_demo_data(args: argparse.Namespace) -> dict:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     from medseg import ingest
 
-    tolerance = {} if args.spacing_tolerance is None else {"spacing_tolerance": args.spacing_tolerance}
-    return ingest.run(Path(args.source), Path(args.out), layout=args.layout,
-                      id_map=Path(args.write_id_map) if args.write_id_map else None,
-                      group_pattern=args.group_pattern, **tolerance)
+    id_map = Path(args.write_id_map) if args.write_id_map else None
+    given = {"source": args.source, "layout": args.layout, "slice_spacing_tolerance": args.spacing_tolerance,
+             "group_pattern": args.group_pattern}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not Path(args.params).is_file() and args.source and args.out:  # a folder converted outside any project
+        from medseg.ingest.dicom_geometry import SPACING_REL_TOL
+
+        return ingest.ingest_folder(Path(args.source), Path(args.out), layout=given.get("layout", "auto"),
+                                    id_map=id_map, group_pattern=given.get("group_pattern"),
+                                    spacing_tolerance=given.get("slice_spacing_tolerance", SPACING_REL_TOL))
+    params = _params(args)
+    paths = dataclasses.replace(params.paths, ingested=args.out) if args.out else params.paths
+    return ingest.run(dataclasses.replace(params, data=dataclasses.replace(params.data, **given), paths=paths),
+                      id_map=id_map)
 
 
 def _cmd_plan(args: argparse.Namespace) -> dict:
@@ -134,16 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     for option in ("seed", "cardiac-patients", "ct-patients", "polyp-frames"):
         p.add_argument(f"--{option}", type=int, help=f"default: demo.{option.replace('-', '_')} in params")
 
-    p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM, NIfTI or 2D image data into NIfTI + manifest.json", params=False)
-    p.add_argument("source", help="folder to ingest")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layout", default="auto", choices=["auto", "acdc", "msd", "dicom", "nifti", "images"])
+    p = command("ingest", _cmd_ingest, "read ACDC, MSD, DICOM, NIfTI or 2D image data into NIfTI + manifest.json")
+    p.add_argument("source", nargs="?", help="folder to ingest (default: data.source in params)")
+    p.add_argument("--out", help="output folder (default: paths.ingested in params)")
+    p.add_argument("--layout", choices=["auto", "acdc", "msd", "dicom", "nifti", "images"],
+                   help="default: data.layout in params, else auto")
     p.add_argument("--spacing-tolerance", type=float, default=None, metavar="REL",
                    help="refuse DICOM series whose slice steps deviate more than this fraction from their median "
-                        "(default: medseg.ingest.dicom_geometry.SPACING_REL_TOL, 1%%)")
+                        "(default: data.slice_spacing_tolerance in params, else 1%%)")
     p.add_argument("--group-pattern", default=None, metavar="REGEX",
                    help="2D images: regular expression whose first group, at the start of a file stem, names the "
-                        "frame's video sequence or patient (data.group_pattern; default: each frame its own group)")
+                        "frame's video sequence or patient (default: data.group_pattern in params, else each frame "
+                        "its own group)")
     p.add_argument("--write-id-map", metavar="PATH", default=None,
                    help="also write a private (mode 0600) map case_id -> source identifiers, outside --out")
 

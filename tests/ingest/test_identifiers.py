@@ -48,7 +48,7 @@ def test_pseudonyms_are_the_projects_wherever_ingest_is_started(tmp_path, monkey
     seen = []
     for k, cwd in enumerate([project, project / "sub", tmp_path / "elsewhere"]):
         monkeypatch.chdir(cwd)
-        ingest.run(src, project / "data" / f"ingested{k}")
+        ingest.ingest_folder(src, project / "data" / f"ingested{k}")
         seen.append(read_json(project / "data" / f"ingested{k}" / "manifest.json")["cases"][0]["case_id"])
     assert len(set(seen)) == 1
     assert (project / SECRET_FILE).is_file() and not (tmp_path / "elsewhere" / SECRET_FILE).exists()

@@ -45,7 +45,7 @@ def test_output_overlapping_the_source_is_refused_and_nothing_is_touched(tmp_pat
     out = {"same": src, "inside": src / "out", "images": src / "images", "parent": tmp_path / "data"}[where]
     before = _hashes(tmp_path / "data")
     with pytest.raises(IngestError, match="source folder"):
-        ingest.run(src, out)
+        ingest.ingest_folder(src, out)
     assert main(["ingest", str(src), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -62,10 +62,10 @@ def test_only_files_ingest_wrote_are_ever_removed(tmp_path):
     for path, data in theirs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     for f in (src / "b").iterdir():  # case b disappears from the source: its outputs are stale
         f.unlink()
-    summary = ingest.run(src, out)
+    summary = ingest.ingest_folder(src, out)
     assert summary["accepted"] == 1
     assert all(path.read_bytes() == data for path, data in theirs.items())
     ours = sorted(p.name for p in (out / "images").glob("sub-*.nii.gz"))
@@ -77,14 +77,14 @@ def test_a_hand_edited_record_cannot_delete_outside_our_folders(tmp_path):
 
     src, out = tmp_path / "src", tmp_path / "out"
     write_series(src / "a", axial_positions(3), series_uid="1.5.1", patient_id="A")
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     cache = json.loads((out / CACHE_NAME).read_text())
     cache["cases"]["sub-bogus"] = {"key": "x", "results": [], "outputs": {"images/../../victim.txt": [7, 0],
                                                                            "../victim.txt": [7, 0]}}
     (out / CACHE_NAME).write_text(json.dumps(cache))
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     assert victim.read_text() == "keep me"
 
 
@@ -95,7 +95,7 @@ def test_temporaries_of_a_killed_run_are_cleaned_at_start_up(tmp_path):
     left = [out / "images" / f".sub-x.nii.gz{TMP_MARKER}ab12cd34.nii.gz", out / f".manifest.json{TMP_MARKER}zz.json"]
     for path in left:
         path.write_bytes(b"")  # a 0-byte temporary, as SIGKILL leaves mid-write
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     assert not any(path.exists() for path in left)
 
 
@@ -108,7 +108,7 @@ CHILD = textwrap.dedent("""
         return real(*args, **kwargs)
     ingest._ingest_one = slow
     ingest.SAVE_EVERY_S = 0.0
-    ingest.run(sys.argv[1], sys.argv[2], workers=1)
+    ingest.ingest_folder(sys.argv[1], sys.argv[2], workers=1)
 """)
 
 
@@ -127,7 +127,7 @@ def test_progress_survives_a_kill(tmp_path, sig):
     child.wait(timeout=30)
     done = len(load_cache(out))
     assert 3 <= done < 8, "the child finished too early or too late to test a kill"
-    summary = ingest.run(src, out)
+    summary = ingest.ingest_folder(src, out)
     assert summary["accepted"] == 8 and summary["skipped"] == done
     assert not [p for p in out.rglob("*") if TMP_MARKER in p.name]
 
@@ -155,7 +155,7 @@ def test_a_full_disk_is_one_line_and_the_finished_cases_are_kept(tmp_path, monke
     assert "Traceback" not in err
     assert len(load_cache(out)) == 1 and not [p for p in out.rglob("*") if TMP_MARKER in p.name]
     monkeypatch.setattr(pgzip, "write_gzip", real)
-    assert ingest.run(src, out)["skipped"] == 1
+    assert ingest.ingest_folder(src, out)["skipped"] == 1
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_finished_cases(tmp_path):
@@ -164,7 +164,7 @@ def test_ctrl_c_is_one_line_and_keeps_the_finished_cases(tmp_path):
         write_series(src / f"s{k}", axial_positions(3), series_uid=f"1.5.{k}", patient_id=f"P{k}")
     # The CLI ingests on every core: two seconds per case keep the run going well past the moment we interrupt it,
     # even on a loaded machine (at one second a fresh clone's run, beside a training, finished first).
-    code = CHILD.replace("time.sleep(0.4)", "time.sleep(2.0)").replace("ingest.run(sys.argv[1], sys.argv[2], workers=1)",
+    code = CHILD.replace("time.sleep(0.4)", "time.sleep(2.0)").replace("ingest.ingest_folder(sys.argv[1], sys.argv[2], workers=1)",
                          "from medseg.cli import main\nsys.exit(main(['ingest', sys.argv[1], '--out', sys.argv[2]]))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     # A terminal's Ctrl-C reaches a process whose SIGINT is at its default; a child inherits an *ignored* SIGINT
@@ -194,7 +194,7 @@ def test_a_dangling_label_link_is_a_rejection_and_a_link_loop_is_skipped(tmp_pat
     label.symlink_to(tmp_path / "nowhere.nii.gz")
     (folder / "loopA").symlink_to(folder / "loopB")
     (folder / "loopB").symlink_to(folder / "loopA")
-    summary = ingest.run(src, tmp_path / "out")
+    summary = ingest.ingest_folder(src, tmp_path / "out")
     assert summary["accepted"] == 1 and summary["rejected"] == 1 and summary["labelled"] == 1
     (rejected,) = read_report(tmp_path / "out", src)["rejected"]
     assert "link that loops or points nowhere" in rejected["reason"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import axial_positions, read_json, read_report, slice_value, write_nifti, write_series
 
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.manifest import read_manifest
 
 
@@ -26,7 +26,7 @@ def test_flipped_rows_by_hand(tmp_path):
     """IOP (1,0,0,0,-1,0): the normal is -z, so slices sort by descending z; one voxel checked by hand."""
     positions = axial_positions(5, z0=20.0, step=2.0)  # acquisition slice s at z = 20 + 2 s
     write_series(tmp_path / "src" / "ser", positions, iop=(1, 0, 0, 0, -1, 0), spacing=(0.7, 0.9))
-    run(tmp_path / "src", tmp_path / "out")
+    ingest_folder(tmp_path / "src", tmp_path / "out")
     _, case, img, vol = _only_case(tmp_path / "out")
     assert vol.shape == (3, 4, 5) == tuple(case.shape)  # (columns, rows, slices)
     expected = np.array([[-0.9, 0, 0, 100.0], [0, 0.7, 0, -50.0], [0, 0, -2.0, 28.0], [0, 0, 0, 1]])
@@ -43,7 +43,7 @@ def test_axial_every_voxel(tmp_path, step):
     n = 6
     positions = axial_positions(n, z0=10.0, step=step)
     write_series(tmp_path / "src" / "ser", positions, iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.9))
-    run(tmp_path / "src", tmp_path / "out")
+    ingest_folder(tmp_path / "src", tmp_path / "out")
     _, case, img, vol = _only_case(tmp_path / "out")
     assert case.modality == "CT" and vol.dtype == np.int16
     assert img.affine[2, 2] == pytest.approx(abs(step))  # +z normal: ascending z whatever the acquisition order
@@ -63,7 +63,7 @@ def test_oblique_and_no_preamble(tmp_path):
     normal = np.cross(row, col)
     positions = [tuple(np.array([5.0, -7.0, 3.0]) + 4.0 * s * normal) for s in range(4)]
     write_series(tmp_path / "src" / "obl", positions, iop=(*row, *col), modality="MR", preamble=False)
-    run(tmp_path / "src", tmp_path / "out")
+    ingest_folder(tmp_path / "src", tmp_path / "out")
     _, case, img, vol = _only_case(tmp_path / "out")
     assert case.modality == "MR"
     lps = np.array(positions[2]) + 1 * 0.9 * row + 3 * 0.7 * col
@@ -75,7 +75,7 @@ def test_rescale_applied(tmp_path):
     src = tmp_path / "src"
     write_series(src / "int", axial_positions(3), slope=2, intercept=-1024, series_uid="1.2.3.1")
     write_series(src / "flt", axial_positions(3), slope=0.5, intercept=-10, series_uid="1.2.3.2")
-    run(src, tmp_path / "out")
+    ingest_folder(src, tmp_path / "out")
     m = read_manifest(tmp_path / "out")
     report = {a["source"]: a["case_id"] for a in read_report(tmp_path / "out", src)["accepted"]}
     cases = {c.case_id: c for c in m.cases}
@@ -87,7 +87,7 @@ def test_rescale_applied(tmp_path):
 
 def test_empty_uids_grouped_by_fallback_key(tmp_path):
     write_series(tmp_path / "src" / "a", axial_positions(4), series_uid="", study_uid="")
-    summary = run(tmp_path / "src", tmp_path / "out")
+    summary = ingest_folder(tmp_path / "src", tmp_path / "out")
     assert summary["accepted"] == 1 and read_manifest(tmp_path / "out").cases[0].shape == (3, 4, 4)
 
 
@@ -106,7 +106,7 @@ def test_dicom_labels_checked(tmp_path):
     shifted[2, 3] = 1.0
     write_nifti(src / "labels" / "bad_affine.nii.gz", label, shifted)
     (src / "labels.json").write_text('{"0": "background", "1": "pancreas", "2": "tumour"}')
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["accepted"] == 1 and summary["labelled"] == 1
     report = read_report(tmp_path / "out", src)
     assert [a["source"] for a in report["accepted"]] == ["dicom/good"]

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import read_report
 
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.ingest.common import CaseRejected
 from medseg.ingest.dicom_label_match import remap_by_name
 
@@ -17,7 +17,7 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "dicom"
 
 
 def ingested(source: Path, out: Path) -> tuple[dict, dict]:
-    run(source, out, layout="dicom")
+    ingest_folder(source, out, layout="dicom")
     return (json.loads((out / "manifest.json").read_text()), read_report(out, source))
 
 

@@ -10,7 +10,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, RTStructureSetStorage, generate_uid
 
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.ingest.checks import affine_mismatch, as_3d
 from medseg.ingest.common import CaseRejected
 from medseg.ingest.dicom import decoder_problem
@@ -66,7 +66,7 @@ def messy_source(tmp_path):
 
 
 def test_each_broken_series_rejected_with_reason(messy_source, tmp_path):
-    summary = run(messy_source, tmp_path / "out")
+    summary = ingest_folder(messy_source, tmp_path / "out")
     assert summary["layout"] == "dicom" and summary["accepted"] == 1
     report = read_report(tmp_path / "out", messy_source)
     assert [a["source"] for a in report["accepted"]] == ["good"]

@@ -54,7 +54,7 @@ def test_images_and_masks_pair_by_stem_binarise_jpeg_masks_and_keep_rgb(tmp_path
     save(src / "images" / "gray1.png", gray)
     save(src / "masks" / "gray1_mask.png", gray_mask)  # the <stem>_mask form
     out, id_map = tmp_path / "out", tmp_path / "ids.json"
-    summary = ingest.run(src, out, id_map=id_map)
+    summary = ingest.ingest_folder(src, out, id_map=id_map)
     assert summary["layout"] == "images" and summary["accepted"] == 2 and summary["labelled"] == 2
     manifest = read_manifest(out)
     assert manifest.labels == {0: "background", 1: "foreground"}
@@ -72,7 +72,7 @@ def test_images_and_masks_pair_by_stem_binarise_jpeg_masks_and_keep_rgb(tmp_path
     assert set(np.unique(label)) == {0, 1}
     assert np.array_equal(volume_to_image(label), mask > 127) or (volume_to_image(label) != (mask > 127)).mean() < 0.01
     np.testing.assert_array_equal(volume_to_image(np.asarray(nib.load(str(out / one.label)).dataobj)), gray_mask > 127)
-    again = ingest.run(src, out, id_map=id_map)  # a re-run skips the unchanged frames
+    again = ingest.ingest_folder(src, out, id_map=id_map)  # a re-run skips the unchanged frames
     assert again["skipped"] == 2 and again["accepted"] == 2
     assert not [p for p in out.rglob("*") if "medseg-tmp" in p.name]  # nothing half-written left
 
@@ -90,7 +90,7 @@ def test_cvc_clinicdb_layout_reads_tiff_from_original_and_ground_truth(tmp_path)
         pixels, mask = frame(k)
         save(src / "Original" / f"{k}.tif", pixels)
         save(src / "Ground Truth" / f"{k}.tif", mask)
-    summary = ingest.run(src, tmp_path / "out")
+    summary = ingest.ingest_folder(src, tmp_path / "out")
     assert summary["layout"] == "images" and summary["labelled"] == 2
 
 
@@ -111,7 +111,7 @@ def test_label_indexed_masks_follow_labels_json_and_values_outside_it_are_reject
     palette.save(src / "masks" / "c.png")
     assert Image.open(src / "masks" / "c.png").mode == "P"
     out = tmp_path / "out"
-    summary = ingest.run(src, out)
+    summary = ingest.ingest_folder(src, out)
     assert summary["accepted"] == 2 and summary["rejected"] == 1
     assert read_manifest(out).labels == {0: "background", 1: "polyp", 2: "instrument"}
     for case in read_manifest(out).cases:  # the plain and the palette PNG give the same labels
@@ -133,7 +133,7 @@ def test_each_bad_frame_is_one_rejection_with_its_reason_and_the_rest_are_ingest
     save(src / "images" / "small.png", pixels)
     save(src / "masks" / "small.png", mask[:20, :20])
     out = tmp_path / "out"
-    summary = ingest.run(src, out)
+    summary = ingest.ingest_folder(src, out)
     assert summary["accepted"] == 1 and summary["rejected"] == 3
     reasons = sorted(r["reason"] for r in json.loads((out / "ingest_report.json").read_text())["rejected"])
     assert any(r.startswith("cannot read image") for r in reasons), reasons
@@ -151,7 +151,7 @@ def test_frames_of_one_sequence_share_a_group_and_never_straddle_a_split(tmp_pat
         save(src / "images" / f"{name}.jpg", pixels)
         save(src / "masks" / f"{name}.jpg", mask)
     out, id_map = tmp_path / "out", tmp_path / "ids.json"
-    summary = ingest.run(src, out, id_map=id_map, group_pattern=GROUP_PATTERN)
+    summary = ingest.ingest_folder(src, out, id_map=id_map, group_pattern=GROUP_PATTERN)
     assert summary["accepted"] == 8 and summary["subjects"] == 5  # sequences 12 and 104, three single frames
     cases = cases_by_source(out, id_map)
     subject = {Path(k).stem: c.subject for k, c in cases.items()}
@@ -166,12 +166,12 @@ def test_frames_of_one_sequence_share_a_group_and_never_straddle_a_split(tmp_pat
         assert not train & val
 
     (src / "groups.csv").write_text("file,group\nC3_EndoCV2021_00153.jpg,patient-7\n100H0050,patient-7\n")
-    summary = ingest.run(src, tmp_path / "out2", id_map=tmp_path / "ids2.json", group_pattern=GROUP_PATTERN)
+    summary = ingest.ingest_folder(src, tmp_path / "out2", id_map=tmp_path / "ids2.json", group_pattern=GROUP_PATTERN)
     cases = cases_by_source(tmp_path / "out2", tmp_path / "ids2.json")
     assert summary["subjects"] == 4
     assert cases["images/C3_EndoCV2021_00153.jpg"].subject == cases["images/100H0050.jpg"].subject
 
-    summary = ingest.run(src, tmp_path / "out3")  # no pattern: every frame without a CSV row is its own group
+    summary = ingest.ingest_folder(src, tmp_path / "out3")  # no pattern: every frame without a CSV row is its own group
     assert summary["subjects"] == 7
 
 
@@ -179,7 +179,7 @@ def test_a_bad_group_pattern_is_one_clear_error(tmp_path):
     pixels, mask = frame(0)
     save(tmp_path / "src" / "images" / "a.png", pixels)
     with pytest.raises(IngestError, match="is not a regular expression"):
-        ingest.run(tmp_path / "src", tmp_path / "out", group_pattern="(unclosed")
+        ingest.ingest_folder(tmp_path / "src", tmp_path / "out", group_pattern="(unclosed")
 
 
 def test_plan_refuses_a_mix_of_rgb_and_gray_frames_in_one_line(tmp_path, params_for):
@@ -190,7 +190,7 @@ def test_plan_refuses_a_mix_of_rgb_and_gray_frames_in_one_line(tmp_path, params_
         pixels, mask = frame(k, rgb=rgb)
         save(src / "images" / f"{k}.png", pixels)
         save(src / "masks" / f"{k}.png", mask)
-    ingest.run(src, tmp_path / "ingested")
+    ingest.ingest_folder(src, tmp_path / "ingested")
     params = params_for(paths={"ingested": str(tmp_path / "ingested")})
     with pytest.raises(StageInputError, match=r"mix \[1, 3\] image channels"):
         plan.run(params)
@@ -198,7 +198,7 @@ def test_plan_refuses_a_mix_of_rgb_and_gray_frames_in_one_line(tmp_path, params_
 
 @pytest.mark.skipif(not (SHARED_DATA / "polyp" / "polypgen").is_dir(), reason="needs ../shared/data/polyp")
 def test_real_polypgen_frames_are_all_ingested_in_sequence_groups(tmp_path):
-    summary = ingest.run(SHARED_DATA / "polyp" / "polypgen", tmp_path / "out", group_pattern=GROUP_PATTERN)
+    summary = ingest.ingest_folder(SHARED_DATA / "polyp" / "polypgen", tmp_path / "out", group_pattern=GROUP_PATTERN)
     assert summary["layout"] == "images" and summary["accepted"] == summary["labelled"] == 132
     assert summary["rejected"] == 0 and summary["subjects"] == 130  # sequences 17 and 23 hold two frames each
     cases = read_manifest(tmp_path / "out").cases

@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import read_report
 
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 
 
 def write(path, data, affine, qform=None):
@@ -45,7 +45,7 @@ def test_each_bad_nifti_rejected_with_reason_others_kept(tmp_path):
     write(src / "labels/label_moved.nii.gz", label, moved)
     (src / "labels.json").write_text(json.dumps({"0": "background", "1": "organ"}))
 
-    summary = run(src, tmp_path / "out", layout="nifti")
+    summary = ingest_folder(src, tmp_path / "out", layout="nifti")
     report = read_report(tmp_path / "out", src)
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
     assert summary["accepted"] == 2  # good, label_nudged

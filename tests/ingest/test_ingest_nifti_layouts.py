@@ -10,7 +10,7 @@ import pytest
 from conftest import make_acdc_patient, read_json, read_report, write_nifti
 
 from medseg.errors import IngestError
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.manifest import CARDIAC_LABELS, read_manifest
 
 
@@ -18,7 +18,7 @@ def test_acdc_two_cases_per_patient(tmp_path):
     src = tmp_path / "acdc"
     make_acdc_patient(src / "training", "patient001", ed=1, es=7, group="DCM")
     make_acdc_patient(src / "training", "patient002", ed=2, es=12, group="NOR", dtype=np.float32, labels=("ED",))
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["layout"] == "acdc" and summary["accepted"] == 4 and summary["rejected"] == 0
 
     m = read_manifest(tmp_path / "out")
@@ -52,7 +52,7 @@ def test_acdc_bad_label_rejected_others_kept(tmp_path):
     bad = make_acdc_patient(src, "patient002", ed=1, es=5)
     write_nifti(bad / "patient002_frame01_gt.nii.gz", np.zeros((8, 7, 3), np.uint8))  # wrong shape
     write_nifti(bad / "patient002_frame05_gt.nii.gz", np.full((8, 7, 4), 5, np.uint8))  # 5 not in the map
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["accepted"] == 2 and summary["rejected"] == 2
     reasons = {r["source"]: r["reason"] for r in read_report(tmp_path / "out", src)["rejected"]}
     assert "shape" in reasons["patient002/patient002_frame01.nii.gz"]
@@ -79,7 +79,7 @@ def _msd(root, modality='{"0": "CT"}'):
 
 def test_msd_task(tmp_path):
     _msd(tmp_path / "data" / "Task07_Pancreas")
-    summary = run(tmp_path / "data", tmp_path / "out")  # the task folder one level down is found
+    summary = ingest_folder(tmp_path / "data", tmp_path / "out")  # the task folder one level down is found
     assert summary["layout"] == "msd" and summary["accepted"] == 2 and summary["rejected"] == 0
     m = read_manifest(tmp_path / "out")
     assert m.labels == {0: "background", 1: "pancreas", 2: "cancer"}
@@ -91,7 +91,7 @@ def test_msd_multimodal_4d_rejected(tmp_path):
     root = tmp_path / "Task01_BrainTumour"
     _msd(root, '{"0": "FLAIR", "1": "T1w"}')
     write_nifti(root / "imagesTr" / "pancreas_001.nii.gz", np.zeros((6, 5, 4, 2), np.float32))
-    summary = run(root, tmp_path / "out", layout="msd")
+    summary = ingest_folder(root, tmp_path / "out", layout="msd")
     assert summary["accepted"] == 1 and summary["rejected"] == 1
     (rej,) = read_report(tmp_path / "out", root)["rejected"]
     assert rej["source"] == "imagesTr/pancreas_001.nii.gz" and "4D" in rej["reason"]
@@ -106,7 +106,7 @@ def test_nifti_images_labels_and_modality_guess(tmp_path):
     nan = np.ones((5, 5, 3), np.float32)
     nan[1, 1, 1] = np.nan
     write_nifti(src / "images" / "broken.nii.gz", nan)
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["layout"] == "nifti" and summary["accepted"] == 2 and summary["rejected"] == 1
     m = read_manifest(tmp_path / "out")
     modalities = sorted((c.modality, c.label is not None) for c in m.cases)
@@ -121,7 +121,7 @@ def test_nifti_flat_folder_and_dataset_json(tmp_path):
     write_nifti(src / "one.nii.gz", np.ones((4, 4, 4), np.int16))
     write_nifti(src / "two.nii.gz", np.ones((4, 4, 4), np.int16))
     (src / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}}))
-    assert run(src, tmp_path / "out", layout="nifti")["accepted"] == 2
+    assert ingest_folder(src, tmp_path / "out", layout="nifti")["accepted"] == 2
     m = read_manifest(tmp_path / "out")
     assert all(c.modality == "CT" and c.label is None for c in m.cases)
 
@@ -136,7 +136,7 @@ def test_label_affine_mismatch_rejected(tmp_path):
     write_nifti(src / "labels" / "shifted.nii.gz", np.zeros((4, 4, 4), np.uint8), shifted)
     write_nifti(src / "images" / "zoomed.nii.gz", np.zeros((4, 4, 4), np.int16))
     write_nifti(src / "labels" / "zoomed.nii.gz", np.zeros((4, 4, 4), np.uint8), np.diag([1.5, 1.5, 5.01, 1.0]))
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["accepted"] == 1
     reasons = {r["source"]: r["reason"] for r in read_report(tmp_path / "out", src)["rejected"]}
     assert "origin differs" in reasons["images/shifted.nii.gz"]
@@ -146,7 +146,7 @@ def test_label_affine_mismatch_rejected(tmp_path):
 def test_layout_forced_but_absent(tmp_path):
     write_nifti(tmp_path / "src" / "a.nii.gz", np.zeros((3, 3, 3), np.int16))
     with pytest.raises(IngestError, match="nothing usable"):
-        run(tmp_path / "src", tmp_path / "out", layout="acdc")
+        ingest_folder(tmp_path / "src", tmp_path / "out", layout="acdc")
 
 
 def test_sform_spacing_disagreeing_with_pixdim_uses_pixdim(tmp_path):
@@ -160,7 +160,7 @@ def test_sform_spacing_disagreeing_with_pixdim_uses_pixdim(tmp_path):
     header.set_qform(None, code=0)
     header.set_zooms((1.5, 1.5, 10.0))
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.int16), None, header=header), str(src / "a.nii.gz"))
-    run(tmp_path / "nii", tmp_path / "out")
+    ingest_folder(tmp_path / "nii", tmp_path / "out")
     (case,) = read_manifest(tmp_path / "out").cases
     assert case.spacing == (1.5, 1.5, 10.0)
     np.testing.assert_allclose(nib.load(tmp_path / "out" / case.image).affine, np.diag([-1.5, -1.5, 10.0, 1.0]))

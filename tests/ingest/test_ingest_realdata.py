@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, read_json, read_report
 
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.ingest.dicom import decoder_problem
 from medseg.manifest import CARDIAC_LABELS, read_manifest
 
@@ -20,7 +20,7 @@ DICOM = SHARED_DATA / "dicom"
 
 
 def test_acdc_five_patients(tmp_path):
-    summary = run(SHARED_DATA / "acdc", tmp_path / "out")
+    summary = ingest_folder(SHARED_DATA / "acdc", tmp_path / "out")
     assert summary["layout"] == "acdc" and summary["accepted"] == 10 and summary["labelled"] == 10
     m = read_manifest(tmp_path / "out")
     assert m.labels == CARDIAC_LABELS
@@ -34,7 +34,7 @@ def test_acdc_five_patients(tmp_path):
 
 
 def test_tcia_pancreas_12_slices(tmp_path):
-    summary = run(DICOM / "tcia_pancreas_ct_12slices", tmp_path / "out")
+    summary = ingest_folder(DICOM / "tcia_pancreas_ct_12slices", tmp_path / "out")
     assert summary["accepted"] == 1 and summary["rejected"] == 0
     (case,) = read_manifest(tmp_path / "out").cases
     assert case.shape == (512, 512, 12) and case.modality == "CT"
@@ -48,14 +48,14 @@ def test_tcia_pancreas_12_slices(tmp_path):
 def test_jpeg2000_empty_uids(tmp_path):
     if decoder_problem("1.2.840.10008.1.2.4.90"):
         pytest.skip("no JPEG 2000 decoder installed")
-    summary = run(DICOM / "totalsegmentator_ct" / "example_ct_dicom", tmp_path / "out")
+    summary = ingest_folder(DICOM / "totalsegmentator_ct" / "example_ct_dicom", tmp_path / "out")
     assert summary["accepted"] == 1
     (case,) = read_manifest(tmp_path / "out").cases
     assert case.shape == (512, 512, 20) and case.spacing == pytest.approx((0.9765625, 0.9765625, 2.0))
 
 
 def test_pydicom_corpus_does_not_crash(tmp_path):
-    summary = run(DICOM / "pydicom_testfiles", tmp_path / "out")
+    summary = ingest_folder(DICOM / "pydicom_testfiles", tmp_path / "out")
     assert summary["accepted"] >= 1 and summary["rejected"] > 30
     report = read_report(tmp_path / "out", DICOM / "pydicom_testfiles")
     reasons = {r["source"]: r["reason"] for r in report["rejected"]}
@@ -71,7 +71,7 @@ def test_pydicom_corpus_does_not_crash(tmp_path):
 @pytest.mark.parametrize("series", ["dcmqi/ct-3slice", "dcmqi/prostate_adc_701-ADCb500"])
 def test_same_geometry_as_dcm2niix(tmp_path, series):
     """Our volume and dcm2niix's agree voxel for voxel once both are put in closest-canonical orientation."""
-    run(DICOM / series, tmp_path / "out")
+    ingest_folder(DICOM / series, tmp_path / "out")
     (case,) = read_manifest(tmp_path / "out").cases
     subprocess.run(["dcm2niix", "-z", "y", "-f", "ref", "-o", str(tmp_path), str(DICOM / series)], check=True,
                    capture_output=True)

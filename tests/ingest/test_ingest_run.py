@@ -12,20 +12,20 @@ from conftest import axial_positions, make_acdc_patient, read_json, write_series
 
 from medseg.cli import main
 from medseg.errors import IngestError
-from medseg.ingest import run
+from medseg.ingest import ingest_folder
 from medseg.manifest import read_manifest
 
 
 def test_missing_source(tmp_path):
     with pytest.raises(IngestError, match="does not exist"):
-        run(tmp_path / "nope", tmp_path / "out")
+        ingest_folder(tmp_path / "nope", tmp_path / "out")
 
 
 def test_nothing_detected_lists_layouts(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "notes.txt").write_text("hello")
     with pytest.raises(IngestError) as err:
-        run(tmp_path / "src", tmp_path / "out")
+        ingest_folder(tmp_path / "src", tmp_path / "out")
     message = str(err.value)
     assert str(tmp_path / "src") in message and all(name in message for name in ("acdc", "msd", "dicom", "nifti"))
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -34,7 +34,7 @@ def test_nothing_detected_lists_layouts(tmp_path):
 def test_nothing_usable_raises_and_cli_exits_2(tmp_path, capsys):
     write_series(tmp_path / "src" / "one", axial_positions(1))  # DICOM found, but a single slice
     with pytest.raises(IngestError, match="nothing usable.*single slice"):
-        run(tmp_path / "src", tmp_path / "out")
+        ingest_folder(tmp_path / "src", tmp_path / "out")
     assert main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
     assert "error" in capsys.readouterr().err
     assert main(["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
@@ -46,15 +46,39 @@ def test_cli_success(tmp_path):
     assert len(read_manifest(tmp_path / "out").cases) == 2
 
 
+def test_cli_reads_the_stage_settings_from_params_and_its_options_override_them(tmp_path, monkeypatch):
+    """``medseg ingest`` (as dvc.yaml runs it) takes data.* and paths.ingested from params; SOURCE, --out and
+    --layout given on the command line win; outside a project (no params file) SOURCE and --out are enough."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    make_acdc_patient(tmp_path / "src", "patient007")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(source=str(tmp_path / "src"), layout="nifti")  # nifti: would read no ACDC patient folder
+    raw["paths"]["ingested"] = str(tmp_path / "from_params")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert main(["ingest", "--params", str(params)]) == 2  # data.layout from params is used, and is wrong here
+    assert main(["ingest", "--params", str(params), "--layout", "acdc"]) == 0
+    assert len(read_manifest(tmp_path / "from_params").cases) == 2
+    assert main(["ingest", "--params", str(params), "--layout", "acdc", "--out", str(tmp_path / "given")]) == 0
+    assert len(read_manifest(tmp_path / "given").cases) == 2
+    monkeypatch.chdir(tmp_path / "src")  # no params.yaml here
+    assert main(["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "adhoc")]) == 0
+    assert len(read_manifest(tmp_path / "adhoc").cases) == 2
+    assert main(["ingest"]) == 2  # neither a project nor a source: one line, exit 2
+
+
 def test_stale_outputs_removed(tmp_path):
     src = tmp_path / "src"
     write_series(src / "a", axial_positions(3), series_uid="1.5.1", patient_id="A")
     write_series(src / "b", axial_positions(3), series_uid="1.5.2", patient_id="B")
-    run(src, tmp_path / "out")
+    ingest_folder(src, tmp_path / "out")
     assert len(list((tmp_path / "out" / "images").iterdir())) == 2
     for f in (src / "b").iterdir():
         f.unlink()
-    summary = run(src, tmp_path / "out")
+    summary = ingest_folder(src, tmp_path / "out")
     assert summary["accepted"] == 1
     (case,) = read_manifest(tmp_path / "out").cases
     assert [p.name for p in (tmp_path / "out" / "images").iterdir()] == [f"{case.case_id}.nii.gz"]
@@ -63,8 +87,8 @@ def test_stale_outputs_removed(tmp_path):
 
 def test_case_ids_stable_across_runs(tmp_path):
     write_series(tmp_path / "src" / "a", axial_positions(3))
-    run(tmp_path / "src", tmp_path / "o1")
-    run(tmp_path / "src", tmp_path / "o2")
+    ingest_folder(tmp_path / "src", tmp_path / "o1")
+    ingest_folder(tmp_path / "src", tmp_path / "o2")
     assert read_manifest(tmp_path / "o1").cases == read_manifest(tmp_path / "o2").cases
 
 
@@ -106,4 +130,4 @@ def test_series_split_over_folders_reported(tmp_path):
     write_series(src / "copy1", pos, series_uid="1.4.4", prefix="a")
     write_series(src / "copy2", [(x, y, z + 100) for x, y, z in pos], series_uid="1.4.4", prefix="b")
     with pytest.raises(IngestError, match=r"non-uniform slice spacing.*6 files in 2 folders: <input>, <input>"):
-        run(src, tmp_path / "out")
+        ingest_folder(src, tmp_path / "out")

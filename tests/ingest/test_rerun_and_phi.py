@@ -60,11 +60,11 @@ def _snapshot(out):
 
 def test_second_run_does_no_work(tmp_path, monkeypatch):
     src, out = _tree(tmp_path / "src"), tmp_path / "out"
-    first = ingest.run(src, out)
+    first = ingest.ingest_folder(src, out)
     assert first["accepted"] == 3 and first["skipped"] == 0
     before = _snapshot(out)
     calls = _count_loads(monkeypatch)
-    second = ingest.run(src, out)
+    second = ingest.ingest_folder(src, out)
     assert calls == []
     assert second["skipped"] == 3 and second["accepted"] == 3
     assert _snapshot(out) == before  # same bytes, same mtimes: nothing rewritten
@@ -72,13 +72,13 @@ def test_second_run_does_no_work(tmp_path, monkeypatch):
 
 def test_changed_source_file_redoes_only_that_case(tmp_path, monkeypatch):
     src, out = _tree(tmp_path / "src"), tmp_path / "out"
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     before = _snapshot(out)
     one = sorted((src / "series1").iterdir())[0]
     st = one.stat()
     os.utime(one, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     calls = _count_loads(monkeypatch)
-    assert ingest.run(src, out)["skipped"] == 2
+    assert ingest.ingest_folder(src, out)["skipped"] == 2
     assert calls == ["series1"]
     after = _snapshot(out)
     assert len([k for k in before if before[k][0] != after[k][0]]) == 1  # one image rewritten, the others untouched
@@ -87,20 +87,20 @@ def test_changed_source_file_redoes_only_that_case(tmp_path, monkeypatch):
 
 def test_deleted_output_redoes_that_case(tmp_path, monkeypatch):
     src, out = _tree(tmp_path / "src"), tmp_path / "out"
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     victim = sorted((out / "images").iterdir())[0]
     victim.unlink()
     calls = _count_loads(monkeypatch)
-    assert ingest.run(src, out)["skipped"] == 2
+    assert ingest.ingest_folder(src, out)["skipped"] == 2
     assert len(calls) == 1 and victim.is_file()
 
 
 def test_code_change_redoes_everything(tmp_path, monkeypatch):
     src, out = _tree(tmp_path / "src", n=2), tmp_path / "out"
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     monkeypatch.setattr(ingest, "code_version", lambda settings="": "another version of the code")
     calls = _count_loads(monkeypatch)
-    assert ingest.run(src, out)["skipped"] == 0
+    assert ingest.ingest_folder(src, out)["skipped"] == 0
     assert len(calls) == 2
 
 
@@ -119,7 +119,7 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch, work
 
     monkeypatch.setattr(pgzip, "write_gzip", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        ingest.run(src, out, workers=workers)
+        ingest.ingest_folder(src, out, workers=workers)
     leftovers = [p.name for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
     assert leftovers in ([], [CACHE_NAME])  # no temporary file; only the record of the cases that finished
     assert not (out / MANIFEST_NAME).exists()
@@ -127,20 +127,20 @@ def test_interrupted_run_leaves_nothing_half_written(tmp_path, monkeypatch, work
         assert nibabel.load(image).get_fdata().shape[2] >= 4  # every output there is whole
     monkeypatch.setattr(pgzip, "write_gzip", real_save)
     calls = _count_loads(monkeypatch)
-    result = ingest.run(src, out, workers=workers)
+    result = ingest.ingest_folder(src, out, workers=workers)
     assert result["accepted"] == 4 and len(calls) == 4 - result["skipped"]
     assert result["skipped"] >= 1 if workers == 1 else True
 
 
 def test_interrupted_rerun_keeps_the_old_manifest(tmp_path, monkeypatch):
     src, out = _tree(tmp_path / "src", n=2), tmp_path / "out"
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     manifest = (out / MANIFEST_NAME).read_bytes()
     for path in (out / "images").iterdir():
         path.unlink()
     monkeypatch.setattr(pgzip, "write_gzip", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        ingest.run(src, out, workers=1)
+        ingest.ingest_folder(src, out, workers=1)
     assert (out / MANIFEST_NAME).read_bytes() == manifest
     assert not [p for p in out.rglob("*") if p.name.startswith(".") and p.name != CACHE_NAME]
 
@@ -187,13 +187,13 @@ def test_id_map_inside_the_output_folder_is_refused(tmp_path):
 
     src, out = _tree(tmp_path / "src", n=1), tmp_path / "out"
     with pytest.raises(IngestError, match="outside"):
-        ingest.run(src, out, id_map=out / "ids.json")
+        ingest.ingest_folder(src, out, id_map=out / "ids.json")
     assert not (out / "ids.json").exists()
 
 
 def test_no_id_map_unless_asked(tmp_path):
     src, out = _tree(tmp_path / "src", n=1), tmp_path / "out"
-    ingest.run(src, out)
+    ingest.ingest_folder(src, out)
     assert not list(tmp_path.rglob("*id*map*")) and not list(tmp_path.rglob("ids.json"))
 
 

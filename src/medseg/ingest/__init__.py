@@ -18,7 +18,7 @@ import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -41,7 +41,10 @@ from medseg.ingest.privacy import Scrubber, input_key
 from medseg.manifest import REPORT_NAME, Case, write_manifest
 from medseg.pseudonym import project_key, write_id_map
 
-__all__ = ["run", "detect_layout", "LAYOUTS", "READERS"]
+if TYPE_CHECKING:
+    from medseg.params import Params
+
+__all__ = ["run", "ingest_folder", "detect_layout", "LAYOUTS", "READERS"]
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +200,25 @@ def _check_folders(source: Path, out_dir: Path) -> None:
                           f"outside the data being ingested")
 
 
-def run(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
-        workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL,
-        case_map: CaseMap | None = None, group_pattern: str | None = None) -> dict[str, Any]:
-    """Ingest ``source`` into ``out_dir``.
+def run(params: Params, *, id_map: Path | None = None, workers: int | None = None,
+        case_map: CaseMap | None = None) -> dict[str, Any]:
+    """The ingest stage: ``data.source`` into ``paths.ingested``, read as ``data.layout`` with
+    ``data.slice_spacing_tolerance`` and ``data.group_pattern`` (:func:`ingest_folder` has the details).
+
+    ``id_map``, ``workers`` and ``case_map`` are how this run is made, not what it makes: the user's private
+    re-identification file, and how the cases run (threads here; one Prefect task each under the flow).
+    """
+    data = params.data
+    return ingest_folder(Path(data.source), Path(params.paths.ingested), layout=data.layout, id_map=id_map,
+                         workers=workers, spacing_tolerance=data.slice_spacing_tolerance, case_map=case_map,
+                         group_pattern=data.group_pattern)
+
+
+def ingest_folder(source: Path, out_dir: Path, layout: str = "auto", id_map: Path | None = None,
+                  workers: int | None = None, spacing_tolerance: float = SPACING_REL_TOL,
+                  case_map: CaseMap | None = None, group_pattern: str | None = None) -> dict[str, Any]:
+    """Ingest ``source`` into ``out_dir``: the library call under :func:`run`, and ``medseg ingest SOURCE --out DIR``
+    outside a project (no params file).
 
     Args:
         source: folder to read.
