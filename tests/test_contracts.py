@@ -46,6 +46,7 @@ def _stage_calls(stage: str, signature, monkeypatch, call) -> list:
         bound.apply_defaults()  # a default passed or left out is the same call
         arguments = dict(bound.arguments)
         arguments.pop("case_map", None)  # how per-case work runs (threads, or the flow's task runner)
+        arguments.pop("recorded", None)  # DVC's record of the stage's inputs, which only a dvc run has
         calls.append({name: _normalise(value) for name, value in arguments.items()})
         return {}
 

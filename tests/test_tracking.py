@@ -1,4 +1,5 @@
-"""The MLflow store under concurrency: stages started at once on a fresh store all succeed and lose no run."""
+"""The MLflow store under concurrency (stages started at once on a fresh store all succeed and lose no run), and
+the data version each training run records."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import pytest
 from tests.conftest import planned_and_preprocessed
 from tests.test_train import write_params_yaml
 
-pytestmark = pytest.mark.slow
-
 
 def _at_once(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedProcess]:
     procs = [subprocess.Popen([sys.executable, "-m", "medseg.cli", *c], cwd=cwd, stdout=subprocess.PIPE,
@@ -21,6 +20,7 @@ def _at_once(commands: list[list[str]], cwd: Path) -> list[subprocess.CompletedP
     return [(p, p.communicate(timeout=600)[0]) for p in procs]
 
 
+@pytest.mark.slow
 def test_two_trainings_and_two_registrations_at_once_on_a_fresh_store(tiny_ingested, params_for, tmp_path):
     shared = {"ingested": str(tiny_ingested)}
     base = planned_and_preprocessed(params_for(paths=shared, train={"max_epochs": 1}))
@@ -50,3 +50,27 @@ def test_two_trainings_and_two_registrations_at_once_on_a_fresh_store(tiny_inges
     champion = client.get_model_version_by_alias(base.register.model_name, "champion")
     scores = [float(v.tags["heldout_dice_mean"]) for v in versions]
     assert float(champion.tags["heldout_dice_mean"]) == max(scores)  # the one decision was taken in turn
+
+
+def test_data_version_is_dvcs_hash_while_its_record_describes_the_folder(tmp_path):
+    import yaml
+
+    from medseg.tracking import data_version, dvc_record
+
+    data = tmp_path / "data" / "preprocessed"
+    data.mkdir(parents=True)
+    (data / "a.npy").write_bytes(b"12345")
+    (data / "b.json").write_text("{}")
+    lock = tmp_path / "dvc.lock"
+    assert dvc_record(data, lock) is None  # no lock: not run by DVC
+    content = data_version(data, None)
+    assert content["data_md5_source"] == "content" and len(content["data_md5"]) == 32
+    assert data_version(data, None) == content  # deterministic
+    out = {"path": str(data), "md5": "f" * 32 + ".dir", "size": 7, "nfiles": 2}
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"preprocess": {"outs": [out]}}}))
+    recorded = dvc_record(data, lock)
+    assert data_version(data, recorded) == {"data_md5": "f" * 32 + ".dir", "data_md5_source": "dvc.lock"}
+    (data / "c.txt").write_text("changed outside DVC")  # the record no longer describes the folder
+    changed = data_version(data, recorded)
+    assert changed["data_md5_source"] == "content" and changed["data_md5"] != content["data_md5"]
+    assert dvc_record(tmp_path / "elsewhere", lock) is None

@@ -76,7 +76,11 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 
     from medseg import train
 
-    summary = train.run(_params(args), resume=args.resume)
+    from medseg.tracking import dvc_record
+
+    params = _params(args)
+    recorded = dvc_record(params.paths.preprocessed, Path(args.params).parent / "dvc.lock")  # set by dvc repro
+    summary = train.run(params, resume=args.resume, recorded=recorded)
     return summary if os.environ.get("RANK", "0") == "0" else {}  # under torchrun, one summary, from rank 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from medseg.params import MlflowParams, Params
 
-__all__ = ["configure_mlflow", "champion_version", "version_by_alias", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version"]
+__all__ = ["configure_mlflow", "champion_version", "version_by_alias", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version", "dvc_record"]
 
 log = logging.getLogger(__name__)
 
@@ -131,25 +131,34 @@ def git_commit(cwd: str | Path = ".") -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def data_version(data_dir: str | Path, lock_file: str | Path = "dvc.lock") -> dict[str, str]:
-    """The DVC hash of ``data_dir`` as recorded in ``dvc.lock`` (written when its stage finished).
+def dvc_record(data_dir: str | Path, lock_file: str | Path) -> dict[str, Any] | None:
+    """DVC's record of ``data_dir`` (``md5``, ``nfiles``, ``size``) in ``lock_file`` (``dvc.lock``, written as each
+    stage finishes), or None. Read by the command line, which ``dvc repro`` runs in the project folder; stages get
+    the record passed down (``train.run(recorded=...)``)."""
+    import yaml
 
-    Outside ``dvc repro`` (tests, the Prefect flow) there is no lock entry: fall back to an MD5 over the folder's
-    file names and contents, marked as such.
+    lock = Path(lock_file)
+    if not lock.is_file():
+        return None
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if Path(out.get("path", "")) == Path(data_dir) and "md5" in out:
+                return {key: out.get(key) for key in ("md5", "nfiles", "size")}
+    return None
+
+
+def data_version(data_dir: str | Path, recorded: dict[str, Any] | None = None) -> dict[str, str]:
+    """``data_md5``: DVC's hash of ``data_dir`` when ``recorded`` (:func:`dvc_record`) still describes it, else an
+    MD5 over the folder's file names and contents, marked as such (``data_md5_source``): outside ``dvc repro``
+    (tests, the Prefect flow) there is no record.
     """
     data_dir = Path(data_dir)
     files = sorted(p for p in data_dir.rglob("*") if p.is_file())
-    lock = Path(lock_file)
-    if lock.is_file():
-        import yaml
-
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        for stage in stages.values():
-            for out in stage.get("outs", []):
-                # A stale entry (the folder changed outside DVC since) would lie: check size and file count.
-                if (Path(out.get("path", "")) == data_dir and "md5" in out and out.get("nfiles") == len(files)
-                        and out.get("size") == sum(p.stat().st_size for p in files)):
-                    return {"data_md5": out["md5"], "data_md5_source": "dvc.lock"}
+    # A stale record (the folder changed outside DVC since) would lie: check its file count and size.
+    if (recorded and recorded.get("nfiles") == len(files)
+            and recorded.get("size") == sum(p.stat().st_size for p in files)):
+        return {"data_md5": recorded["md5"], "data_md5_source": "dvc.lock"}
     digest = hashlib.md5()
     for path in files:
         digest.update(str(path.relative_to(data_dir)).encode())

@@ -368,11 +368,13 @@ def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict:
+def run(params: Params, resume: bool = False, inputs: str | None = None,
+        recorded: dict[str, Any] | None = None) -> dict:
     """Train every fold ``train.fold`` names, then (``train.final_model``) the all-data model ``fold_all``.
 
     ``inputs``: :func:`training_inputs` when the caller has just computed it (the flow's unchanged check), so the
-    ingested data is not hashed twice; computed here otherwise.
+    ingested data is not hashed twice; computed here otherwise. ``recorded``: DVC's record of the preprocessed
+    folder (:func:`medseg.tracking.dvc_record`), whose hash then versions the data in MLflow.
 
     Returns ``{"model": paths.model, "folds": [per-fold summary], "postprocessing": decision}``.
     """
@@ -384,7 +386,7 @@ def run(params: Params, resume: bool = False, inputs: str | None = None) -> dict
     plan = read_plan(params.paths.plans)
     folds = params.train.folds(params.preprocess.folds)
     labels = read_dataset(params.paths.preprocessed).labels
-    version = data_version(params.paths.preprocessed)  # once: hashing a large data set takes a while
+    version = data_version(params.paths.preprocessed, recorded)  # once: hashing a large data set takes a while
     version["training_inputs"] = inputs or training_inputs(params)
     drift = _check_against_champion(params)
     if drift:
