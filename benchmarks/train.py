@@ -123,7 +123,7 @@ def main() -> None:
 
     from medseg.data import make_train_loader
     from medseg.params import load_params
-    from medseg.plan import Plan, plan_network
+    from medseg.plan import Plan, network_spec, plan_network
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = PRESETS[args.preset]
@@ -133,11 +133,11 @@ def main() -> None:
     model = plan_network(params.section("model"), dims, setting["shape"])
     plan = Plan(spatial_dims=dims, target_spacing=(1.5, 1.5, 8.0), patch_size=setting["patch"],
                 batch_size=setting["batch"], normalization={"MR": {"scheme": "zscore"}},
-                median_shape=setting["shape"], estimated_step_mb=0.0, channels=tuple(model["channels"]),
-                strides=tuple(model["strides"]))
+                median_shape=setting["shape"], estimated_step_mb=0.0,
+                network=network_spec(model, dims, (1.5, 1.5, 8.0), setting["patch"]))
     train = dataclasses.replace(params.train, steps_per_epoch=setting["steps"], cache="memory",
                                 samples_per_volume=args.samples_per_volume or params.train.samples_per_volume)
-    spec = plan.network_spec(params.section("model"))
+    spec = plan.network
     print(f"preset {args.preset}: {setting['volumes']} volumes {setting['shape']}, {dims}D patch {setting['patch']}, "
           f"{plan.batch_size} patches/step ({train.samples_per_volume} per volume), {train.steps_per_epoch} "
           f"steps/epoch, {args.epochs} timed epochs, {params.model.name} {list(params.model.channels)}, "

@@ -124,6 +124,6 @@ def test_gpu_presets_plan_a_network_that_runs(preset, spacing, shape, dims):
     assert plan.spatial_dims == dims and plan.batch_size >= 2
     assert plan.estimated_step_mb <= params.plan.memory_budget_mb
     with torch.device("meta"):  # shapes only: a full-size GPU network on the planned patch, without the compute
-        net = build_network(plan.network_spec(params.section("model")), 1, 3).eval()
+        net = build_network(plan.network, 1, 3).eval()
         out = net(torch.zeros(1, 1, *plan.patch_size[:dims]))
     assert out.shape == (1, 3, *plan.patch_size[:dims])

@@ -58,7 +58,7 @@ def test_inconsistent_network_is_rejected():
     with pytest.raises(ParamsError, match="one entry fewer"):
         params_from_dict(raw)
     raw["model"].update(channels=None, strides=[2, 2])
-    with pytest.raises(ParamsError, match="must be null when 'model.channels' is null"):
+    with pytest.raises(ParamsError, match="model.strides must be null when model.channels is null"):
         params_from_dict(raw)
 
 

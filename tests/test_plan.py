@@ -114,6 +114,13 @@ def test_plan_stage_writes_fingerprint_and_plan(tiny_ingested, params_for):
     assert planned.normalization == {"MR": {"scheme": "zscore"}}
     saved = json.loads((out / "plans.json").read_text())
     assert saved["network"]["spatial_dims"] == 2 and saved["network"]["name"] == "unet"
+    assert planned.network == saved["network"]  # what train builds is what the plan wrote, not recomputed
+    assert "channels" not in saved and "strides" not in saved  # written once, inside the network spec
+    plan.check_network_current(planned, params.section("model"))  # unchanged params: current
+    for change in ({"norm": "batch"}, {"channels": [8, 16, 32, 64], "strides": [2, 2, 2]}, {"name": "dynunet"}):
+        edited = params_for(paths={"ingested": str(tiny_ingested)}, model=change)
+        with pytest.raises(StageInputError, match="run 'medseg plan'"):
+            plan.check_network_current(planned, edited.section("model"))
 
 
 def test_ras_geometry_follows_the_affine_not_the_voxel_order(tmp_path):

@@ -1,12 +1,5 @@
-"""Networks and losses chosen by the NETWORK SPEC: MONAI U-Net, Attention U-Net and DynUNet, configured, not rewritten.
-
-The spec is a plain JSON-able dict (so checkpoints and ``inference_config.json`` carry it)::
-
-    {"name": "unet" | "attention_unet" | "dynunet", "spatial_dims": 2 | 3, "channels": [16, 32, 64, 128],
-     "strides": [2, 2, 2]  (unet, attention_unet: len(channels) - 1 ints or per-axis lists)
-                | [[1, 1], [2, 2], [2, 2], [2, 2]]  (dynunet: len(channels) per-axis lists, the first all ones),
-     "kernel_sizes": [[3, 3], ...]  (dynunet: len(channels) per-axis lists) | null (others),
-     "num_res_units": 0, "norm": "instance" | "batch", "dropout": 0.0, "deep_supervision": false}
+"""Networks and losses chosen by the NETWORK SPEC (:mod:`medseg.network_spec`): MONAI U-Net, Attention U-Net and
+DynUNet, configured, not rewritten.
 
 Deep supervision (dynunet, attention_unet) follows nnU-Net (Isensee et al. 2021): in ``train()`` mode the network also
 returns logits from the coarser decoder levels, all but the lowest one (at least one), and :func:`build_loss` weights
@@ -16,78 +9,14 @@ their losses 1, 1/2, 1/4, ... In ``eval()`` mode every network returns only the 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from medseg.network_spec import NETWORKS, required_divisor, validate_spec
+
 __all__ = ["NETWORKS", "build_network", "build_loss", "required_divisor", "primary_logits"]
-
-NETWORKS = ("unet", "attention_unet", "dynunet")
-NORMS = ("instance", "batch")
-
-
-def _per_axis(value: Any, spatial_dims: int, key: str, index: int) -> tuple[int, ...]:
-    """One stride or kernel entry as a per-axis tuple of positive ints (an int applies to every axis)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value] * spatial_dims
-    if (not isinstance(value, (list, tuple)) or len(value) != spatial_dims
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-        raise ValueError(f"model.{key}[{index}] must be a positive int or {spatial_dims} positive ints "
-                         f"(one per axis); got {value!r}")
-    return tuple(value)
-
-
-def _validate(spec: dict[str, Any]) -> dict[str, Any]:
-    """Check ``spec`` and return it with strides and kernel sizes as per-axis tuples; errors name the bad key."""
-    name = spec.get("name")
-    if name not in NETWORKS:
-        raise ValueError(f"unknown model.name {name!r}; expected one of {NETWORKS}")
-    required = ["spatial_dims", "channels", "strides", "dropout"]
-    if name != "attention_unet":  # MONAI's AttentionUnet has fixed batch norm and plain conv blocks
-        required += ["num_res_units", "norm"]
-    missing = [key for key in required if key not in spec]
-    if missing:
-        raise ValueError(f"model spec for {name!r} lacks {', '.join('model.' + k for k in missing)}")
-    dims = spec["spatial_dims"]
-    if dims not in (2, 3):
-        raise ValueError(f"model.spatial_dims must be 2 or 3; got {dims!r}")
-    channels = spec["channels"]
-    if (not isinstance(channels, (list, tuple)) or len(channels) < (3 if name == "dynunet" else 2)
-            or not all(isinstance(c, int) and c >= 1 for c in channels)):
-        raise ValueError(f"model.channels must list at least {3 if name == 'dynunet' else 2} positive ints for "
-                         f"{name}; got {channels!r}")
-    if name != "attention_unet" and spec["norm"] not in NORMS:
-        raise ValueError(f"model.norm must be one of {NORMS}; got {spec['norm']!r}")
-    if not 0.0 <= float(spec["dropout"]) < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1); got {spec['dropout']!r}")
-
-    # dynunet's first stride belongs to the input block (no downsampling); the others' strides sit between levels
-    n_strides = len(channels) if name == "dynunet" else len(channels) - 1
-    strides, kernels = spec["strides"], spec.get("kernel_sizes")
-    if not isinstance(strides, (list, tuple)) or len(strides) != n_strides:
-        raise ValueError(f"model.strides must have {n_strides} entries for {name} with {len(channels)} channels "
-                         f"levels; got {strides!r}")
-    strides = tuple(_per_axis(s, dims, "strides", i) for i, s in enumerate(strides))
-    if name == "dynunet":
-        if any(s != 1 for s in strides[0]):
-            raise ValueError(f"model.strides[0] must be all ones for dynunet (full-resolution output); got "
-                             f"{list(strides[0])}")
-        if not isinstance(kernels, (list, tuple)) or len(kernels) != len(channels):
-            raise ValueError(f"model.kernel_sizes must have {len(channels)} entries (one per channels level) for "
-                             f"dynunet; got {kernels!r}")
-        kernels = tuple(_per_axis(k, dims, "kernel_sizes", i) for i, k in enumerate(kernels))
-    elif kernels is not None:
-        raise ValueError(f"model.kernel_sizes is planned for dynunet only; must be null for {name}, got {kernels!r}")
-
-    deep_supervision = bool(spec.get("deep_supervision", False))
-    if deep_supervision and name == "unet":
-        raise ValueError("model.deep_supervision is supported by dynunet and attention_unet, not unet")
-    if deep_supervision and len(channels) < 3:
-        raise ValueError(f"model.deep_supervision needs at least 3 model.channels levels; got {len(channels)}")
-    return {**spec, "strides": strides, "kernel_sizes": kernels, "deep_supervision": deep_supervision}
-
 
 def _supervised_levels(n_levels: int) -> int:
     """Coarser decoder outputs to supervise: all but the lowest (nnU-Net gives it zero weight), at least one.
@@ -95,16 +24,6 @@ def _supervised_levels(n_levels: int) -> int:
     A U-Net with ``n_levels`` resolution levels has decoder outputs at levels 0 .. n_levels - 2.
     """
     return max(1, n_levels - 3)
-
-
-def required_divisor(spec: dict[str, Any]) -> tuple[int, ...]:
-    """Per-axis number each patch size must be divisible by: the product of the strides along that axis.
-
-    Returns one int per spatial axis, e.g. ``(8, 8)`` for strides ``[[1, 1], [2, 2], [2, 2], [2, 2]]`` and
-    ``(4, 4, 2)`` for ``[[1, 1, 1], [2, 2, 1], [2, 2, 2]]``.
-    """
-    strides = _validate(spec)["strides"]
-    return tuple(math.prod(axis) for axis in zip(*strides))
 
 
 class DeepSupervisedAttentionUnet(nn.Module):
@@ -170,7 +89,7 @@ def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> 
     """
     from monai.networks.nets import AttentionUnet, DynUNet, UNet
 
-    spec = _validate(spec)
+    spec = validate_spec(spec)
     name, dims, channels = spec["name"], int(spec["spatial_dims"]), tuple(spec["channels"])
     strides, dropout = spec["strides"], float(spec["dropout"])
     if name == "unet":
@@ -219,7 +138,7 @@ def build_loss(spec: dict[str, Any], name: str = "dice_ce") -> Callable[..., tor
     """
     from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss
 
-    spatial_dims = int(_validate(spec)["spatial_dims"])
+    spatial_dims = int(validate_spec(spec)["spatial_dims"])
     if name == "unet_weighted":
         dice = DiceLoss(to_onehot_y=True, softmax=True)
 

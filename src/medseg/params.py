@@ -316,18 +316,14 @@ def _check_consistency(p: Params) -> None:
     if p.train.loss == "unet_weighted" and p.model.deep_supervision:
         raise ParamsError("params key 'train.loss': unet_weighted weighs full-resolution pixels; it does not combine "
                           "with model.deep_supervision: true")
-    if p.model.channels is None and p.model.strides is not None:
-        raise ParamsError("params key 'model.strides' must be null when 'model.channels' is null (planned)")
-    if p.model.channels is not None and p.model.strides is not None \
-            and len(p.model.strides) != len(p.model.channels) - 1:
-        raise ParamsError(
-            f"params key 'model.strides' must have one entry fewer than 'model.channels' "
-            f"({len(p.model.channels)} channels, {len(p.model.strides)} strides)"
-        )
+    from medseg.network_spec import check_model
+
+    try:  # the network's own rules, owned by the spec's module
+        check_model(p.section("model"))
+    except ValueError as err:
+        raise ParamsError(f"params: {err}") from None
     if p.plan.spatial_dims == 2 and p.plan.patch_size is not None and p.plan.patch_size[2] != 1:
         raise ParamsError("params key 'plan.patch_size' must end in 1 when 'plan.spatial_dims' is 2 (slices)")
-    if p.model.deep_supervision and p.model.name == "unet":
-        raise ParamsError("params key 'model.deep_supervision' needs model.name 'dynunet' or 'attention_unet'")
     if p.preprocess.folds < 2:
         raise ParamsError("params key 'preprocess.folds' must be at least 2")
     if p.train.fold != "all" and not 0 <= p.train.fold < p.preprocess.folds:

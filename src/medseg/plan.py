@@ -35,9 +35,10 @@ import numpy as np
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
 from medseg.manifest import FRAME_MODALITIES
+from medseg.network_spec import level_strides, required_divisor, validate_spec
 from medseg.params import Params
 
-__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "dynunet_topology", "estimate_step_mb",
+__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "network_spec", "dynunet_topology", "estimate_step_mb",
            "PLANS_NAME"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,11 @@ BYTES_PER_FEATURE_VOXEL = 4 * 12
 
 @dataclass(frozen=True)
 class Plan:
-    """What ``plans.json`` holds; every field is either planned from the data or overridden in params."""
+    """What ``plans.json`` holds; every field is either planned from the data or overridden in params.
+
+    ``network`` is the NETWORK SPEC (:mod:`medseg.network_spec`) train builds: the ``model`` params section with
+    depth, width, strides (and DynUNet's per-axis strides and kernels) planned. It is planned once, here.
+    """
 
     spatial_dims: int
     target_spacing: tuple[float, float, float]
@@ -64,22 +69,51 @@ class Plan:
     normalization: dict[str, dict[str, Any]]
     median_shape: tuple[int, int, int]
     estimated_step_mb: float
-    channels: tuple[int, ...]
-    strides: tuple[int, ...]
+    network: dict[str, Any]
     overridden: tuple[str, ...] = ()
 
-    def network_spec(self, model: dict[str, Any]) -> dict[str, Any]:
-        """The network spec ``medseg.networks.build_network`` takes: the ``model`` params section, completed by the
-        plan (dimensions, channels per level; strides; per-axis strides and kernel sizes for DynUNet)."""
-        spec = {key: model[key] for key in ("name", "num_res_units", "norm", "dropout", "deep_supervision")}
-        spec["spatial_dims"] = self.spatial_dims
-        spec["channels"] = list(self.channels)
-        if model["name"] == "dynunet":
-            spec["strides"], spec["kernel_sizes"] = dynunet_topology(
-                self.target_spacing[: self.spatial_dims], self.patch_size[: self.spatial_dims], len(self.channels))
-        else:
-            spec["strides"], spec["kernel_sizes"] = list(self.strides), None
-        return spec
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(self.network["channels"])
+
+
+SPEC_KEYS = ("name", "num_res_units", "norm", "dropout", "deep_supervision")  # taken from params as given
+
+
+def network_spec(model: dict[str, Any], spatial_dims: int, spacing, patch) -> dict[str, Any]:
+    """The NETWORK SPEC for the ``model`` params section as :func:`plan_network` completed it, at this spacing and
+    patch (which decide DynUNet's per-axis strides and kernel sizes)."""
+    spec = {key: model[key] for key in SPEC_KEYS}
+    spec["spatial_dims"] = spatial_dims
+    spec["channels"] = list(model["channels"])
+    if model["name"] == "dynunet":
+        spec["strides"], spec["kernel_sizes"] = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims],
+                                                                 len(model["channels"]))
+    else:
+        spec["strides"], spec["kernel_sizes"] = list(model["strides"]), None
+    try:
+        validate_spec(spec)
+    except ValueError as err:  # e.g. a DynUNet of two levels: one line naming the key, before any training
+        raise StageInputError(f"{err} (params.yaml, section model)") from None
+    return spec
+
+
+def check_network_current(plan: Plan, model: dict[str, Any]) -> None:
+    """Refuse a plan whose network the ``model`` params section would no longer plan (edited since ``medseg plan``):
+    train builds ``plan.network``, so a changed ``model.norm`` must not be ignored silently."""
+    spec = network_spec(plan_network(model, plan.spatial_dims, plan.median_shape), plan.spatial_dims,
+                        plan.target_spacing, plan.patch_size)
+    changed = [key for key in spec if json_equal(spec[key]) != json_equal(plan.network.get(key))]
+    if changed:
+        raise StageInputError(f"the model params changed since plans.json was planned ({', '.join(changed)} of the "
+                              f"network differ): run 'medseg plan' (or 'dvc repro') first")
+
+
+def json_equal(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparing a spec with a stored one."""
+    if isinstance(value, (list, tuple)):
+        return [json_equal(v) for v in value]
+    return value
 
 
 def plan_network(model: dict[str, Any], spatial_dims: int, median_shape) -> dict[str, Any]:
@@ -121,24 +155,14 @@ def dynunet_topology(spacing, patch_size, levels: int) -> tuple[list[list[int]],
     return strides, kernels
 
 
-def _level_strides(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[list[int]]:
-    """Per-level, per-axis strides of the network, the full-resolution level (all ones) first."""
-    if model["name"] == "dynunet":
-        strides, _ = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims], len(model["channels"]))
-        return strides
-    return [[1] * spatial_dims] + [[s] * spatial_dims for s in model["strides"]]
-
-
 def _divisor(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[int]:
-    """Per-axis factor the patch must be divisible by for the network to downsample and upsample it exactly."""
-    strides = _level_strides(model, spatial_dims, spacing, patch)
-    return [math.prod(s[axis] for s in strides) for axis in range(spatial_dims)]
+    return list(required_divisor(network_spec(model, spatial_dims, spacing, patch)))
 
 
 def estimate_step_mb(model: dict[str, Any], spatial_dims: int, spacing, patch, batch: int) -> float:
     """Rough training-step activation memory (MB) of ``batch`` patches: features summed over resolution levels."""
     voxels = math.prod(patch[:spatial_dims])
-    strides = _level_strides(model, spatial_dims, spacing, patch)
+    strides = level_strides(network_spec(model, spatial_dims, spacing, patch))
     features, reduction = 0.0, 1
     for channels, stride in zip(model["channels"], strides):
         reduction *= math.prod(stride)
@@ -245,7 +269,7 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     return Plan(spatial_dims=spatial_dims, target_spacing=target, patch_size=tuple(int(p) for p in patch),
                 batch_size=batch, normalization=_plan_normalization(fingerprint, overrides.ct_clip),
                 median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1),
-                channels=tuple(model["channels"]), strides=tuple(model["strides"]), overridden=overridden)
+                network=network_spec(model, spatial_dims, target, patch), overridden=overridden)
 
 
 def read_plan(folder: str | Path) -> Plan:
@@ -257,8 +281,8 @@ def read_plan(folder: str | Path) -> Plan:
     return Plan(spatial_dims=int(raw["spatial_dims"]), target_spacing=tuple(raw["target_spacing"]),
                 patch_size=tuple(raw["patch_size"]), batch_size=int(raw["batch_size"]),
                 normalization=raw["normalization"], median_shape=tuple(raw["median_shape"]),
-                estimated_step_mb=float(raw["estimated_step_mb"]), channels=tuple(raw["channels"]),
-                strides=tuple(raw["strides"]), overridden=tuple(raw["overridden"]))
+                estimated_step_mb=float(raw["estimated_step_mb"]), network=raw["network"],
+                overridden=tuple(raw["overridden"]))
 
 
 def run(params: Params) -> dict:
@@ -279,8 +303,7 @@ def run(params: Params) -> dict:
     plan = make_plan(prints, params)
     with atomic_dir(params.paths.plans) as out:
         write_json(out / FINGERPRINT_NAME, prints)
-        write_json(out / PLANS_NAME, {**asdict(plan), "network": plan.network_spec(params.section("model")),
-                                      "memory_budget_mb": params.plan.memory_budget_mb})
+        write_json(out / PLANS_NAME, {**asdict(plan), "memory_budget_mb": params.plan.memory_budget_mb})
     log.info("plan: %dD, spacing %s, patch %s, batch %d, channels %s (~%.0f MB per step)", plan.spatial_dims,
              plan.target_spacing, plan.patch_size, plan.batch_size, list(plan.channels), plan.estimated_step_mb)
     return {"spatial_dims": plan.spatial_dims, "target_spacing": list(plan.target_spacing),

@@ -379,11 +379,12 @@ def run(params: Params, resume: bool = False, inputs: str | None = None,
     Returns ``{"model": paths.model, "folds": [per-fold summary], "postprocessing": decision}``.
     """
     from medseg import distributed
-    from medseg.plan import read_plan
+    from medseg.plan import check_network_current, read_plan
     from medseg.preprocess import read_dataset
     from medseg.tracking import data_version
 
     plan = read_plan(params.paths.plans)
+    check_network_current(plan, params.section("model"))
     folds = params.train.folds(params.preprocess.folds)
     labels = read_dataset(params.paths.preprocessed).labels
     version = data_version(params.paths.preprocessed, recorded)  # once: hashing a large data set takes a while
@@ -441,7 +442,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
     training, device = params.train, ctx.device
     train_files, val_files, dataset = data_lists(params, fold)
     num_classes = dataset.num_classes
-    spec = plan.network_spec(params.section("model"))
+    spec = plan.network  # planned once, by medseg plan
     # what a checkpoint must match to be resumed
     resume_key = _digest(params, plan, version["data_md5"], fold, ctx.world_size, code=True)
     post_code = postprocess_code()  # recorded with the final validation's post-processed Dice
