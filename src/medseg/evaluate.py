@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import shutil
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.model_folder import HISTORY_NAME, RUN_NAME, fold_dir
+from medseg.metrics import finite
 from medseg.params import Params
 
 __all__ = ["run", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
@@ -27,9 +27,6 @@ METRICS_NAME = "metrics.json"
 PER_CASE_NAME = "per_case.csv"
 PLOTS_DIR = "plots"
 
-
-def _finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 4)
 
 
 def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
@@ -69,9 +66,9 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
         hd = hd_metric(pred_oh, label_oh, spacing=list(config["target_spacing"]))[0].numpy()
         row = {"case_id": item["case_id"], "fold": fold}
         for name, d, h in zip(classes, dice, hd):
-            row[f"dice_{name}"], row[f"hd95_{name}"] = _finite(d), _finite(h)
+            row[f"dice_{name}"], row[f"hd95_{name}"] = finite(d), finite(h)
             # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
-            row[f"iou_{name}"] = None if row[f"dice_{name}"] is None else _finite(d / (2.0 - d))
+            row[f"iou_{name}"] = None if row[f"dice_{name}"] is None else finite(d / (2.0 - d))
         rows.append(row)
         if len(overlays) < p.evaluate.overlay_cases:
             overlays.append((item["case_id"], image[0, 0].numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["surface", "hd95", "score_case", "bootstrap", "RESAMPLES"]
+__all__ = ["surface", "hd95", "score_case", "bootstrap", "finite", "RESAMPLES"]
 
 RESAMPLES = 2000
+
+
+def finite(x: float | None) -> float | None:
+    """A score as stored in JSON and CSV: rounded to 4 decimals, or None when undefined (NaN, inf, None)."""
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.metrics import finite
+
 __all__ = ["keep_largest_component", "class_means", "decide_postprocessing"]
 
 
@@ -62,9 +64,7 @@ def decide_postprocessing(raw: np.ndarray, post: np.ndarray, labels: dict[int, s
     keep = [c for c, a, b in zip(classes, without, with_) if np.isfinite(a) and np.isfinite(b) and b > a]
     names = [labels[c] for c in classes]
     return {"largest_component": keep, "cases": int(raw.shape[0]),
-            "dice_without": {n: _finite(v) for n, v in zip(names, without)},
-            "dice_with": {n: _finite(v) for n, v in zip(names, with_)}}
+            "dice_without": {n: finite(v) for n, v in zip(names, without)},
+            "dice_with": {n: finite(v) for n, v in zip(names, with_)}}
 
 
-def _finite(x: float) -> float | None:
-    return round(float(x), 4) if np.isfinite(x) else None
