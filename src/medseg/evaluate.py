@@ -29,7 +29,7 @@ PLOTS_DIR = "plots"
 
 
 
-def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
+def _score_fold(params: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
     """Per-case Dice and HD95 of fold ``fold``'s model on its held-out cases (TTA per params, post-processing as the
     model's inference config decided it)."""
     from monai.data import Dataset
@@ -43,8 +43,8 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
     from medseg.train import data_lists
     from medseg.transforms import eval_transforms
 
-    _, val_files, _ = data_lists(p, fold)
-    [(net, config)] = load_trained(fold_dir(p.paths.model, fold))
+    _, val_files, _ = data_lists(params, fold)
+    [(net, config)] = load_trained(fold_dir(params.paths.model, fold))
     net = net.to(device)
     n = dataset.num_classes
     largest = largest_component_classes(config, n)
@@ -54,10 +54,10 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
     rows = []
     for item in tqdm(Dataset(val_files, eval_transforms()), desc=f"evaluate fold {fold}", unit="case"):
         image, label = item["image"][None], item["label"][None]
-        inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], p.evaluate.sw_overlap,
-                                p.evaluate.sw_batch_size, sw_device=device,
+        inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], params.evaluate.sw_overlap,
+                                params.evaluate.sw_batch_size, sw_device=device,
                                 device=stitch_device(image.shape[2:], n, device))
-        probs = probabilities([net], image.to(device), inferer, tta=p.evaluate.tta)
+        probs = probabilities([net], image.to(device), inferer, tta=params.evaluate.tta)
         pred = probs.argmax(1, keepdim=True).cpu()
         if largest:
             pred = keep_largest_component(pred[0], largest)[None]
@@ -70,9 +70,9 @@ def _score_fold(p: Params, fold: int, dataset, device: torch.device, overlays: l
             # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
             row[f"iou_{name}"] = None if row[f"dice_{name}"] is None else finite(d / (2.0 - d))
         rows.append(row)
-        if len(overlays) < p.evaluate.overlay_cases:
+        if len(overlays) < params.evaluate.overlay_cases:
             overlays.append((item["case_id"], image[0, 0].numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))
-    return rows, read_json(fold_dir(p.paths.model, fold) / RUN_NAME)
+    return rows, read_json(fold_dir(params.paths.model, fold) / RUN_NAME)
 
 
 def _summary(rows: list[dict], classes: list[str]) -> dict:
@@ -99,29 +99,28 @@ def run(params: Params) -> dict:
     from medseg.preprocess import read_dataset
     from medseg.tracking import configure_mlflow
 
-    p = params
-    dataset = read_dataset(p.paths.preprocessed)
-    device = select_device(p.train.device)
+    dataset = read_dataset(params.paths.preprocessed)
+    device = select_device(params.train.device)
     classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
     rows, overlays, folds = [], [], {}
-    for fold in p.train.folds(p.preprocess.folds):
-        fold_rows, run_info = _score_fold(p, fold, dataset, device, overlays)
+    for fold in params.train.folds(params.preprocess.folds):
+        fold_rows, run_info = _score_fold(params, fold, dataset, device, overlays)
         rows += fold_rows
         folds[str(fold)] = {**_summary(fold_rows, classes), "run_id": run_info["run_id"]}
-    metrics = {**_summary(rows, classes), "fold": p.train.fold, "folds": folds}
-    with atomic_dir(p.paths.evaluation) as out:
+    metrics = {**_summary(rows, classes), "fold": params.train.fold, "folds": folds}
+    with atomic_dir(params.paths.evaluation) as out:
         write_json(out / METRICS_NAME, metrics)
         with (out / PER_CASE_NAME).open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         (out / PLOTS_DIR).mkdir()
-        first = fold_dir(p.paths.model, p.train.folds(p.preprocess.folds)[0])
+        first = fold_dir(params.paths.model, params.train.folds(params.preprocess.folds)[0])
         shutil.copyfile(first / HISTORY_NAME, out / HISTORY_NAME)  # for `dvc plots`; every fold's is in MLflow
         plots.training_curves(first / HISTORY_NAME, out / PLOTS_DIR / "training_curves.png")
         for case_id, image, label, pred in overlays:
             plots.overlay(image, label, pred, out / PLOTS_DIR / f"overlay_{case_id}.png", title=case_id)
-        configure_mlflow(p.mlflow)
+        configure_mlflow(params.mlflow)
         for fold, summary in folds.items():
             with mlflow.start_run(run_id=summary["run_id"]):
                 flat = {"heldout_dice_mean": summary["dice_mean"], "cv_dice_mean": metrics["dice_mean"],

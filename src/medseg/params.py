@@ -312,28 +312,28 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
 }
 
 
-def _check_consistency(p: Params) -> None:
-    if p.train.loss == "unet_weighted" and p.model.deep_supervision:
+def _check_consistency(params: Params) -> None:
+    if params.train.loss == "unet_weighted" and params.model.deep_supervision:
         raise ParamsError("params key 'train.loss': unet_weighted weighs full-resolution pixels; it does not combine "
                           "with model.deep_supervision: true")
     from medseg.network_spec import check_model
 
     try:  # the network's own rules, owned by the spec's module
-        check_model(p.section("model"))
+        check_model(params.section("model"))
     except ValueError as err:
         raise ParamsError(f"params: {err}") from None
-    if p.plan.spatial_dims == 2 and p.plan.patch_size is not None and p.plan.patch_size[2] != 1:
+    if params.plan.spatial_dims == 2 and params.plan.patch_size is not None and params.plan.patch_size[2] != 1:
         raise ParamsError("params key 'plan.patch_size' must end in 1 when 'plan.spatial_dims' is 2 (slices)")
-    if p.preprocess.folds < 2:
+    if params.preprocess.folds < 2:
         raise ParamsError("params key 'preprocess.folds' must be at least 2")
-    if p.train.fold != "all" and not 0 <= p.train.fold < p.preprocess.folds:
-        raise ParamsError(f"params key 'train.fold' must be in 0..{p.preprocess.folds - 1} or 'all', "
-                          f"got {p.train.fold}")
-    if p.train.time_budget_minutes is not None and p.train.time_budget_minutes <= 0:
+    if params.train.fold != "all" and not 0 <= params.train.fold < params.preprocess.folds:
+        raise ParamsError(f"params key 'train.fold' must be in 0..{params.preprocess.folds - 1} or 'all', "
+                          f"got {params.train.fold}")
+    if params.train.time_budget_minutes is not None and params.train.time_budget_minutes <= 0:
         raise ParamsError("params key 'train.time_budget_minutes' must be positive (or null: use max_epochs)")
     for key, (lo, hi, lo_open) in RANGES.items():
         section, _, name = key.partition(".")
-        value = p.section(section)
+        value = params.section(section)
         for part in name.split("."):
             value = value[part] if isinstance(value, dict) else getattr(value, part)
         if value is None:
@@ -341,10 +341,10 @@ def _check_consistency(p: Params) -> None:
         if (value <= lo if lo_open else value < lo) or (hi is not None and value > hi):
             bound = f"{'above' if lo_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
             raise ParamsError(f"params key '{key}' must be {bound}, got {value}")
-    lo, hi = p.train.augmentation.scale_range
+    lo, hi = params.train.augmentation.scale_range
     if not 0 < lo <= hi:
         raise ParamsError("params key 'train.augmentation.scale_range' must be [min, max] with 0 < min <= max")
-    if p.plan.memory_budget_mb <= 0:
+    if params.plan.memory_budget_mb <= 0:
         raise ParamsError("params key 'plan.memory_budget_mb' must be positive")
 
 

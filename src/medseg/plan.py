@@ -38,8 +38,8 @@ from medseg.manifest import FRAME_MODALITIES
 from medseg.network_spec import level_strides, required_divisor, validate_spec
 from medseg.params import Params
 
-__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "network_spec", "dynunet_topology", "estimate_step_mb",
-           "PLANS_NAME"]
+__all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "network_spec", "check_network_current",
+           "dynunet_topology", "estimate_step_mb", "PLANS_NAME"]
 
 log = logging.getLogger(__name__)
 

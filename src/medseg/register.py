@@ -76,7 +76,7 @@ def model_card(name: str, version: str, run, score: float, why: str, tags: dict[
     return "\n".join(lines) + "\n"
 
 
-def _test_gate(p: Params, name: str, fold: int | str, champion_version: str | None) -> tuple[dict, str] | None:
+def _test_gate(params: Params, name: str, fold: int | str, champion_version: str | None) -> tuple[dict, str] | None:
     """The candidate (this fold's model) and the champion on the locked test set, and the rule's verdict; None
     without a test set."""
     from medseg.mlflow_model import load_registered
@@ -84,17 +84,17 @@ def _test_gate(p: Params, name: str, fold: int | str, champion_version: str | No
     from medseg.preprocess import read_test_set
     from medseg.promotion import compare, score_on_test
 
-    test, test_hash = read_test_set(p.paths.preprocessed)
+    test, test_hash = read_test_set(params.paths.preprocessed)
     if not test:
         return None
-    candidate = score_on_test(load_trained(fold_dir(p.paths.model, fold)), p, test)
+    candidate = score_on_test(load_trained(fold_dir(params.paths.model, fold)), params, test)
     champion_rows = None
     if champion_version is not None:
-        champion_rows = score_on_test(load_registered(f"models:/{name}@{CHAMPION}"), p, test)
-    return compare(candidate, champion_rows, p), test_hash
+        champion_rows = score_on_test(load_registered(f"models:/{name}@{CHAMPION}"), params, test)
+    return compare(candidate, champion_rows, params), test_hash
 
 
-def _register_version(client, p: Params, run_info: dict, score: float, fold: int | str,
+def _register_version(client, params: Params, run_info: dict, score: float, fold: int | str,
                       tags: dict[str, str] | None = None, metrics_card: dict | None = None) -> dict:
     """One fold's run as a model version, aliased ``champion`` if it passes the promotion rule against the current
     champion (on the locked test set when there is one; else its cross-validation score), else ``challenger``."""
@@ -102,7 +102,7 @@ def _register_version(client, p: Params, run_info: dict, score: float, fold: int
 
     from medseg.promotion import evidence_markdown
 
-    name = p.register.model_name
+    name = params.register.model_name
     run_id = run_info["run_id"]
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
@@ -116,7 +116,7 @@ def _register_version(client, p: Params, run_info: dict, score: float, fold: int
         client.set_model_version_tag(name, version, key, value)
     champion_version, champion_score = _champion_score(client, name)
     already = champion_version == version
-    gate = None if already else _test_gate(p, name, fold, champion_version)
+    gate = None if already else _test_gate(params, name, fold, champion_version)
     if gate is None:
         alias = CHAMPION if already or score > champion_score else CHALLENGER
         why = _decision(alias, version, score, champion_version, champion_score)
@@ -163,45 +163,44 @@ def run(params: Params) -> dict:
     from medseg.evaluate import METRICS_NAME
     from medseg.tracking import configure_mlflow, store_lock, tracking_uri
 
-    p = params
-    name = p.register.model_name
-    metrics = read_json(Path(p.paths.evaluation) / METRICS_NAME)
-    configure_mlflow(p.mlflow)
+    name = params.register.model_name
+    metrics = read_json(Path(params.paths.evaluation) / METRICS_NAME)
+    configure_mlflow(params.mlflow)
     client = MlflowClient()
     # One registration at a time per store: reading the champion's score and moving the alias is one decision.
-    with store_lock(tracking_uri(p.mlflow)):
+    with store_lock(tracking_uri(params.mlflow)):
         try:
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name, description="medseg segmentation model; 'champion' serves "
                                                              "predictions")
-        versions = _register_all(p, client, name, metrics)
+        versions = _register_all(params, client, name, metrics)
     summary = {"model_name": name, **versions[-1], "versions": versions}
-    write_json(p.paths.registry, summary)
+    write_json(params.paths.registry, summary)
     return summary
 
 
-def _register_all(p: Params, client, name: str, metrics: dict) -> list[dict]:
+def _register_all(params: Params, client, name: str, metrics: dict) -> list[dict]:
     from medseg.evaluate import METRICS_NAME
     from medseg.model_folder import ALL, RUN_NAME, fold_dir, read_postprocessing
 
     versions = []
-    final = fold_dir(p.paths.model, ALL) / RUN_NAME
+    final = fold_dir(params.paths.model, ALL) / RUN_NAME
     if final.is_file():
         folds = sorted(metrics["folds"], key=int)
         tags = {"estimated_by_folds": ",".join(folds), "cv_cases": str(metrics["cases"]),
                 "estimated_by_runs": ",".join(metrics["folds"][f]["run_id"] for f in folds),
                 "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
-                "largest_component_classes": ",".join(map(str, (read_postprocessing(p.paths.model) or {}).get(
+                "largest_component_classes": ",".join(map(str, (read_postprocessing(params.paths.model) or {}).get(
                     "largest_component", [])))}
-        versions.append(_register_version(client, p, read_json(final), float(metrics["dice_mean"]), ALL, tags,
+        versions.append(_register_version(client, params, read_json(final), float(metrics["dice_mean"]), ALL, tags,
                                           metrics))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
-        run_info = read_json(fold_dir(p.paths.model, int(fold)) / RUN_NAME)
+        run_info = read_json(fold_dir(params.paths.model, int(fold)) / RUN_NAME)
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
-        versions.append(_register_version(client, p, run_info, float(fold_metrics["dice_mean"]), int(fold),
+        versions.append(_register_version(client, params, run_info, float(fold_metrics["dice_mean"]), int(fold),
                                           metrics_card=fold_metrics))
     return versions
 

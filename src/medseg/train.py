@@ -361,11 +361,11 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _optimizer(t, net: torch.nn.Module) -> torch.optim.Optimizer:
-    if t.optimizer == "sgd":  # nnU-Net's choice
-        return torch.optim.SGD(net.parameters(), lr=t.learning_rate, momentum=0.99, nesterov=True,
-                               weight_decay=t.weight_decay)
-    return torch.optim.AdamW(net.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)
+def _optimizer(training, net: torch.nn.Module) -> torch.optim.Optimizer:
+    if training.optimizer == "sgd":  # nnU-Net's choice
+        return torch.optim.SGD(net.parameters(), lr=training.learning_rate, momentum=0.99, nesterov=True,
+                               weight_decay=training.weight_decay)
+    return torch.optim.AdamW(net.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
 
 
 def run(params: Params, resume: bool = False, inputs: str | None = None,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, iter_files, modality_name, named, \
     read_label_json, rel
 from medseg.ingest.dicom_geometry import SPACING_REL_TOL, Geometry, series_geometry, split_phases
-from medseg.ingest.dicom_label_match import is_label_object, object_loader, plan_labels
+from medseg.ingest.dicom_label_match import is_label_object, match_label_objects, object_loader
 from medseg.ingest.dicom_headers import Header, group_series, non_image_reason, read_header, unique_instances
 from medseg.ingest.dicom_multiframe import frame_headers, is_enhanced
 from medseg.ingest.dicom_pixels import decoder_problem, read_series
@@ -82,10 +82,10 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
     # DICOM-SEG and RTSTRUCT objects are labels of the series they reference, not series of their own.
     label_headers = [h for h in headers if is_label_object(h)]
     groups = group_series([h for h in headers if not is_label_object(h)])
-    plan = plan_labels(label_headers, groups, source, labels)
-    scan.rejected.extend(plan.rejected)
-    if plan.by_series:
-        scan.labels = plan.labels
+    match = match_label_objects(label_headers, groups, source, labels)
+    scan.rejected.extend(match.rejected)
+    if match.by_series:
+        scan.labels = match.labels
     for key, group in groups.items():
         group, copies = unique_instances(group)
         if copies:
@@ -113,8 +113,8 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
             case_key = key if phase is None else f"{key}|{phase}"
             case_id = f"{subject}_{pseudonym(case_key, prefix='ser', length=6)}"
             label_path = labels_dir / f"{folder.name}.nii.gz"
-            if key in plan.by_series:
-                load = object_loader(geometry, plan.by_series[key], plan.labels, read_series)
+            if key in match.by_series:
+                load = object_loader(geometry, match.by_series[key], match.labels, read_series)
             else:
                 load = _loader(geometry, named(label_path))
             ids = {"patient_id": first.patient_id, "study_uid": first.study_uid, "series_uid": first.series_uid}

@@ -21,7 +21,7 @@ from medseg.ingest.common import CaseRejected, rel
 from medseg.ingest.dicom_headers import Header
 from medseg.ingest.dicom_labels import LabelObject, find_label_objects
 
-__all__ = ["LabelPlan", "plan_labels", "remap_by_name", "is_label_object", "object_loader"]
+__all__ = ["LabelMatch", "match_label_objects", "remap_by_name", "is_label_object", "object_loader"]
 
 LABEL_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7", "1.2.840.10008.5.1.4.1.1.481.3")
 
@@ -31,7 +31,7 @@ def is_label_object(h: Header) -> bool:
 
 
 @dataclass
-class LabelPlan:
+class LabelMatch:
     """The chosen label object per series key, the data-set label map, and report lines."""
 
     by_series: dict[str, LabelObject] = field(default_factory=dict)
@@ -46,15 +46,15 @@ def _references(obj: LabelObject, key: str, group: list[Header]) -> bool:
     return bool(obj.instance_uids) and set(obj.instance_uids) <= uids
 
 
-def plan_labels(headers: list[Header], groups: dict[str, list[Header]], source: Path,
-                known: dict[int, str] | None) -> LabelPlan:
+def match_label_objects(headers: list[Header], groups: dict[str, list[Header]], source: Path,
+                        known: dict[int, str] | None) -> LabelMatch:
     """Match the label objects among ``headers`` to the image series ``groups`` (series key -> headers)."""
-    plan = LabelPlan(labels=dict(known) if known else {0: "background"})
+    match = LabelMatch(labels=dict(known) if known else {0: "background"})
     objects = sorted(find_label_objects([h for h in headers if is_label_object(h)]),
                      key=lambda o: (o.kind != "SEG", str(o.path)))
     used: set[Path] = set()
     for path in sorted({h.path for h in headers if is_label_object(h)} - {o.path for o in objects}):
-        plan.rejected.append({"source": rel(path, source),
+        match.rejected.append({"source": rel(path, source),
                               "reason": "SEG/RTSTRUCT object whose references could not be read"})
     for key, group in groups.items():
         matching = [o for o in objects if _references(o, key, group)]
@@ -62,7 +62,7 @@ def plan_labels(headers: list[Header], groups: dict[str, list[Header]], source: 
         for o in [o for o in matching if present and not set(o.instance_uids) <= present]:
             # The right series, but slices it was drawn on are not here: it cannot be placed, so it labels nothing.
             missing = len(set(o.instance_uids) - present)
-            plan.rejected.append({"source": rel(o.path, source),
+            match.rejected.append({"source": rel(o.path, source),
                                   "reason": f"{o.kind} references {missing} image instance(s) that are not in its "
                                             "series under SOURCE (slices missing?)"})
             used.add(o.path)
@@ -70,23 +70,23 @@ def plan_labels(headers: list[Header], groups: dict[str, list[Header]], source: 
         if not matching:
             continue
         chosen, *others = matching
-        plan.by_series[key] = chosen
+        match.by_series[key] = chosen
         used.update(o.path for o in matching)
         for o in others:
-            plan.rejected.append({"source": rel(o.path, source),
+            match.rejected.append({"source": rel(o.path, source),
                                   "reason": f"not used: {rel(chosen.path, source)} ({chosen.kind}) already labels "
                                             "the same series"})
     for o in objects:
         if o.path not in used:
-            plan.rejected.append({"source": rel(o.path, source),
+            match.rejected.append({"source": rel(o.path, source),
                                   "reason": f"{o.kind} references series {o.series_uid or '(none)'}, "
                                             "which is not among the image series found under SOURCE"})
     if not known:
-        for o in plan.by_series.values():
+        for o in match.by_series.values():
             for name in o.names.values():
-                if name.lower() not in {n.lower() for n in plan.labels.values()}:
-                    plan.labels[max(plan.labels) + 1] = name
-    return plan
+                if name.lower() not in {n.lower() for n in match.labels.values()}:
+                    match.labels[max(match.labels) + 1] = name
+    return match
 
 
 def remap_by_name(label: np.ndarray, names: dict[int, str], labels: dict[int, str]) -> np.ndarray:
