@@ -84,6 +84,31 @@ def test_bad_inputs_are_reported_and_the_rest_still_run(model, tmp_path, capsys)
     assert _hashes(src) == before
 
 
+def test_a_failed_write_is_that_inputs_failure_and_the_others_are_written(model, tmp_path, monkeypatch, caplog):
+    """Outputs are written on a thread while the next input is segmented: a write that fails (a full disk) must
+    still be reported against its own input, once, and the inputs before and after it written."""
+    import errno
+
+    import medseg.atomic as atomic
+
+    src = tmp_path / "in"
+    image, _ = write_tiny_volume(3, shape=(40, 36, 5))
+    for stem in ("a", "b", "c"):
+        _nifti(src / f"{stem}.nii.gz", image)
+    real = atomic.save_nifti
+
+    def full_for_b(path, *args, **kwargs):
+        if path.name == "b.nii.gz":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "save_nifti", full_for_b)
+    summary = predict.run(str(model), src, tmp_path / "out")
+    assert [f["input"] for f in summary["failed"]] == ["b"] and "No space left" in summary["failed"][0]["reason"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "c.nii.gz"]
+    assert summary["succeeded"] == 2 and [r.message.count("failed: b") for r in caplog.records].count(1) == 1
+
+
 @pytest.mark.parametrize("case", ["file", "readonly", "same", "inside"])
 def test_unusable_out_is_one_line_and_exit_2(model, tmp_path, capsys, case):
     import os

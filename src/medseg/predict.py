@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,38 +384,58 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
              ", ".join(map(str, names)), tta, largest)
     out_dir = _output_folder(Path(out_dir), Path(input_path))
     written, dicom_segs, failed, taken = [], [], [], set()
-    for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
-        name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
-        try:
-            if isinstance(item, Unreadable):
-                raise StageInputError(item.reason)
-            if dicom_seg and not item.dicom_files:
-                raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
-            target = out_dir / f"{name}.png" if item.pixels is not None else out_dir / f"{name}.nii.gz"
-            if item.source is not None and target.exists() and target.samefile(item.source):
-                raise StageInputError(f"its output {target} would replace the input itself")
-            channels = item.image.shape[3] if item.image.ndim == 4 else 1
-            if item.pixels is not None and int(config["in_channels"]) != channels:
-                raise StageInputError(f"{item.modality} image with {channels} channel(s); the model takes "
-                                      f"{config['in_channels']}")
-            labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
-                             sw_batch_size, device, name)
-            if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
-                written.append(str(save_png(target, mask_pixels(labels, num_classes))))
-                save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels))
-            else:
-                written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
-            if dicom_seg:
-                dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
-                                                      ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))
-        except Exception as err:  # one bad input never stops the others; each gets one line
-            reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
-            log.debug("%s failed", name, exc_info=True)
-            log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
-            failed.append({"input": name, "reason": reason})
-            continue
+
+    def fail(name: str, err: BaseException) -> None:  # one bad input never stops the others; each gets one line
+        reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
+        log.debug("%s failed", name, exc_info=err)
+        log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
+        failed.append({"input": name, "reason": reason})
+
+    def write(item: Input, name: str, target: Path, labels: np.ndarray) -> None:
+        if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
+            written.append(str(save_png(target, mask_pixels(labels, num_classes))))
+            save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels))
+        else:
+            written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
+        if dicom_seg:
+            dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
+                                                  ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))
         log.info("%s: %s", name, {config["labels"].get(str(k), k): int((labels == k).sum())
                                   for k in np.unique(labels) if k})
+
+    def finish(pending: tuple[str, Future] | None) -> None:
+        if pending is not None:
+            try:
+                pending[1].result()
+            except Exception as err:  # noqa: BLE001 - reported as that input's failure
+                fail(pending[0], err)
+
+    # Writing a case (inverting is done; compressing and saving remain) overlaps the next case's inference on one
+    # writer thread; at most one write waits, so memory holds two cases at most.
+    pending: tuple[str, Future] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") as writer:
+        for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
+            name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
+            try:
+                if isinstance(item, Unreadable):
+                    raise StageInputError(item.reason)
+                if dicom_seg and not item.dicom_files:
+                    raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
+                target = out_dir / f"{name}.png" if item.pixels is not None else out_dir / f"{name}.nii.gz"
+                if item.source is not None and target.exists() and target.samefile(item.source):
+                    raise StageInputError(f"its output {target} would replace the input itself")
+                channels = item.image.shape[3] if item.image.ndim == 4 else 1
+                if item.pixels is not None and int(config["in_channels"]) != channels:
+                    raise StageInputError(f"{item.modality} image with {channels} channel(s); the model takes "
+                                          f"{config['in_channels']}")
+                labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
+                                 sw_batch_size, device, name)
+            except Exception as err:  # noqa: BLE001 - one line, and the other inputs go on
+                fail(name, err)
+                continue
+            finish(pending)
+            pending = (name, writer.submit(write, item, name, target, labels))
+        finish(pending)
     summary = {"model": [str(m) for m in names], "written": written, "failed": failed,
                "succeeded": len(written), "tta": tta, "largest_component": largest}
     if dicom_seg:
