@@ -21,10 +21,12 @@ def sh(*args: str, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A copy of the project (code, dvc.yaml, params.yaml shrunk to seconds) as a fresh git + DVC repository."""
-    root = tmp_path / "project"
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the project (code, dvc.yaml, params.yaml shrunk to seconds) as a fresh git + DVC repository, after
+    its first ``dvc repro`` (and that command's output). Shared by this module's tests, in file order: the first
+    only reads it (its second repro is a no-op), the second goes on from it."""
+    root = tmp_path_factory.mktemp("dvc") / "project"
     root.mkdir()
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(REPO / "dvc.yaml", root)
@@ -40,11 +42,11 @@ def project(tmp_path) -> Path:
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init", cwd=root)
     sh("dvc", "init", "-q", cwd=root)
     sh("dvc", "config", "core.analytics", "false", cwd=root)
-    return root
+    return root, sh("dvc", "repro", cwd=root)
 
 
-def test_dvc_repro_runs_every_stage_then_does_nothing(project):
-    first = sh("dvc", "repro", cwd=project)
+def test_dvc_repro_runs_every_stage_then_does_nothing(reproduced):
+    project, first = reproduced
     for stage in ("demo_data", "ingest", "plan", "preprocess", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
     assert (project / "data/evaluation/metrics.json").is_file()
@@ -70,8 +72,9 @@ def _commit(root: Path, message: str) -> None:
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message, cwd=root)
 
 
-def test_experiments_and_a_remote_spare_a_fresh_clone_the_recomputing(project, tmp_path):
-    sh("dvc", "repro", cwd=project)
+def test_experiments_and_a_remote_spare_a_fresh_clone_the_recomputing(reproduced, tmp_path):
+    project, _ = reproduced
+    assert "Running stage" not in sh("dvc", "repro", cwd=project)  # the shared first run is complete
     _commit(project, "baseline")
 
     # A sweep point with `dvc exp run -S`, compared with `dvc exp show`.
