@@ -3,6 +3,7 @@ objects, missing slices, and the fast pixel paths against pydicom's own decoding
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from medseg.ingest.common import CaseRejected
 from medseg.ingest.dicom import scan_dicom
 from medseg.ingest.dicom_geometry import series_geometry
 from medseg.ingest.dicom_headers import read_header
@@ -205,8 +207,42 @@ def test_fast_pixel_path_matches_pydicom(tmp_path, signed):
         ds.PixelData = raw.tobytes()
         ds.save_as(path, enforce_file_format=True)
     expected = pydicom.dcmread(paths[0]).pixel_array.T
-    geometry = series_geometry([read_header(p) for p in paths])
+    headers = [read_header(p) for p in paths]
+    assert all(h.stored is not None for h in headers)  # read straight from the file, without pydicom's decoder
+    geometry = series_geometry(headers)
+    decoded = series_geometry([dataclasses.replace(h, stored=None) for h in headers])  # the pydicom path
     for workers in (1, 4):
-        vol = read_series(geometry, workers=workers)
-        for k in range(3):
-            np.testing.assert_array_equal(vol[:, :, k], expected)
+        for vol in (read_series(geometry, workers=workers), read_series(decoded, workers=workers)):
+            for k in range(3):
+                np.testing.assert_array_equal(vol[:, :, k], expected)
+
+
+def test_pixels_read_straight_from_the_file_equal_pydicoms_rescaled(tmp_path):
+    """The direct read of uncompressed slices (offset from the header pass) against pydicom's decoding."""
+    paths = write_series(tmp_path / "s", axial_positions(4), rows=5, cols=3, slope=1.0, intercept=-1024.0)
+    headers = [read_header(p) for p in paths]
+    assert all(h.stored is not None for h in headers)
+    direct = read_series(series_geometry(headers))
+    decoded = read_series(series_geometry([dataclasses.replace(h, stored=None) for h in headers]))
+    assert direct.dtype == decoded.dtype == np.int16
+    np.testing.assert_array_equal(direct, decoded)
+    for path in paths[:1]:  # a file cut inside its pixels: the decoding path names it, as before
+        path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(CaseRejected, match="cannot be decoded"):
+        read_series(series_geometry([read_header(p) for p in paths]))
+
+
+@pytest.mark.parametrize("stored, slope, intercept, dtype", [
+    (np.array([[0, 3000]], np.int16), 1.0, -1024.0, np.int16),  # CT: HU in int16
+    (np.array([[0, 40000]], np.uint16), 1.0, -32768.0, np.int16),  # fits only after the shift: wraps, then exact
+    (np.array([[0, 40000]], np.uint16), 1.0, 0.0, np.int32),
+    (np.array([[1, 3]], np.uint16), 2.0, -1.0, np.int16),
+    (np.array([[1, 3]], np.uint16), 0.5, 0.0, np.float32),  # a fractional slope (MR, PET): float
+])
+def test_rescaled_pixels_get_the_smallest_exact_type(stored, slope, intercept, dtype):
+    from medseg.ingest.dicom_pixels import _output_dtype, _rescale_into
+
+    assert _output_dtype([(0, stored, slope, intercept)]) == dtype
+    out = np.empty(stored.shape, dtype)
+    _rescale_into(out, stored, slope, intercept)
+    np.testing.assert_array_equal(out, stored.astype(np.float64) * slope + intercept)

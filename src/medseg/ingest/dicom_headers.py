@@ -12,7 +12,7 @@ import os
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from medseg.ingest.common import CaseRejected
@@ -30,6 +30,8 @@ NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.
 
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+IMPLICIT_LE, EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+NATIVE_LE = {IMPLICIT_LE, EXPLICIT_LE}  # uncompressed little endian: pixels readable straight from the file
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class Header:
     acquisition_number: float | None = None
     frame: int | None = None  # index of the frame in an enhanced multi-frame file, else None
     rescale: tuple[float, float] | None = None  # (slope, intercept) of that frame, from its functional groups
+    # An uncompressed little-endian grey-scale single frame: (file offset of its pixels, stored numpy dtype,
+    # BitsStored, RescaleSlope, RescaleIntercept), so the pixel pass reads them without parsing the file again
+    stored: tuple[int, str, int, float, float] | None = None
 
 
 @contextlib.contextmanager
@@ -117,6 +122,8 @@ def read_header(path: Path) -> Header:
             # files are inflated into memory first, so for them this cannot be told before the pixel pass
             deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DEFLATED
             header = _header(path, kind, ds, has_pixels=deflated or fh.tell() < os.fstat(fh.fileno()).st_size)
+            if header.has_pixels and not deflated:
+                header = replace(header, stored=_stored_pixels(fh, ds, header))
     except Exception as err:  # pydicom raises many types on truncated or malformed files
         raise CaseRejected(f"corrupt or truncated DICOM: {type(err).__name__}: {str(err)[:200]}") from None
     if not header.sop_class and kind == "raw" and header.rows is None and not header.modality:
@@ -142,6 +149,29 @@ def _header(path: Path, kind: str, ds, has_pixels: bool) -> Header:
         pixel_spacing=_floats(get("PixelSpacing"), 2), image_type=_strings(get("ImageType")),
         sop_uid=str(get("SOPInstanceUID", "") or ""), temporal_position=_number(get("TemporalPositionIdentifier")),
         trigger_time=_number(get("TriggerTime")), acquisition_number=_number(get("AcquisitionNumber")))
+
+
+def _stored_pixels(fh, ds, h: Header) -> tuple[int, str, int, float, float] | None:
+    """:attr:`Header.stored` of a file read up to its pixel data (``fh`` at the (7FE0,0010) element), or None."""
+    ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
+    bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if ts not in NATIVE_LE or h.samples != 1 or h.frames != 1 or bits not in (8, 16) or not 0 < stored <= bits \
+            or not h.rows or not h.columns:
+        return None
+    start = fh.tell()
+    element = fh.read(12)
+    if element[:4] != b"\xe0\x7f\x10\x00":  # not at the Pixel Data tag: leave it to pydicom
+        return None
+    if ts == EXPLICIT_LE:
+        if element[4:6] not in (b"OW", b"OB"):
+            return None
+        length, offset = int.from_bytes(element[8:12], "little"), start + 12
+    else:
+        length, offset = int.from_bytes(element[4:8], "little"), start + 8
+    dtype = f"<{'i' if int(ds.get('PixelRepresentation', 0) or 0) == 1 else 'u'}{bits // 8}"
+    if length == 0xFFFFFFFF or length < h.rows * h.columns * bits // 8:
+        return None
+    return offset, dtype, stored, float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
 
 
 def _number(value) -> float | None:
