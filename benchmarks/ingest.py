@@ -157,12 +157,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medseg-bench-"))
-    if args.series:  # medseg ingest reads the folder above, so the series gets a folder of its own
+    if args.series:  # a copy in a folder of its own: medseg ingest reads the folder above (and follows no links)
         series = workdir / "src" / "series"
-        if series.is_symlink() or series.exists():
-            series.unlink()
-        series.parent.mkdir(parents=True, exist_ok=True)
-        series.symlink_to(args.series.resolve(), target_is_directory=True)
+        shutil.rmtree(series, ignore_errors=True)
+        shutil.copytree(args.series, series)
     else:
         series = workdir / "src" / f"ct{args.slices}"
         if not series.is_dir() or len(list(series.iterdir())) != args.slices:
