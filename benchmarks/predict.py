@@ -114,6 +114,9 @@ def _e2e(model: str, image: str, out: str, args: dict) -> dict:
     import monai.transforms  # noqa: F401  # pyflakes: ignore
 
     from medseg import predict
+    # What predict imports inside its functions: start-up too (and compiled afresh each process when bytecode is
+    # not cached, as with PYTHONDONTWRITEBYTECODE=1), not per-case work
+    from medseg import atomic, dicom_seg, inference, ingest, model_folder, postprocess, transforms  # noqa: F401
 
     imports = time.perf_counter() - start
     start, cpu = time.perf_counter(), _cpu()
