@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import multiprocessing as mp
 import resource
 import sys
@@ -127,7 +128,10 @@ def _e2e(model: str, image: str, out: str, args: dict) -> dict:
         profiler = cProfile.Profile()
         profiler.runcall(predict.run, model, Path(image), Path(out), overlap=args["overlap"],
                          sw_batch_size=args["sw_batch_size"], device="cpu")
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+        stats = pstats.Stats(profiler, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "cumulative"))
+        stats.print_stats(25)
+        if os.environ.get("PROFILE_CALLERS"):  # e.g. PROFILE_CALLERS=ascontiguousarray: who pays for it
+            stats.print_callers(os.environ["PROFILE_CALLERS"])
     else:
         predict.run(model, Path(image), Path(out), overlap=args["overlap"], sw_batch_size=args["sw_batch_size"],
                     device="cpu")

@@ -112,7 +112,9 @@ class ForegroundSelect:
     def __call__(self, img):
         x = np.asarray(img)
         lo = float(x.min())
-        hi = float(np.percentile(x, 99))
+        # the 99th percentile of every 8th voxel: the same threshold to well within its 5% margin, without copying
+        # the whole volume to sort it (2.7 s of a 512x512x300 CT's prediction on 2 cores)
+        hi = float(np.percentile(x.ravel(order="K")[::8], 99))
         return x > lo + self.fraction * (hi - lo)
 
 
