@@ -35,7 +35,9 @@ def write_volumes(root, count=3, shape=(40, 36, 5)) -> list[dict]:
 def make_plan(dims: int, patch, batch: int) -> Plan:
     return Plan(spatial_dims=dims, target_spacing=(1.5, 1.5, 8.0), patch_size=tuple(patch), batch_size=batch,
                 normalization={"MR": {"scheme": "zscore"}}, median_shape=(40, 36, 5), estimated_step_mb=1.0,
-                channels=(8, 16, 32), strides=(2, 2))
+                network={"name": "unet", "spatial_dims": dims, "channels": [8, 16, 32], "strides": [2, 2],
+                         "kernel_sizes": None, "num_res_units": 0, "norm": "instance", "dropout": 0.0,
+                         "deep_supervision": False})
 
 
 def make_train(augmentation: dict | None = None, **overrides):
