@@ -95,6 +95,17 @@ def params_for(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a temporary API server and database), started once for the session: each start
+    costs about 14 s on 2 cores, and the flow tests of three modules use it. Tests that run their own
+    ``prefect server`` (test_serve) set its URL themselves."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them."""

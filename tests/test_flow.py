@@ -7,14 +7,6 @@ import pytest
 import yaml
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def write_params(path, params) -> str:
     path.write_text(yaml.safe_dump(dataclasses.asdict(params)))
     return str(path)

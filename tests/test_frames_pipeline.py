@@ -98,12 +98,12 @@ def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, pa
 
 
 @pytest.mark.slow
-def test_demo_polyp_frames_run_through_the_prefect_flow_mlflow_and_the_registry(params_for, tmp_path):
+def test_demo_polyp_frames_run_through_the_prefect_flow_mlflow_and_the_registry(params_for, tmp_path,
+                                                                                 prefect_harness):
     """``data.source: data/demo/polyp``: the same flow as the cardiac demo, to a registered champion."""
     import dataclasses
 
     import yaml
-    from prefect.testing.utilities import prefect_test_harness
 
     from medseg_pipelines.medseg_flow import medseg_pipeline
 
@@ -114,8 +114,7 @@ def test_demo_polyp_frames_run_through_the_prefect_flow_mlflow_and_the_registry(
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/polyp"))
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(params)))))
-    with prefect_test_harness(server_startup_timeout=120):
-        summary = medseg_pipeline(params_file=str(params_file))
+    summary = medseg_pipeline(params_file=str(params_file))
     assert summary["ingest"]["layout"] == "images" and summary["ingest"]["subjects"] == 3  # three sequences
     assert summary["register"]["alias"] == "champion"
     assert json.loads((tmp_path / "model" / "fold_0" / CONFIG_NAME).read_text())["in_channels"] == 3

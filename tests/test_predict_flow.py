@@ -18,14 +18,6 @@ from tests.test_inference import write_folds
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 @pytest.fixture(autouse=True)
 def _restore_environment():
     """Starting a local Dask cluster sets OMP_NUM_THREADS=1 and MKL_NUM_THREADS=1 in this process's environment (for
