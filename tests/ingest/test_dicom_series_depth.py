@@ -217,6 +217,19 @@ def test_fast_pixel_path_matches_pydicom(tmp_path, signed):
                 np.testing.assert_array_equal(vol[:, :, k], expected)
 
 
+def test_a_rescale_outside_int16_is_left_to_the_decoding_path(tmp_path):
+    """Zero pixels with slope 40000: every value fits int16, but the slope itself does not."""
+    paths = write_series(tmp_path / "s", axial_positions(3), rows=2, cols=2, slope=40000.0)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = np.zeros(4, "<u2").tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    headers = [read_header(p) for p in paths]
+    assert all(h.stored is not None and h.stored[3] == 40000.0 for h in headers)
+    vol = read_series(series_geometry(headers))
+    assert vol.shape == (2, 2, 3) and not vol.any()
+
+
 def test_pixels_read_straight_from_the_file_equal_pydicoms_rescaled(tmp_path):
     """The direct read of uncompressed slices (offset from the header pass) against pydicom's decoding."""
     paths = write_series(tmp_path / "s", axial_positions(4), rows=5, cols=3, slope=1.0, intercept=-1024.0)
@@ -238,6 +251,7 @@ def test_pixels_read_straight_from_the_file_equal_pydicoms_rescaled(tmp_path):
     (np.array([[0, 40000]], np.uint16), 1.0, 0.0, np.int32),
     (np.array([[1, 3]], np.uint16), 2.0, -1.0, np.int16),
     (np.array([[1, 3]], np.uint16), 0.5, 0.0, np.float32),  # a fractional slope (MR, PET): float
+    (np.array([[0, 0]], np.uint16), 40000.0, 0.0, np.int16),  # the slope does not fit int16; the values do
 ])
 def test_rescaled_pixels_get_the_smallest_exact_type(stored, slope, intercept, dtype):
     from medseg.ingest.dicom_pixels import _output_dtype, _rescale_into

@@ -125,6 +125,12 @@ def _output_dtype(decoded: list[tuple[list, np.ndarray, float, float]]) -> np.dt
     return np.dtype(np.int32) if max(abs(lo), abs(hi)) < 2**24 else np.dtype(np.float32)
 
 
+def _wrapped(value: float, dtype: np.dtype) -> np.generic:
+    """An integral rescale value as ``dtype``, modulo 2**bits (a slope of 40000 for int16 output): multiplying and
+    adding modulo 2**bits give the exact result whenever the result itself fits, which the callers check."""
+    return np.asarray(int(value), dtype=np.int64).astype(dtype)[()]
+
+
 def _rescale_into(out: np.ndarray, arr: np.ndarray, slope: float, intercept: float) -> None:
     """``out[...] = arr * slope + intercept``, in out's dtype, without a full-size temporary.
 
@@ -135,9 +141,9 @@ def _rescale_into(out: np.ndarray, arr: np.ndarray, slope: float, intercept: flo
         # Wrapping is harmless: integer arithmetic is exact modulo 2**bits, and the result fits (_output_dtype).
         np.copyto(out, arr, casting="unsafe")
         if slope != 1:
-            out *= out.dtype.type(slope)
+            out *= _wrapped(slope, out.dtype)
         if intercept:
-            out += out.dtype.type(intercept)
+            out += _wrapped(intercept, out.dtype)
         return
     for row in range(0, arr.shape[0], 64):  # 64 rows of float64 at a time: no slice-size temporaries
         out[row:row + 64] = arr[row:row + 64] * np.float64(slope) + np.float64(intercept)
@@ -192,9 +198,9 @@ def _read_stored_series(geometry: Geometry, workers: int) -> np.ndarray | None:
     for k, (_, _, _, slope, intercept) in enumerate(layouts):
         # in place, modulo 2**16: exact because every result fits int16 (checked above)
         if slope != 1:
-            out[k] *= np.int16(slope)
+            out[k] *= _wrapped(slope, out.dtype)
         if intercept:
-            out[k] += np.int16(intercept)
+            out[k] += _wrapped(intercept, out.dtype)
     return out.transpose(2, 1, 0)
 
 
