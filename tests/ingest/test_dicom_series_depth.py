@@ -254,9 +254,9 @@ def test_pixels_read_straight_from_the_file_equal_pydicoms_rescaled(tmp_path):
     (np.array([[0, 0]], np.uint16), 40000.0, 0.0, np.int16),  # the slope does not fit int16; the values do
 ])
 def test_rescaled_pixels_get_the_smallest_exact_type(stored, slope, intercept, dtype):
-    from medseg.ingest.dicom_pixels import _output_dtype, _rescale_into
+    from medseg.ingest.dicom_pixels import _integral_ranges, _output_dtype, _rescale_into
 
-    assert _output_dtype([(0, stored, slope, intercept)]) == dtype
+    assert _output_dtype(_integral_ranges([(0, stored, slope, intercept)])) == dtype
     out = np.empty(stored.shape, dtype)
     _rescale_into(out, stored, slope, intercept)
     np.testing.assert_array_equal(out, stored.astype(np.float64) * slope + intercept)

@@ -151,6 +151,11 @@ def _header(path: Path, kind: str, ds, has_pixels: bool) -> Header:
         trigger_time=_number(get("TriggerTime")), acquisition_number=_number(get("AcquisitionNumber")))
 
 
+def stored_dtype(bits: int, signed: bool) -> str:
+    """The numpy type of uncompressed little-endian stored pixels: ``<i2`` for BitsAllocated 16, signed."""
+    return f"<{'i' if signed else 'u'}{bits // 8}"
+
+
 def _stored_pixels(fh, ds, h: Header) -> tuple[int, str, int, float, float] | None:
     """:attr:`Header.stored` of a file read up to its pixel data (``fh`` at the (7FE0,0010) element), or None."""
     ts = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "") or "")
@@ -168,7 +173,7 @@ def _stored_pixels(fh, ds, h: Header) -> tuple[int, str, int, float, float] | No
         length, offset = int.from_bytes(element[8:12], "little"), start + 12
     else:
         length, offset = int.from_bytes(element[4:8], "little"), start + 8
-    dtype = f"<{'i' if int(ds.get('PixelRepresentation', 0) or 0) == 1 else 'u'}{bits // 8}"
+    dtype = stored_dtype(bits, int(ds.get("PixelRepresentation", 0) or 0) == 1)
     if length == 0xFFFFFFFF or length < h.rows * h.columns * bits // 8:
         return None
     return offset, dtype, stored, float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)

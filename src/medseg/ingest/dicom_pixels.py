@@ -15,7 +15,7 @@ import numpy as np
 
 from medseg.ingest.common import CaseRejected
 from medseg.ingest.dicom_geometry import Geometry
-from medseg.ingest.dicom_headers import NATIVE_LE, Header, quiet_pydicom
+from medseg.ingest.dicom_headers import NATIVE_LE, Header, quiet_pydicom, stored_dtype
 
 __all__ = ["decoder_problem", "read_series", "READ_WORKERS"]
 
@@ -66,17 +66,28 @@ def _native(ds, frames: int, expected: tuple[int, int]) -> np.ndarray | None:
     bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
     if "PixelData" not in ds or bits not in (8, 16, 32) or not 0 < stored <= bits:
         return None
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    dtype = np.dtype(stored_dtype(bits, int(ds.get("PixelRepresentation", 0) or 0) == 1))
     count = frames * expected[0] * expected[1]
     raw = ds.PixelData
     if len(raw) < count * dtype.itemsize:
         return None  # cut short: pydicom gives the precise error
     arr = np.frombuffer(raw, dtype=dtype, count=count)
-    if stored < bits:  # as pydicom: mask unsigned values, sign-extend signed ones from the stored bits
-        shift = bits - stored
-        arr = (arr << shift) >> shift if signed else arr & np.array((1 << stored) - 1, dtype=dtype)
+    if stored < bits:
+        arr = arr.copy()  # frombuffer's view of the bytes is read-only
+        _keep_stored_bits(arr, stored)
     return arr.reshape((frames, *expected) if frames > 1 else expected)
+
+
+def _keep_stored_bits(arr: np.ndarray, stored: int) -> None:
+    """In place, as pydicom: mask unsigned values, sign-extend signed ones from their ``stored`` low bits."""
+    shift = arr.dtype.itemsize * 8 - stored
+    if shift <= 0:
+        return
+    if arr.dtype.kind == "i":
+        arr <<= shift
+        arr >>= shift
+    else:
+        arr &= arr.dtype.type((1 << stored) - 1)
 
 
 def _read_pixels(h: Header, expected: tuple[int, int]) -> tuple[np.ndarray, float, float]:
@@ -111,24 +122,42 @@ def _read_pixels(h: Header, expected: tuple[int, int]) -> tuple[np.ndarray, floa
     return arr, slope, intercept
 
 
-def _output_dtype(decoded: list[tuple[list, np.ndarray, float, float]]) -> np.dtype:
-    """int16 when every rescaled value is an integer within int16, int32 for larger integers, else float32."""
-    lo, hi = np.inf, -np.inf
-    for _, data, slope, intercept in decoded:
-        if not (np.issubdtype(data.dtype, np.integer) and float(slope).is_integer()
-                and float(intercept).is_integer()):
-            return np.dtype(np.float32)
-        ends = (float(data.min()) * slope + intercept, float(data.max()) * slope + intercept)
-        lo, hi = min(lo, *ends), max(hi, *ends)
+def _output_dtype(ranges: list[tuple[float, float, float, float]] | None) -> np.dtype:
+    """int16 when every rescaled value fits it, int32 for larger integers, else float32. ``ranges``: each slice's
+    ``(stored min, stored max, slope, intercept)`` when all are integral; None when any is not (float32)."""
+    if ranges is None:
+        return np.dtype(np.float32)
+    ends = [v * slope + intercept for lo, hi, slope, intercept in ranges for v in (lo, hi)]
+    lo, hi = min(ends, default=0.0), max(ends, default=0.0)
     if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
         return np.dtype(np.int16)
     return np.dtype(np.int32) if max(abs(lo), abs(hi)) < 2**24 else np.dtype(np.float32)
+
+
+def _integral_ranges(decoded: list[tuple[int, np.ndarray, float, float]]) -> list | None:
+    """:func:`_output_dtype`'s ranges of decoded slices, or None when a slice's values or rescale are not integral."""
+    ranges = []
+    for _, data, slope, intercept in decoded:
+        if not (np.issubdtype(data.dtype, np.integer) and float(slope).is_integer()
+                and float(intercept).is_integer()):
+            return None
+        ranges.append((float(data.min()), float(data.max()), slope, intercept))
+    return ranges
 
 
 def _wrapped(value: float, dtype: np.dtype) -> np.generic:
     """An integral rescale value as ``dtype``, modulo 2**bits (a slope of 40000 for int16 output): multiplying and
     adding modulo 2**bits give the exact result whenever the result itself fits, which the callers check."""
     return np.asarray(int(value), dtype=np.int64).astype(dtype)[()]
+
+
+def _rescale_in_place(out: np.ndarray, slope: float, intercept: float) -> None:
+    """``out *= slope; out += intercept`` on integers, modulo 2**bits: exact when the result fits ``out``'s type
+    (:func:`_output_dtype` chose it)."""
+    if slope != 1:
+        out *= _wrapped(slope, out.dtype)
+    if intercept:
+        out += _wrapped(intercept, out.dtype)
 
 
 def _rescale_into(out: np.ndarray, arr: np.ndarray, slope: float, intercept: float) -> None:
@@ -138,12 +167,8 @@ def _rescale_into(out: np.ndarray, arr: np.ndarray, slope: float, intercept: flo
     """
     if np.issubdtype(out.dtype, np.integer):
         # Copy, then scale and shift in place: a ufunc writing into fresh memory was 15x slower than copyto here.
-        # Wrapping is harmless: integer arithmetic is exact modulo 2**bits, and the result fits (_output_dtype).
         np.copyto(out, arr, casting="unsafe")
-        if slope != 1:
-            out *= _wrapped(slope, out.dtype)
-        if intercept:
-            out += _wrapped(intercept, out.dtype)
+        _rescale_in_place(out, slope, intercept)
         return
     for row in range(0, arr.shape[0], 64):  # 64 rows of float64 at a time: no slice-size temporaries
         out[row:row + 64] = arr[row:row + 64] * np.float64(slope) + np.float64(intercept)
@@ -176,31 +201,19 @@ def _read_stored_series(geometry: Geometry, workers: int) -> np.ndarray | None:
             fh.seek(offset)
             if fh.readinto(memoryview(stack[k]).cast("B")) != stack[k].nbytes:
                 raise _CutShort  # the decoding path names the problem as pydicom sees it
-        if stored < dtype.itemsize * 8:  # as pydicom: mask unsigned values, sign-extend signed ones
-            shift = dtype.itemsize * 8 - stored
-            if dtype.kind == "i":
-                stack[k] <<= shift
-                stack[k] >>= shift
-            else:
-                stack[k] &= dtype.type((1 << stored) - 1)
-        return int(stack[k].min()), int(stack[k].max())
+        _keep_stored_bits(stack[k], stored)
+        return float(stack[k].min()), float(stack[k].max())
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, nz))) as pool:
             ranges = list(pool.map(fill, range(nz)))
     except (_CutShort, OSError):
         return None
-    ends = [v * lay[3] + lay[4] for (lo, hi), lay in zip(ranges, layouts) for v in (lo, hi)]
-    info = np.iinfo(np.int16)
-    if not info.min <= min(ends) <= max(ends) <= info.max:
+    if _output_dtype([(lo, hi, lay[3], lay[4]) for (lo, hi), lay in zip(ranges, layouts)]) != np.int16:
         return None  # int32 or float: the general path
     out = stack if dtype == np.int16 else stack.view(np.int16) if dtype.itemsize == 2 else stack.astype(np.int16)
     for k, (_, _, _, slope, intercept) in enumerate(layouts):
-        # in place, modulo 2**16: exact because every result fits int16 (checked above)
-        if slope != 1:
-            out[k] *= _wrapped(slope, out.dtype)
-        if intercept:
-            out[k] += _wrapped(intercept, out.dtype)
+        _rescale_in_place(out[k], slope, intercept)
     return out.transpose(2, 1, 0)
 
 
@@ -238,7 +251,7 @@ def read_series(geometry: Geometry, workers: int = READ_WORKERS) -> np.ndarray:
     # 300 MB more for a 512x512x300 CT, and fresh memory is slow to touch (ingest was 1.35x dcm2niix; see
     # benchmarks/ingest.py). Slices fill a contiguous (Z, Y, X) buffer whose transposed view is the (X, Y, Z) result:
     # Fortran-ordered, which is NIfTI's on-disk order; writing each slice into an (X, Y, Z) C array strides memory.
-    stack = np.empty((nz, ny, nx), dtype=_output_dtype(decoded))
+    stack = np.empty((nz, ny, nx), dtype=_output_dtype(_integral_ranges(decoded)))
     for k, arr, slope, intercept in decoded:
         _rescale_into(stack[k], arr, slope, intercept)
     return stack.transpose(2, 1, 0)
