@@ -103,16 +103,16 @@ def check_network_current(plan: Plan, model: dict[str, Any]) -> None:
     train builds ``plan.network``, so a changed ``model.norm`` must not be ignored silently."""
     spec = network_spec(plan_network(model, plan.spatial_dims, plan.median_shape), plan.spatial_dims,
                         plan.target_spacing, plan.patch_size)
-    changed = [key for key in spec if json_equal(spec[key]) != json_equal(plan.network.get(key))]
+    changed = [key for key in spec if _as_json(spec[key]) != _as_json(plan.network.get(key))]
     if changed:
         raise StageInputError(f"the model params changed since plans.json was planned ({', '.join(changed)} of the "
                               f"network differ): run 'medseg plan' (or 'dvc repro') first")
 
 
-def json_equal(value: Any) -> Any:
+def _as_json(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists), for comparing a spec with a stored one."""
     if isinstance(value, (list, tuple)):
-        return [json_equal(v) for v in value]
+        return [_as_json(v) for v in value]
     return value
 
 
