@@ -25,15 +25,19 @@ def _params(args: argparse.Namespace):
     return load_params(args.params)
 
 
+def _given(**options):
+    """The options given on the command line (not None): they override params, or the function's defaults."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> dict:
     import dataclasses
 
     from medseg import demo_data
 
     params = _params(args)
-    given = {"seed": args.seed, "cardiac_patients": args.cardiac_patients, "ct_patients": args.ct_patients,
-             "polyp_frames": args.polyp_frames}
-    demo = dataclasses.replace(params.demo, **{k: v for k, v in given.items() if v is not None})
+    demo = dataclasses.replace(params.demo, **_given(seed=args.seed, cardiac_patients=args.cardiac_patients,
+                                                     ct_patients=args.ct_patients, polyp_frames=args.polyp_frames))
     paths = dataclasses.replace(params.paths, demo=args.out) if args.out else params.paths
     return demo_data.run(dataclasses.replace(params, demo=demo, paths=paths))
 
@@ -44,19 +48,16 @@ def _cmd_ingest(args: argparse.Namespace) -> dict:
     from medseg import ingest
 
     id_map = Path(args.write_id_map) if args.write_id_map else None
-    given = {"source": args.source, "layout": args.layout, "slice_spacing_tolerance": args.spacing_tolerance,
-             "group_pattern": args.group_pattern}
-    given = {k: v for k, v in given.items() if v is not None}
     if not Path(args.params).is_file() and args.source and args.out:  # a folder converted outside any project
-        from medseg.ingest.dicom_geometry import SPACING_REL_TOL
-
-        return ingest.ingest_folder(Path(args.source), Path(args.out), layout=given.get("layout", "auto"),
-                                    id_map=id_map, group_pattern=given.get("group_pattern"),
-                                    spacing_tolerance=given.get("slice_spacing_tolerance", SPACING_REL_TOL))
+        return ingest.ingest_folder(Path(args.source), Path(args.out), id_map=id_map,
+                                    **_given(layout=args.layout, spacing_tolerance=args.spacing_tolerance,
+                                             group_pattern=args.group_pattern))
     params = _params(args)
+    data = dataclasses.replace(params.data, **_given(source=args.source, layout=args.layout,
+                                                     slice_spacing_tolerance=args.spacing_tolerance,
+                                                     group_pattern=args.group_pattern))
     paths = dataclasses.replace(params.paths, ingested=args.out) if args.out else params.paths
-    return ingest.run(dataclasses.replace(params, data=dataclasses.replace(params.data, **given), paths=paths),
-                      id_map=id_map)
+    return ingest.run(dataclasses.replace(params, data=data, paths=paths), id_map=id_map)
 
 
 def _cmd_plan(args: argparse.Namespace) -> dict:
