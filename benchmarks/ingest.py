@@ -88,12 +88,22 @@ def write_series(folder: Path, slices: int, size: int = 512) -> None:
         ds.save_as(folder / f"IM{z:04d}.dcm", enforce_file_format=True)
 
 
+def find_dcm2niix() -> str | None:
+    return shutil.which("dcm2niix", path=str(Path(sys.executable).parent)) or shutil.which("dcm2niix")
+
+
+def find_pigz() -> str | None:
+    """The pigz dcm2niix -z y would run: on the PATH, or beside dcm2niix."""
+    dcm2niix = find_dcm2niix()
+    return shutil.which("pigz") or (shutil.which("pigz", path=str(Path(dcm2niix).parent)) if dcm2niix else None)
+
+
 def tools(series: Path) -> dict[str, list[str] | None]:
     """Command line of each tool (``{out}`` is replaced by the output folder), or None when not installed."""
     bindir = Path(sys.executable).parent
     medseg = shutil.which("medseg", path=str(bindir)) or shutil.which("medseg")
-    dcm2niix = shutil.which("dcm2niix", path=str(bindir)) or shutil.which("dcm2niix")
-    pigz = shutil.which("pigz") or (shutil.which("pigz", path=str(Path(dcm2niix).parent)) if dcm2niix else None)
+    dcm2niix = find_dcm2niix()
+    pigz = find_pigz()
 
     def importable(name: str) -> bool:
         return subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True).returncode == 0
@@ -128,7 +138,7 @@ def environment() -> str:
     import importlib.util
     import os
 
-    pigz = shutil.which("pigz")
+    pigz = find_pigz()
     isal = importlib.util.find_spec("isal") is not None
     return (f"{os.cpu_count()} CPUs; pigz {'at ' + pigz if pigz else 'not found (dcm2niix -z y = internal zlib)'}; "
             f"medseg gzip: {'ISA-L' if isal else 'zlib'}; load average {os.getloadavg()[0]:.2f}")
