@@ -159,3 +159,59 @@ def test_skip_for_frames_names_only_known_transforms(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match="skip_for_frames"):
         load_params(tmp_path / "params.yaml")
+
+
+def _spacing_pair(affine, keys=("image",), modes=("bilinear",)):
+    from monai import transforms as mt
+
+    from medseg.transforms import AxisAlignedSpacingd
+
+    args = dict(keys=list(keys), pixdim=(0.8, 0.9, 2.5), mode=list(modes), dtype=np.float32)
+    return AxisAlignedSpacingd(**args), mt.Spacingd(**args)
+
+
+def _as_meta(array, affine):
+    from monai.data import MetaTensor
+
+    return MetaTensor(torch.from_numpy(array)[None], affine=torch.as_tensor(affine))
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_axis_aligned_spacing_is_monais_spacing_with_the_same_record_and_inverse(oblique):
+    """Pixels to float32 rounding, and the affine, shape and traced operation exactly: MONAI inverts it as its own.
+    An oblique image too: spacing keeps its directions, so its voxel map keeps the axes."""
+    from monai.transforms import Invertd
+
+    affine = np.diag([0.7, 0.7, 2.0, 1.0])
+    affine[:3, 3] = [4.0, -2.0, 9.0]
+    if oblique:
+        affine[:3, :3] = np.array([[1, 0, 0], [0, 0.96, -0.28], [0, 0.28, 0.96]]) @ affine[:3, :3]
+    ct = np.asfortranarray(np.random.default_rng(0).integers(-1000, 1500, (40, 36, 12)).astype(np.int16))
+    fast, monai = _spacing_pair(affine)
+    ours, reference = fast({"image": _as_meta(ct, affine)}), monai({"image": _as_meta(ct, affine)})
+    assert ours["image"].dtype == torch.float32 and ours["image"].shape == reference["image"].shape
+    np.testing.assert_allclose(np.asarray(ours["image"]), np.asarray(reference["image"]), atol=2500 * 1e-5)  # float32 positions in grid_sample
+    assert not np.array_equal(np.asarray(ours["image"]), np.asarray(reference["image"]))  # really ours, not MONAI's
+    np.testing.assert_array_equal(ours["image"].affine, reference["image"].affine)
+    (op,), (ref_op,) = ours["image"].applied_operations, reference["image"].applied_operations
+    assert {k: v for k, v in op.items() if k not in ("id", "extra_info")} == \
+        {k: v for k, v in ref_op.items() if k not in ("id", "extra_info")}
+    assert str(op["extra_info"]) == str(ref_op["extra_info"])
+    back = Invertd("image", transform=fast, orig_keys="image", nearest_interp=False)(ours)["image"]
+    assert back.shape == (1, *ct.shape)
+    np.testing.assert_allclose(back.affine, affine, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["with_label", "unchanged"])
+def test_axis_aligned_spacing_leaves_everything_else_to_monai(case):
+    """A nearest-neighbour key (with the image) and an image already at the spacing are MONAI's, bit for bit."""
+    affine = np.diag([0.8, 0.9, 2.5, 1.0]) if case == "unchanged" else np.diag([0.7, 0.7, 2.0, 1.0])
+    image = np.random.default_rng(1).normal(size=(30, 26, 10)).astype(np.float32)
+    keys, modes = (("image", "label"), ("bilinear", "nearest")) if case == "with_label" else (("image",), ("bilinear",))
+    data = {"image": _as_meta(image, affine)}
+    if case == "with_label":
+        data["label"] = _as_meta((image > 0).astype(np.float32), affine)
+    fast, monai = _spacing_pair(affine, keys, modes)
+    ours, reference = fast(dict(data)), monai(dict(data))
+    for key in keys:
+        np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(reference[key]))
