@@ -407,8 +407,9 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         if dicom_seg:
             dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
                                                   ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))
-        log.info("%s: %s", name, {config["labels"].get(str(k), k): int((labels == k).sum())
-                                  for k in np.unique(labels) if k})
+        # voxels per class (np.unique sorted the 78M voxels of a CT's labels: 1.5 s; bincount makes them int64)
+        counts = {config["labels"].get(str(k), k): int(np.count_nonzero(labels == k)) for k in range(1, num_classes)}
+        log.info("%s: %s", name, {k: n for k, n in counts.items() if n})
 
     def finish(pending: tuple[str, Future] | None) -> None:
         if pending is not None:

@@ -151,8 +151,10 @@ class AxisAlignedSpacingd(mt.Spacingd):
                     or (np.allclose(axes[0], 1) and np.allclose(axes[1], 0)
                         and tuple(op["lazy_shape"]) == tuple(img.shape[1:]))):
                 return super().__call__(data, lazy=False)
-            pixels = np.stack([resample_axes(channel, *axes, op["lazy_shape"], "bilinear", torch.get_num_threads())
-                               for channel in img.as_tensor().detach().cpu().numpy()])
+            channels = [resample_axes(channel, *axes, op["lazy_shape"], "bilinear", torch.get_num_threads())
+                        for channel in img.as_tensor().detach().cpu().numpy()]
+            # one channel (a scan) as a view, keeping its memory order: np.stack would copy it, in C order
+            pixels = channels[0][None] if len(channels) == 1 else np.stack(channels)
             done = {k: v for k, v in op.items() if k not in ("lazy_affine", "lazy_shape")} | {"lazy": False}
             out[key] = MetaTensor(torch.from_numpy(pixels), affine=img.peek_pending_affine(),
                                   meta={k: v for k, v in img.meta.items() if k != "affine"},
