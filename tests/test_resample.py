@@ -71,3 +71,18 @@ def test_bad_arguments_are_refused():
         resample_axes(np.zeros((3, 3)), [1, 1], [0, 0], (3, 3))
     with pytest.raises(ValueError, match="mode"):
         resample_axes(np.zeros((3, 3, 3)), [1] * 3, [0] * 3, (3, 3, 3), mode="bicubic")
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_the_output_takes_the_memory_order_asked_for_with_the_same_values(mode):
+    volume = np.random.default_rng(4).integers(0, 9, (23, 19, 11)).astype(np.uint8)  # C order
+    args = ([0.7, 1.2, 0.5], [0.1, 0.0, -0.2], (31, 16, 21), mode)
+    kept = resample_axes(volume, *args)
+    assert kept.flags.c_contiguous
+    for order, flag in (("F", "f_contiguous"), ("C", "c_contiguous")):
+        other = resample_axes(volume, *args, threads=2, order=order)
+        assert getattr(other.flags, flag)
+        # the axes are interpolated in another order: the same values to float32 rounding (nearest: exactly)
+        np.testing.assert_allclose(other, kept, rtol=2e-6, atol=0 if mode == "nearest" else 1e-6)
+    with pytest.raises(ValueError, match="order"):
+        resample_axes(volume, *args, order="A")

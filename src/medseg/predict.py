@@ -281,9 +281,10 @@ def _invert_labels(pre, image, labels: torch.Tensor):
     axes = axis_map(np.linalg.solve(np.asarray(pred.affine, dtype=np.float64), src_affine))
     if axes is None:
         return None
-    # 'border' padding: a source voxel past the resampled grid takes its edge value, as MONAI's nearest sampling does
+    # 'border' padding: a source voxel past the resampled grid takes its edge value, as MONAI's nearest sampling does.
+    # Fortran order, as NIfTI stores it: nibabel's transposed write of a C-order CT label map took 0.9 s
     gathered = resample_axes(pred.as_tensor()[0].numpy(), *axes, op["orig_size"], "nearest", torch.get_num_threads(),
-                             dtype=np.uint8)
+                             dtype=np.uint8, order="F")
     ops = pred.applied_operations[:-1]
     pred = MetaTensor(torch.from_numpy(gathered)[None], affine=torch.as_tensor(src_affine),
                       meta={k: v for k, v in pred.meta.items() if k != "affine"}, applied_operations=ops)

@@ -58,20 +58,25 @@ def _blend(a: np.ndarray, b: np.ndarray, w: np.ndarray | float, out: np.ndarray 
 
 
 def resample_axes(volume: np.ndarray, scale: Sequence[float], offset: Sequence[float], shape: Sequence[int],
-                  mode: str = "bilinear", threads: int = 1, dtype: type = np.float32) -> np.ndarray:
+                  mode: str = "bilinear", threads: int = 1, dtype: type = np.float32, order: str = "K") -> np.ndarray:
     """``volume`` (3 axes, any numeric type and memory order) resampled to ``shape``: output voxel ``i`` along axis
     ``a`` takes the input at ``scale[a] * i + offset[a]`` (clamped to the volume), by ``mode`` "bilinear" (linear
     along each axis: trilinear) or "nearest".
 
-    The result has ``dtype`` (float32 like MONAI's resampling; "nearest" may keep an integer type) and the input's
-    memory order, so a Fortran-ordered NIfTI volume stays Fortran-ordered. ``threads`` planes are computed at once.
+    The result has ``dtype`` (float32 like MONAI's resampling; "nearest" may keep an integer type) and memory
+    ``order``: "K" the input's (a Fortran-ordered NIfTI volume stays Fortran-ordered), "F" or "C" (a label map
+    that NIfTI stores in Fortran order: made so here, plane by plane, it costs nibabel no transposed copy).
+    ``threads`` planes are computed at once.
     """
     if volume.ndim != 3 or len(shape) != 3:
         raise ValueError(f"resample_axes takes a 3D volume and shape, got {volume.shape} -> {tuple(shape)}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode {mode!r}: 'bilinear' or 'nearest'")
-    # slowest-varying axis first: each output plane then reads whole input planes
-    order = [int(a) for a in np.argsort([-abs(s) for s in volume.strides], kind="stable")]
+    if order not in ("K", "F", "C"):
+        raise ValueError(f"order {order!r}: 'K', 'F' or 'C'")
+    # the output's slowest-varying axis first: one output plane at a time (with "K", whole input planes are read)
+    order = {"C": [0, 1, 2], "F": [2, 1, 0]}.get(order) or \
+        [int(a) for a in np.argsort([-abs(s) for s in volume.strides], kind="stable")]
     source = volume.transpose(order)
     sizes = [int(shape[a]) for a in order]
     maps = [(float(scale[a]), float(offset[a]), int(shape[a]), volume.shape[a]) for a in order]
