@@ -55,3 +55,28 @@ def test_each_bad_nifti_rejected_with_reason_others_kept(tmp_path):
     assert "not in the label map" in reasons["images/label_outside_map.nii.gz"]
     assert "origin differs by 0.5 mm" in reasons["images/label_moved.nii.gz"]
     assert len(reasons) == 5
+
+
+def test_gzipped_files_read_through_isal_as_nibabel_reads_them(tmp_path):
+    """Scaled, big-endian and NIfTI-2 files give nibabel's own values and affine; a cut file is a CaseRejected."""
+    import pytest
+
+    from medseg.ingest.common import CaseRejected
+    from medseg.ingest.nifti import load_nifti
+
+    data = np.random.default_rng(1).integers(-1000, 2000, (20, 18, 7)).astype(">i2")
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    scaled = nib.Nifti1Image(data, affine)
+    scaled.header.set_slope_inter(0.5, -3.0)
+    for name, img in (("scaled", scaled), ("nifti2", nib.Nifti2Image(data.astype("<i2"), affine))):
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(img, str(path))
+        array, got_affine = load_nifti(path)
+        expected = np.asanyarray(nib.load(str(path)).dataobj)
+        assert array.dtype == expected.dtype and array.dtype.isnative
+        np.testing.assert_array_equal(array, expected)
+        np.testing.assert_allclose(got_affine, affine)
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes((tmp_path / "scaled.nii.gz").read_bytes()[:-2000])
+    with pytest.raises(CaseRejected, match="cannot read image NIfTI"):
+        load_nifti(cut)
