@@ -11,7 +11,7 @@ import torch
 from monai.inferers import SliceInferer, SlidingWindowInferer
 
 from medseg.errors import StageInputError
-from medseg.inference import build_inferer, mirror_axes, probabilities, stitch_device
+from medseg.inference import build_inferer, label_map, mirror_axes, probabilities, stitch_device
 from medseg.postprocess import keep_largest_component
 from medseg.networks import build_network
 
@@ -114,6 +114,19 @@ def test_an_ensemble_is_the_mean_of_its_softmaxes():
         manual = (torch.softmax(nets[0](image), 1) + torch.softmax(nets[1](image), 1)) / 2
     torch.testing.assert_close(probabilities(nets, image, inferer), manual)
     torch.testing.assert_close(probabilities(nets, image, [inferer, inferer]), manual)
+
+
+@pytest.mark.parametrize("nets, tta", [(1, False), (1, True), (2, False)])
+def test_the_label_map_is_the_argmax_of_the_probabilities(nets, tta):
+    """One net without mirroring skips the softmax; slabs of 4 planes over 37 cover every plane once."""
+    nets = [conv_net(5 + k) for k in range(nets)]
+    image = torch.randn(1, 1, 37, 10, 8)
+    inferer = build_inferer([16, 10, 8], 3, 0.5, 2)
+    labels = label_map(nets, image, inferer, tta=tta, slab=4)
+    assert labels.dtype == torch.uint8 and labels.shape == (1, 37, 10, 8)
+    expected = probabilities(nets, image, inferer, tta=tta).argmax(1)
+    torch.testing.assert_close(labels.long(), expected, rtol=0, atol=0)
+    assert len(expected.unique()) > 1  # the classes really compete
 
 
 def test_largest_component_drops_each_class_s_islands_and_keeps_its_main_blob():
