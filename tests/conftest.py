@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the workers share the cores: each worker, and every process its tests start, gets its share
+    of intra-op threads (torch would start one per core in each worker, and they would fight over the cores)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        share = str(max(1, (os.cpu_count() or 1) // workers))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, share)
+
+
 @pytest.fixture(autouse=True)
 def _pseudonym_key(monkeypatch):
     """Tests never create the project's secret key file."""
