@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-__all__ = ["ForegroundSelect", "AxisAlignedSpacingd", "preprocess_transforms", "train_transforms", "augmentation_transforms", "rotation_range_deg",
-           "eval_transforms",
+__all__ = ["ForegroundSelect", "AxisAlignedSpacingd", "preprocess_transforms", "train_transforms",
+           "augmentation_transforms", "rotation_range_deg", "eval_transforms",
            "UNetWeightd", "RandColourShiftd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS"]
 
 IMAGE, LABEL = "image", "label"
@@ -126,9 +126,11 @@ class AxisAlignedSpacingd(mt.Spacingd):
 
     MONAI plans the resampling (lazily: the output affine, shape and traced operation, so ``Invertd`` and
     ``medseg.predict`` invert it as MONAI's own); only the pixels are computed here, as ``grid_sample`` does them
-    (``align_corners=False``, border padding) to float32 rounding. Anything else (a nearest-neighbour key such as a
-    label, whose ties ``grid_sample`` breaks by float32 noise; an oblique map; other padding, dtype or corners) is
-    MONAI's ``Spacingd`` unchanged.
+    (``align_corners=False``, border padding) to float32 rounding. Spacing keeps an oblique image's directions, so its
+    map keeps the axes too. Anything else is MONAI's ``Spacingd`` unchanged: a call with a nearest-neighbour key (the
+    preprocess stage's labels, whose ties ``grid_sample`` breaks by float32 noise), a map that mixes axes, other
+    padding, dtype or corners, or nothing to resample. So the preprocess stage's images and predict's inputs are
+    resampled by the two codes, which agree to float32 rounding (tests/test_transforms.py).
     """
 
     def __call__(self, data, lazy: bool | None = None):
