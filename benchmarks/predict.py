@@ -8,6 +8,7 @@ then measures, each in a fresh child process:
 - ``e2e``: ``predict.run`` (load, preprocess, sliding window, invert, write), the model already on disk;
 - ``model``: the sliding-window inference alone (``SlidingWindowInferer(volume, net)``) on the same preprocessed volume.
 
+Both children run with the allocator setting the ``medseg`` command uses (``--allocator default``: glibc's own).
 Prints seconds (the fastest of ``--repeat`` interleaved runs) and CPU seconds, the ratios e2e/model (target: at most
 1.25x in wall and CPU time; nnU-Net users report export taking far longer than the network) and each child's peak
 RSS (``ru_maxrss``)."""
@@ -165,6 +166,10 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
 
 
 def _child(kind: str, queue, *args) -> None:
+    if args[-1]["allocator"] == "kept":  # as the medseg command runs (medseg.allocator); both sides alike
+        from medseg.allocator import keep_freed_memory
+
+        keep_freed_memory()
     result = {"e2e": _e2e, "model": _model_only}[kind](*args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     queue.put(result)
@@ -198,6 +203,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="measurements per side; the fastest is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the e2e run (top 25 by cumulative time)")
     parser.add_argument("--workdir", default=None, help="keep inputs and outputs here (default: a temporary folder)")
+    parser.add_argument("--allocator", choices=["kept", "default"], default="kept",
+                        help="kept: freed memory kept for reuse in both children, as the medseg command does "
+                             "(medseg.allocator); default: glibc's own settings")
     parser.add_argument("--mr", action="store_true",
                         help="an ACDC-size cine-MR frame instead: 216x256x10 at 1.5x1.5x10 mm, the 2D U-Net medseg "
                              "plans for ACDC (16-128 channels, patch 184x248, spacing 1.65x1.65x10), per-image z-score")
@@ -222,9 +230,11 @@ def main() -> None:
                             modality)
         print(f"inputs written in {time.perf_counter() - start:.1f} s: {size} {modality} voxels of {spacing} mm; "
               f"{'2D' if args.patch[2] == 1 else '3D'} U-Net "
-              f"{args.channels}, patch {args.patch}, overlap {args.overlap}, target spacing {args.target_spacing}",
+              f"{args.channels}, patch {args.patch}, overlap {args.overlap}, target spacing {args.target_spacing}; "
+              f"allocator: {args.allocator}",
               flush=True)
-        options = {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "profile": args.profile}
+        options = {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "profile": args.profile,
+                   "allocator": args.allocator}
         runs: dict[str, list[dict]] = {"model": [], **{name: [] for name, _ in inputs}}
         for _ in range(args.repeat):  # interleaved, so a busy spell on a shared machine hits both sides alike
             runs["model"].append(measure("model", str(model), str(image), str(work / "unused"), options))

@@ -192,4 +192,7 @@ def run(params_file: str = DEFAULT_PARAMS_FILE, resume: bool = True, skip_unchan
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
+    from medseg.allocator import keep_freed_memory
+
+    keep_freed_memory()
     run(*sys.argv[1:2])

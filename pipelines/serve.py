@@ -42,4 +42,7 @@ def serve(params_file: str = DEFAULT_PARAMS_FILE, cron: str | None = None) -> No
 
 
 if __name__ == "__main__":  # pragma: no cover
+    from medseg.allocator import keep_freed_memory
+
+    keep_freed_memory()
     serve()

@@ -215,8 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``medseg`` command; ``argv`` None reads the command line (a process of medseg's own: its allocator keeps
+    freed memory, :mod:`medseg.allocator`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None:
+        from medseg.allocator import keep_freed_memory
+
+        keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from medseg.errors import MedsegError
