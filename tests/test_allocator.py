@@ -48,3 +48,15 @@ def test_the_medseg_command_keeps_freed_memory_but_a_call_from_python_does_not(m
     assert cli.main(argv) == 2 and calls == []  # a test, a notebook: the caller's process is left alone
     monkeypatch.setattr(sys, "argv", ["medseg", *argv])
     assert cli.main() == 2 and calls == [True]  # the command itself
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc: Linux only")
+def test_the_environment_form_gives_another_program_the_same_settings():
+    """A benchmark's peer started with glibc_environment() keeps freed memory as medseg does (and medseg, seeing the
+    variables, leaves them alone)."""
+    from medseg.allocator import glibc_environment
+
+    if not _run("keep")[0]:
+        pytest.skip("the C library is not glibc")
+    took, returned = _run("default", **glibc_environment())
+    assert not took and returned < 20

@@ -17,10 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "GLIBC_SETTINGS", "glibc_environment"]
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 _LARGEST = 2**31 - 1  # mallopt takes an int
+# glibc's malloc.h parameter numbers, and the values set: no mmap below 2 GB, no trimming, 256 MB of headroom
+GLIBC_SETTINGS = {"MMAP_THRESHOLD": (-3, _LARGEST), "TRIM_THRESHOLD": (-1, _LARGEST), "TOP_PAD": (-2, 256 << 20)}
+
+
+def glibc_environment() -> dict[str, str]:
+    """The same settings as environment variables, for another program started with them (a benchmark's peer runs
+    with the allocator medseg gives itself)."""
+    return {f"MALLOC_{name}_": str(value) for name, (_, value) in GLIBC_SETTINGS.items()}
 
 
 def keep_freed_memory() -> bool:
@@ -36,5 +43,4 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all([mallopt(_M_MMAP_THRESHOLD, _LARGEST), mallopt(_M_TRIM_THRESHOLD, _LARGEST),
-                mallopt(_M_TOP_PAD, 256 << 20)])
+    return all([mallopt(number, value) for number, value in GLIBC_SETTINGS.values()])
