@@ -164,6 +164,15 @@ def test_cache_estimate_counts_padded_voxels_from_the_headers(tmp_path):
         data.estimate_cache_bytes([{"image": str(tmp_path / "missing.nii.gz")}], (8, 8, 1), 2)
 
 
+def test_cache_estimate_counts_each_colour_channel_and_the_pixel_weights(tmp_path):
+    """An RGB frame caches three float32 images; the U-Net loss adds a float32 weight map."""
+    frame = save_nifti(tmp_path / "rgb.nii.gz", np.zeros((50, 40, 1, 3), np.float32), np.eye(4))
+    files, voxels = [{"image": str(frame)}], 64 * 64 * 1  # padded to the 64x64 patch
+    positions = voxels * 8  # every voxel listed (fewer than 2 classes x 10,000)
+    assert data.estimate_cache_bytes(files, (64, 64, 1), 2) == voxels * (3 * 4 + 1) + positions
+    assert data.estimate_cache_bytes(files, (64, 64, 1), 2, weight_map=True) == voxels * (3 * 4 + 1 + 4) + positions
+
+
 def test_choose_cache():
     assert data.choose_cache("auto", 10, 100, 4) == ("memory", 1.0)
     assert data.choose_cache("auto", 100, 100, 4) == ("memory+disk", 0.5)

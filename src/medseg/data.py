@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 # Share of the currently available RAM the cache may take: the rest is for the network, the optimiser, batches,
 # validation volumes and everything else on the machine.
 RAM_FRACTION = 0.5
-# Cached bytes per voxel: float32 image + uint8 label.
-BYTES_PER_VOXEL = 4 + 1
+# Cached bytes per voxel: float32 image (per channel), uint8 label, float32 pixel weights (train.loss unet_weighted).
+IMAGE_BYTES, LABEL_BYTES, WEIGHT_BYTES = 4, 1, 4
 
 
 def available_ram_bytes() -> int:
@@ -45,11 +45,13 @@ def available_ram_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def estimate_cache_bytes(files: Sequence[dict], patch_size: Sequence[int], num_classes: int) -> int:
+def estimate_cache_bytes(files: Sequence[dict], patch_size: Sequence[int], num_classes: int,
+                         weight_map: bool = False) -> int:
     """Bytes the cached prefix of ``train_transforms`` takes for ``files``, from the NIfTI headers alone.
 
-    Each volume is counted at its shape padded to ``patch_size`` (float32 image, uint8 label) plus the int64 voxel
-    positions kept per class for the crop.
+    Each volume is counted at its shape padded to ``patch_size``: a float32 image of each channel (an RGB frame keeps
+    its channels after the spatial axes), a uint8 label, with ``weight_map`` the float32 U-Net pixel weights, plus the
+    int64 voxel positions kept per class for the crop.
     """
     import nibabel as nib
 
@@ -58,12 +60,13 @@ def estimate_cache_bytes(files: Sequence[dict], patch_size: Sequence[int], num_c
     total = 0
     for item in files:
         try:
-            shape = nib.load(item["image"]).header.get_data_shape()[:3]
+            shape = nib.load(item["image"]).header.get_data_shape()
         except Exception as err:  # nibabel raises several types for missing and malformed files
             raise StageInputError(f"cannot read the NIfTI header of training image {item['image']}: {err}") from err
-        voxels = int(np.prod([max(int(s), int(p)) for s, p in zip(shape, patch_size)]))
+        voxels = int(np.prod([max(int(s), int(p)) for s, p in zip(shape[:3], patch_size)]))
+        per_voxel = IMAGE_BYTES * int(np.prod(shape[3:], dtype=np.int64)) + LABEL_BYTES + WEIGHT_BYTES * weight_map
         # Each voxel is listed under one class at most, and each class keeps at most MAX_INDICES_PER_CLASS.
-        total += voxels * BYTES_PER_VOXEL + min(voxels, num_classes * MAX_INDICES_PER_CLASS) * 8
+        total += voxels * per_voxel + min(voxels, num_classes * MAX_INDICES_PER_CLASS) * 8
     return total
 
 
@@ -179,7 +182,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
                                       if train.loss == "unet_weighted" else None, in_channels=in_channels,
                                       frames=frames)
 
-    needed = estimate_cache_bytes(files, plan.patch_size, num_classes)
+    needed = estimate_cache_bytes(files, plan.patch_size, num_classes, weight_map=train.loss == "unet_weighted")
     available = available_ram_bytes()
     where, rate = choose_cache(train.cache, needed, available, len(files))
     log.info("training cache: %s (train.cache=%s; %.1f MB for %d volumes, %.1f MB RAM available, %.0f%% in RAM)",
