@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,13 +64,18 @@ def project_secret(secret_file: str | Path | None = None) -> bytes:
     path = Path(secret_file) if secret_file is not None else _active or key_file()
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a private name, then published with link(), which fails if the key exists: a thread or
+        # process starting at the same moment never reads a created but still empty key (it would pseudonymise with
+        # an empty key, and its cases would get other names).
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first: use theirs
-            pass
-        else:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_hex(32))
+            os.link(tmp, path)
+        except FileExistsError:  # another made it first: use theirs
+            pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip().encode()
 
 
