@@ -75,11 +75,11 @@ def resample_axes(volume: np.ndarray, scale: Sequence[float], offset: Sequence[f
     if order not in ("K", "F", "C"):
         raise ValueError(f"order {order!r}: 'K', 'F' or 'C'")
     # the output's slowest-varying axis first: one output plane at a time (with "K", whole input planes are read)
-    order = {"C": [0, 1, 2], "F": [2, 1, 0]}.get(order) or \
+    axes = {"C": [0, 1, 2], "F": [2, 1, 0]}.get(order) or \
         [int(a) for a in np.argsort([-abs(s) for s in volume.strides], kind="stable")]
-    source = volume.transpose(order)
-    sizes = [int(shape[a]) for a in order]
-    maps = [(float(scale[a]), float(offset[a]), int(shape[a]), volume.shape[a]) for a in order]
+    source = volume.transpose(axes)
+    sizes = [int(shape[a]) for a in axes]
+    maps = [(float(scale[a]), float(offset[a]), int(shape[a]), volume.shape[a]) for a in axes]
     out = np.empty(sizes, dtype=dtype)
 
     if mode == "nearest":
@@ -88,8 +88,7 @@ def resample_axes(volume: np.ndarray, scale: Sequence[float], offset: Sequence[f
         def plane(k: int) -> None:
             out[k] = np.take(np.take(source[idx[0][k]], idx[1], axis=0), idx[2], axis=1)
     else:
-        lin = [_linear(*m) for m in maps]
-        (lo0, hi0, w0), (lo1, hi1, w1), (lo2, hi2, w2) = lin
+        (lo0, hi0, w0), (lo1, hi1, w1), (lo2, hi2, w2) = (_linear(*m) for m in maps)
         w1 = w1[:, None]
 
         def plane(k: int) -> None:
@@ -108,4 +107,4 @@ def resample_axes(volume: np.ndarray, scale: Sequence[float], offset: Sequence[f
     else:
         with ThreadPoolExecutor(len(chunks), thread_name_prefix="resample") as pool:
             list(pool.map(run, chunks))  # list(): a worker's exception is raised here
-    return out.transpose(np.argsort(order))
+    return out.transpose(np.argsort(axes))
