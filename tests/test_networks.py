@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.networks import NETWORKS, build_loss, build_network, primary_logits, required_divisor
+from medseg.networks import NETWORKS, build_loss, build_network, load_network, primary_logits, required_divisor
 
 SIZES = {2: (48, 64), 3: (32, 32, 16)}
 
@@ -34,6 +34,31 @@ def test_eval_output_is_full_resolution_logits(name, dims):
         with torch.no_grad():
             out = net(torch.randn(2, 1, *SIZES[dims]))
         assert isinstance(out, torch.Tensor) and out.shape == (2, 4, *SIZES[dims])
+
+
+@pytest.mark.parametrize("name,norm", [("unet", "instance"), ("unet", "batch"), ("attention_unet", "batch"),
+                                       ("dynunet", "instance"), ("dynunet", "batch")])
+def test_load_network_holds_the_saved_weights_and_buffers(name, norm):
+    """Built on the meta device and given the saved tensors: the same outputs as a built and loaded network, nothing
+    left on meta (batch norm's running statistics included), and a state dict of another shape refused."""
+    spec = make_spec(name, 2, levels=3, deep_supervision=name != "unet", norm=norm)
+    torch.manual_seed(0)
+    trained = build_network(spec, 1, 4).train()
+    with torch.no_grad():  # running statistics that differ from a fresh network's
+        trained(torch.randn(2, 1, *SIZES[2]) * 3 + 1)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    reference = build_network(spec, 1, 4)
+    reference.load_state_dict(state)
+    net = load_network(spec, 1, 4, state)
+    assert not any(t.is_meta for t in (*net.parameters(), *net.buffers()))
+    assert all(p.requires_grad for p in net.parameters())
+    given = {v.data_ptr() for v in state.values()}  # (DynUNet registers some modules under two names)
+    assert all(v.data_ptr() in given for v in net.state_dict().values())  # taken, not copied
+    x = torch.randn(1, 1, *SIZES[2])
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), reference.eval()(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        load_network({**spec, "channels": [4, 8, 32]}, 1, 4, state)
 
 
 def test_old_model_section_without_planned_keys_still_builds():

@@ -96,7 +96,7 @@ def load_trained(path: str | Path, ensemble: bool = False) -> list[tuple[Any, di
 
     from medseg.errors import StageInputError
     from medseg.inference import check_ensemble
-    from medseg.networks import build_network
+    from medseg.networks import load_network
 
     files = model_files(path, ensemble)
     if not files:
@@ -107,8 +107,7 @@ def load_trained(path: str | Path, ensemble: bool = False) -> list[tuple[Any, di
         try:
             saved = torch.load(file, map_location="cpu", weights_only=True)
             config = saved["config"]
-            net = build_network(config["network"], config["in_channels"], config["out_channels"])
-            net.load_state_dict(saved["state_dict"])
+            net = load_network(config["network"], config["in_channels"], config["out_channels"], saved["state_dict"])
         except (KeyError, RuntimeError, TypeError, ValueError, OSError, pickle.UnpicklingError) as err:
             raise StageInputError(f"{file}: not a model written by 'medseg train' ({type(err).__name__}: {err})") \
                 from None

@@ -613,11 +613,10 @@ def _write_fold(out: Path, net: torch.nn.Module, state: dict, config: dict) -> N
     """The fold's folder (the last epoch's weights) and, once per run, the logged MLflow model."""
     import mlflow
 
-    from medseg.networks import build_network
+    from medseg.networks import load_network
 
-    best = build_network(config["network"], config["in_channels"], config["out_channels"])
-    best.load_state_dict({k: v.cpu() for k, v in net.state_dict().items()})
-    best.eval()
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+    best = load_network(config["network"], config["in_channels"], config["out_channels"], weights).eval()
     out.mkdir(parents=True)
     torch.save({"state_dict": best.state_dict(), "config": config}, out / MODEL_NAME)
     write_json(out / CONFIG_NAME, config)
