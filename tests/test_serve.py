@@ -41,6 +41,23 @@ def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> Non
     raise TimeoutError(f"no healthy Prefect server at {url}")
 
 
+def _wait_for_deployment(name: str, served: subprocess.Popen, seconds: float = 120) -> None:
+    """Until ``medseg serve`` has registered the deployment (it is looked up by name, nothing is started)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                assert served.poll() is None, "medseg serve exited"
+                assert time.monotonic() < deadline, f"no deployment {name} after {seconds} s"
+                time.sleep(1)
+
+
 @pytest.fixture
 def prefect_server(tmp_path, monkeypatch):
     port = _free_port()
@@ -81,15 +98,8 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
             name = f"medseg-pipeline/{DEPLOYMENT_NAME}"
-            deadline = time.monotonic() + 120
-            while True:  # the deployment appears once `medseg serve` has registered it
-                try:
-                    first = run_deployment(name, timeout=600)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline or served.poll() is not None:
-                        raise
-                    time.sleep(1)
+            _wait_for_deployment(name, served)
+            first = run_deployment(name, timeout=600)  # once: a retried call could start a second flow run
             assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
             second = run_deployment(name, timeout=600)
             assert second.state.is_completed(), second.state
