@@ -37,7 +37,7 @@ def _score_fold(params: Params, fold: int, dataset, device: torch.device, overla
     from monai.networks.utils import one_hot
     from tqdm import tqdm
 
-    from medseg.inference import build_inferer, probabilities, stitch_device
+    from medseg.inference import build_inferer, label_map, stitch_device
     from medseg.postprocess import keep_largest_component
     from medseg.model_folder import largest_component_classes, load_trained
     from medseg.train import data_lists
@@ -57,8 +57,7 @@ def _score_fold(params: Params, fold: int, dataset, device: torch.device, overla
         inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], params.evaluate.sw_overlap,
                                 params.evaluate.sw_batch_size, sw_device=device,
                                 device=stitch_device(image.shape[2:], n, device))
-        probs = probabilities([net], image.to(device), inferer, tta=params.evaluate.tta)
-        pred = probs.argmax(1, keepdim=True).cpu()
+        pred = label_map([net], image.to(device), inferer, tta=params.evaluate.tta)[:, None]  # as predict labels
         if largest:
             pred = keep_largest_component(pred[0], largest)[None]
         pred_oh, label_oh = one_hot(pred, n), one_hot(label, n)

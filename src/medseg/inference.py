@@ -82,6 +82,19 @@ def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
     return [c for n in range(len(axes) + 1) for c in combinations(axes, n)]
 
 
+def _inferers(nets: Sequence[torch.nn.Module], inferer: Inferer | Sequence[Inferer]) -> list[Inferer]:
+    """One inferer per net: ``inferer`` for all, or the sequence given (as many as ``nets``)."""
+    inferers = list(inferer) if isinstance(inferer, Sequence) else [inferer] * len(nets)
+    if len(inferers) != len(nets):
+        raise ValueError(f"{len(inferers)} inferers for {len(nets)} networks")
+    return inferers
+
+
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    """A MetaTensor's plain tensor (windows need no meta data: MONAI would track every crop and stitch)."""
+    return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
 def probabilities(nets: Sequence[torch.nn.Module], image: torch.Tensor, inferer: Inferer | Sequence[Inferer],
                   tta: bool = False) -> torch.Tensor:
     """Class probabilities of ``image`` averaged over ``nets`` (a fold ensemble) and, with ``tta``, over mirrored
@@ -95,10 +108,7 @@ def probabilities(nets: Sequence[torch.nn.Module], image: torch.Tensor, inferer:
     Returns:
         float32 ``(1, K, X, Y, Z)`` on the inferer's stitching device.
     """
-    inferers = list(inferer) if isinstance(inferer, Sequence) else [inferer] * len(nets)
-    if len(inferers) != len(nets):
-        raise ValueError(f"{len(inferers)} inferers for {len(nets)} networks")
-    image = image.as_tensor() if hasattr(image, "as_tensor") else image  # windows need no meta data
+    inferers, image = _inferers(nets, inferer), _plain(image)
     total, count = None, 0
     with torch.no_grad():
         for net, inf in zip(nets, inferers):
@@ -122,9 +132,8 @@ def label_map(nets: Sequence[torch.nn.Module], image: torch.Tensor, inferer: Inf
     the CPU, and either's int64 result is 8 times the labels' size (240 MB for a CT).
     """
     if len(nets) == 1 and not tta:
-        single = inferer[0] if isinstance(inferer, Sequence) else inferer
         with torch.no_grad():
-            scores = single(image.as_tensor() if hasattr(image, "as_tensor") else image, nets[0])
+            scores = _inferers(nets, inferer)[0](_plain(image), nets[0])
     else:
         scores = probabilities(nets, image, inferer, tta=tta)
     labels = torch.empty((scores.shape[0], *scores.shape[2:]), dtype=torch.uint8)
