@@ -161,12 +161,10 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
     Raises:
         StageInputError: ``path`` does not exist, or holds no NIfTI file or DICOM series at all.
     """
-    import nibabel as nib
-
     from medseg.ingest.checks import checked_image
     from medseg.ingest.common import CaseRejected
     from medseg.ingest.images import is_image, read_frame
-    from medseg.ingest.nifti import is_nifti, load_nifti, nifti_stem
+    from medseg.ingest.nifti import is_nifti, nifti_stem, read_nifti
 
     path = Path(os.path.abspath(Path(path).expanduser()))  # "." has no name, its absolute form has (links kept)
     if not path.exists():
@@ -182,10 +180,8 @@ def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
         return
     if path.is_file() and is_nifti(path):
         try:
-            array, affine = load_nifti(path)
-            image = checked_image(array)
-            yield Input(nifti_stem(path), image, affine, nib.load(str(path)).affine,
-                        source=path)
+            array, affine, file_affine = read_nifti(path)
+            yield Input(nifti_stem(path), checked_image(array), affine, file_affine, source=path)
         except CaseRejected as err:
             yield Unreadable(nifti_stem(path), f"{path.name}: {err}")
         return

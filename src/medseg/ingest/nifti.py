@@ -48,6 +48,13 @@ def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]
     Raises:
         CaseRejected: the file is missing or cannot be read.
     """
+    data, affine, _ = read_nifti(path, what)
+    return data, affine
+
+
+def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`load_nifti`, and the file's own affine (``nib.load(path).affine``: the grid an output written back
+    beside the input keeps), from one read of the header."""
     import nibabel as nib
 
     if not Path(path).is_file():
@@ -60,7 +67,7 @@ def load_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray]
         raise CaseRejected(f"cannot read {what} NIfTI: {type(err).__name__}: {err}") from None
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
-    return data, _checked_affine(img, Path(path).name)
+    return data, _checked_affine(img, Path(path).name), img.affine
 
 
 def _read_data(img, path: Path) -> np.ndarray:
