@@ -32,7 +32,7 @@ def reproduced(tmp_path_factory) -> tuple[Path, str]:
     shutil.copy(REPO / "dvc.yaml", root)
     shutil.copy(REPO / ".gitignore", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["demo"].update(cardiac_patients=4, ct_patients=1)
+    params["demo"].update(cardiac_patients=4, ct_patients=0, polyp_frames=0)  # the pipeline reads the cardiac set
     params["preprocess"].update(folds=2)
     params["plan"].update(target_spacing=[3.0, 3.0, 8.0], spatial_dims=2, patch_size=[48, 48, 1], batch_size=4)
     params["model"].update(channels=[8, 16, 32], strides=[2, 2], num_res_units=0)

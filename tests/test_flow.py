@@ -18,7 +18,7 @@ def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_p
 
     from medseg_pipelines.medseg_flow import medseg_pipeline
 
-    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 0, "polyp_frames": 0})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     state = medseg_pipeline(params_file=write_params(tmp_path / "params.yaml", params), return_state=True)
     assert isinstance(state, State) and state.is_completed(), state
@@ -93,7 +93,7 @@ def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_ou
     from medseg import ingest, plan, preprocess
     from medseg_pipelines import medseg_flow
 
-    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1},
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 0, "polyp_frames": 0},
                         orchestration={"task_runner": "dask", "dask_workers": 2})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     threads_before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}

@@ -37,7 +37,7 @@ def pipeline(params_file: Path, tmp_path: Path, log: Path) -> subprocess.Popen:
 def test_flow_run_killed_mid_training_resumes_into_the_same_mlflow_run(params_for, tmp_path):
     import mlflow
 
-    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1},
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 0, "polyp_frames": 0},
                         train={"max_epochs": 4, "steps_per_epoch": 30, "val_interval": 1, "device": "cpu"})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     params_file = tmp_path / "params.yaml"

@@ -85,7 +85,7 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
 
     from medseg_pipelines.serve import DEPLOYMENT_NAME
 
-    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 1})
+    params = params_for(demo={"cardiac_patients": 3, "ct_patients": 0, "polyp_frames": 0})
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(dataclasses.asdict(params)))
