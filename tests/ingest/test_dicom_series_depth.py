@@ -217,6 +217,31 @@ def test_fast_pixel_path_matches_pydicom(tmp_path, signed):
                 np.testing.assert_array_equal(vol[:, :, k], expected)
 
 
+@pytest.mark.parametrize("signed,bits,intercept", [(0, 12, -1024.0), (1, 12, -1024.0), (0, 16, -1024.0),
+                                                    (1, 16, 0.0), (0, 15, -32768.0)])
+def test_stored_bits_bound_the_output_type_or_the_values_do(tmp_path, signed, bits, intercept):
+    """12-bit CT fits int16 by its BitsStored alone (no slice's range is read); where BitsStored does not bound it,
+    the values decide (int32 when they need it). Either way the volume equals pydicom's rescaled pixels, the extreme
+    stored values included."""
+    paths = write_series(tmp_path / "s", axial_positions(3), rows=2, cols=2, intercept=intercept, shuffle_seed=None)
+    top = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    low = -(1 << (bits - 1)) if signed else 0
+    stored = np.array([low, top, 0, 7], "<i2" if signed else "<u2")
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits - 1, signed
+        ds.PixelData = stored.tobytes()
+        ds.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(paths[0])
+    expected = (ds.pixel_array.astype(np.int64) + int(intercept)).T
+    headers = [read_header(p) for p in paths]
+    assert all(h.stored is not None for h in headers)
+    vol = read_series(series_geometry(headers))
+    assert vol.dtype == (np.int16 if expected.min() >= -32768 and expected.max() <= 32767 else np.int32)
+    for k in range(3):
+        np.testing.assert_array_equal(vol[:, :, k], expected)
+
+
 def test_a_rescale_outside_int16_is_left_to_the_decoding_path(tmp_path):
     """Zero pixels with slope 40000: every value fits int16, but the slope itself does not."""
     paths = write_series(tmp_path / "s", axial_positions(3), rows=2, cols=2, slope=40000.0)

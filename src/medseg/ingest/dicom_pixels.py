@@ -90,6 +90,13 @@ def _keep_stored_bits(arr: np.ndarray, stored: int) -> None:
         arr &= arr.dtype.type((1 << stored) - 1)
 
 
+def _stored_range(dtype: np.dtype, stored: int) -> tuple[float, float]:
+    """The values ``stored`` bits can hold in ``dtype`` after :func:`_keep_stored_bits`."""
+    if dtype.kind == "i":
+        return float(-(1 << (stored - 1))), float((1 << (stored - 1)) - 1)
+    return 0.0, float((1 << stored) - 1)
+
+
 def _read_pixels(h: Header, expected: tuple[int, int]) -> tuple[np.ndarray, float, float]:
     """All frames of ``h``'s file (frames first for multi-frame), with the file's rescale slope and intercept."""
     import pydicom
@@ -194,15 +201,19 @@ def _read_stored_series(geometry: Geometry, workers: int) -> np.ndarray | None:
         return None
     dtype = np.dtype(layouts[0][1])
     stack = np.empty((nz, ny, nx), dtype=dtype)
+    # What BitsStored allows: when every slice's allowed range, rescaled, fits int16 (12-bit CT with intercept
+    # -1024, the usual case), no slice's actual range needs to be read (two passes over the volume).
+    allowed = [_stored_range(dtype, lay[2]) for lay in layouts]
+    bounded = _output_dtype([(lo, hi, lay[3], lay[4]) for (lo, hi), lay in zip(allowed, layouts)]) == np.int16
 
-    def fill(k: int) -> tuple[int, int]:
+    def fill(k: int) -> tuple[float, float]:
         offset, _, stored, _, _ = layouts[k]
         with open(geometry.headers[k].path, "rb") as fh:
             fh.seek(offset)
             if fh.readinto(memoryview(stack[k]).cast("B")) != stack[k].nbytes:
                 raise _CutShort  # the decoding path names the problem as pydicom sees it
         _keep_stored_bits(stack[k], stored)
-        return float(stack[k].min()), float(stack[k].max())
+        return allowed[k] if bounded else (float(stack[k].min()), float(stack[k].max()))
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, nz))) as pool:
