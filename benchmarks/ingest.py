@@ -57,8 +57,9 @@ def phantom_slice(z: int, n: int, size: int, rng: np.random.Generator) -> np.nda
     return hu + rng.normal(0, 12, hu.shape)
 
 
-def write_series(folder: Path, slices: int, size: int = 512) -> None:
-    """One CT series, one file per slice: int16 stored values, HU = stored - 1024."""
+def write_series(folder: Path, slices: int, size: int = 512, bits_stored: int = 16) -> None:
+    """One CT series, one file per slice, HU = stored - 1024: 16 bits stored, signed (as GE scanners write it), or
+    12 bits stored, unsigned (as Siemens scanners do)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -81,9 +82,11 @@ def write_series(folder: Path, slices: int, size: int = 512) -> None:
         ds.SliceThickness, ds.PixelSpacing = 1.25, [0.9765625, 0.9765625]
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        signed = bits_stored == 16
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, signed
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        stored = np.clip(np.round(phantom_slice(z, slices, size, rng)) + 1024, -2048, 4095).astype("<i2")
+        stored = np.clip(np.round(phantom_slice(z, slices, size, rng)) + 1024, -2048 if signed else 0, 4095)
+        stored = stored.astype("<i2" if signed else "<u2")
         ds.PixelData = stored.tobytes()
         ds.save_as(folder / f"IM{z:04d}.dcm", enforce_file_format=True)
 
@@ -129,7 +132,8 @@ def describe(series: Path) -> str:
     raw = ds.pixel_array.tobytes()
     ratio = len(raw) / len(zlib.compress(raw, 1))
     total = sum(p.stat().st_size for p in files) / 2**20
-    return (f"{len(files)} slices {ds.Rows}x{ds.Columns}, {ds.BitsAllocated}-bit, {ds.Modality}, transfer syntax "
+    return (f"{len(files)} slices {ds.Rows}x{ds.Columns}, {ds.BitsStored} of {ds.BitsAllocated} bits stored "
+            f"({'signed' if ds.PixelRepresentation else 'unsigned'}), {ds.Modality}, transfer syntax "
             f"{ds.file_meta.TransferSyntaxUID.name}, {total:.0f} MB on disk; a middle slice deflates {ratio:.2f}:1 "
             f"at level 1")
 
@@ -161,6 +165,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--series", type=Path, default=None, help="a folder holding one DICOM series to time instead")
+    parser.add_argument("--bits-stored", type=int, choices=[12, 16], default=16,
+                        help="the written series: 16 bits stored, signed (GE-like), or 12, unsigned (Siemens-like)")
     parser.add_argument("--tools", nargs="*", default=None,
                         help="subset to run: 'dcm2niix -z y', 'dcm2niix -z i', 'medseg ingest', SimpleITK, "
                              "dicom2nifti (default: all)")
@@ -172,11 +178,11 @@ def main() -> None:
         shutil.rmtree(series, ignore_errors=True)
         shutil.copytree(args.series, series)
     else:
-        series = workdir / "src" / f"ct{args.slices}"
+        series = workdir / f"src_{args.bits_stored}bit" / f"ct{args.slices}"  # one series per folder (above)
         if not series.is_dir() or len(list(series.iterdir())) != args.slices:
             log.info("writing %d-slice 512x512 CT series to %s", args.slices, series)
             shutil.rmtree(series, ignore_errors=True)
-            write_series(series, args.slices)
+            write_series(series, args.slices, bits_stored=args.bits_stored)
     log.info("series: %s", describe(series))
     log.info("machine before: %s", environment())
     commands = {name: cmd for name, cmd in tools(series).items() if not args.tools or name in args.tools}
