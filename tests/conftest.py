@@ -26,6 +26,13 @@ def pytest_configure(config):
             os.environ.setdefault(var, share)
 
 
+# The whole-pipeline modules (Prefect servers and flows, DVC repositories, trainings run twice) carry this mark: under
+# pytest-xdist (the default, "-n auto --dist=loadgroup" in pyproject.toml) they run one after another on one worker,
+# beside the rest of the suite on the others. They share the session's Prefect harness and module-scoped projects, and
+# none of them times its second run against another's servers and trainings.
+PIPELINE = pytest.mark.xdist_group("pipeline")
+
+
 @pytest.fixture(autouse=True)
 def _pseudonym_key(monkeypatch):
     """Tests never create the project's secret key file."""

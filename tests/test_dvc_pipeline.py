@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import PIPELINE, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, PIPELINE]
 
 
 def sh(*args: str, cwd: Path) -> str:

@@ -6,6 +6,10 @@ import dataclasses
 import pytest
 import yaml
 
+from tests.conftest import PIPELINE
+
+pytestmark = PIPELINE
+
 
 def write_params(path, params) -> str:
     path.write_text(yaml.safe_dump(dataclasses.asdict(params)))

@@ -18,8 +18,9 @@ import yaml
 
 from medseg.model_folder import RUN_NAME
 from medseg.train import CHECKPOINT_NAME
+from tests.conftest import PIPELINE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, PIPELINE]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,10 @@ from medseg import evaluate, ingest, plan, preprocess, train
 from medseg.model_folder import CONFIG_NAME
 from medseg.plan import read_plan
 from medseg.transforms import ZScored
+from tests.conftest import PIPELINE
 from tests.ingest.test_ingest_images import frame, save
+
+pytestmark = PIPELINE
 
 
 @pytest.fixture

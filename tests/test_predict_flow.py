@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import write_tiny_volume
+from tests.conftest import PIPELINE, write_tiny_volume
 from tests.ingest.conftest import axial_positions, write_series
 from tests.test_inference import write_folds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, PIPELINE]
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+from tests.conftest import PIPELINE
+
+pytestmark = [pytest.mark.slow, PIPELINE]
 
 
 def _free_port() -> int:
