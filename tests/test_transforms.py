@@ -118,6 +118,25 @@ def test_zscore_matches_monai_and_does_not_depend_on_the_thread_count():
     assert torch.equal(ZScored("image")({"image": torch.full((1, 4, 4, 4), 7.0)})["image"], torch.zeros(1, 4, 4, 4))
 
 
+def test_clip_is_monais_identity_rescale_with_clipping_and_keeps_the_meta_data():
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+
+    from medseg.transforms import ClipIntensityd
+
+    values = np.random.default_rng(4).normal(40.0, 300.0, (1, 30, 20, 6)).astype(np.float32)
+    affine = torch.diag(torch.tensor([0.8, 0.8, 2.5, 1.0], dtype=torch.float64))
+    image = MetaTensor(torch.from_numpy(values), affine=affine)
+    clipped = ClipIntensityd("image", -150.0, 250.0)({"image": image})["image"]
+    expected = mt.ScaleIntensityRanged("image", a_min=-150.0, a_max=250.0, b_min=-150.0, b_max=250.0,
+                                       clip=True)({"image": image})["image"]
+    assert torch.equal(clipped.as_tensor(), torch.from_numpy(np.clip(values, -150.0, 250.0)))
+    torch.testing.assert_close(clipped.as_tensor(), expected.as_tensor(), rtol=0, atol=1e-4)
+    assert isinstance(clipped, MetaTensor) and torch.equal(clipped.affine, affine)
+    assert torch.equal(image.as_tensor(), torch.from_numpy(values))  # the input is left as it was
+    np.testing.assert_array_equal(ClipIntensityd("image", 0, 1)({"image": values})["image"], np.clip(values, 0, 1))
+
+
 def test_colour_shift_moves_each_rgb_channel_by_its_own_offset_and_leaves_gray_alone():
     from medseg.transforms import RandColourShiftd
 

@@ -53,6 +53,24 @@ class ZScored(mt.MapTransform):
         return d
 
 
+class ClipIntensityd(mt.MapTransform):
+    """Values below ``lo`` become ``lo`` and above ``hi`` become ``hi`` (CT's planned HU window), in one pass. MONAI's
+    ``ScaleIntensityRanged`` with equal source and target ranges, used before, maps to the same values (to float32
+    rounding) in five: subtract, divide, multiply, add, clip (0.2 s of a 512x512x300 CT's prediction)."""
+
+    def __init__(self, keys, lo: float, hi: float, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.lo, self.hi = float(lo), float(hi)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            d[key] = image.clamp(self.lo, self.hi) if isinstance(image, torch.Tensor) else np.clip(image, self.lo,
+                                                                                                   self.hi)
+        return d
+
+
 def _like(image, values: np.ndarray):
     """``values`` as ``image``'s kind (tensor of its dtype and device, or numpy array of its dtype)."""
     if isinstance(image, torch.Tensor):
@@ -199,7 +217,7 @@ def preprocess_transforms(
     if scheme == "ct":
         lo, hi = normalization["clip"]
         chain += [
-            mt.ScaleIntensityRanged(image_key, a_min=lo, a_max=hi, b_min=lo, b_max=hi, clip=True),
+            ClipIntensityd(image_key, lo, hi),
             mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
             mt.NormalizeIntensityd(image_key, subtrahend=normalization["mean"], divisor=normalization["std"]),
         ]
