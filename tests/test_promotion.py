@@ -79,15 +79,31 @@ def test_test_subjects_by_fraction_cover_groups_and_keep_patients_whole():
 
 
 @pytest.mark.slow
-def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingested, params_for):
-    from medseg import evaluate, register, train
+def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingested, params_for, monkeypatch):
+    from filelock import FileLock, Timeout
+
+    from medseg import evaluate, promotion, register, train
     from medseg.model_folder import MODEL_NAME
     from medseg.preprocess import read_dataset, read_test_set
+    from medseg.tracking import tracking_uri
     from tests.conftest import planned_and_preprocessed
 
     params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)},
                                                  preprocess={"folds": 2, "test_cases": ["sub-0002"]},
                                                  train={"max_epochs": 3}))
+    lock_free_while_scoring = []
+    score = promotion.score_on_test
+
+    def scored_without_the_store_lock(*args, **kwargs):  # other registrations need not wait for the test set
+        lock = FileLock(tracking_uri(params.mlflow).removeprefix("sqlite:///") + ".lock")
+        try:
+            with lock.acquire(timeout=0):
+                lock_free_while_scoring.append(True)
+        except Timeout:
+            lock_free_while_scoring.append(False)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(promotion, "score_on_test", scored_without_the_store_lock)
     test, test_hash = read_test_set(params.paths.preprocessed)
     assert test == ["sub-0002_ED", "sub-0002_ES"] and len(test_hash) == 64
     assert not {c.case_id for c in read_dataset(params.paths.preprocessed).cases} & set(test)  # locked away
@@ -112,6 +128,7 @@ def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingeste
     for text in ("## Locked test set", "champion (version 1)", "**Rule:**", "paired by case"):
         assert text in v2.description
     assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+    assert lock_free_while_scoring == [True, True, True]  # first candidate; then the candidate and the champion
 
 
 def test_drift_compare_blocks_a_new_task_and_measures_shifts():

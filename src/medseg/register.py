@@ -94,10 +94,35 @@ def _test_gate(params: Params, name: str, fold: int | str, champion_version: str
     return compare(candidate, champion_rows, params), test_hash
 
 
+def _versions_of(client, name: str, run_id: str) -> list:
+    """The versions registered from ``run_id`` (a re-run of the flow registers the same run again)."""
+    return [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+
+
 def _register_version(client, params: Params, run_info: dict, score: float, fold: int | str,
                       tags: dict[str, str] | None = None, metrics_card: dict | None = None) -> dict:
     """One fold's run as a model version, aliased ``champion`` if it passes the promotion rule against the current
-    champion (on the locked test set when there is one; else its cross-validation score), else ``challenger``."""
+    champion (on the locked test set when there is one; else its cross-validation score), else ``challenger``.
+
+    The locked test set is scored before the store's lock is taken (it runs both models: minutes on a real test set,
+    during which other registrations would wait), against the champion of that moment; under the lock, registering
+    the version and moving the alias are one decision, and a champion that changed meanwhile is scored again.
+    """
+    from medseg.tracking import store_lock, tracking_uri
+
+    name = params.register.model_name
+    run_id = run_info["run_id"]
+    scored_against, _ = _champion_score(client, name)
+    was_champion = scored_against is not None and scored_against in {str(v.version)
+                                                                      for v in _versions_of(client, name, run_id)}
+    gate = None if was_champion else _test_gate(params, name, fold, scored_against)
+    with store_lock(tracking_uri(params.mlflow)):
+        return _decide(client, params, run_info, score, fold, tags, metrics_card, gate, scored_against)
+
+
+def _decide(client, params: Params, run_info: dict, score: float, fold: int | str, tags: dict[str, str] | None,
+            metrics_card: dict | None, gate: tuple[dict, str] | None, scored_against: str | None) -> dict:
+    """:func:`_register_version` under the store's lock: the version, its tags, its alias and its card."""
     import mlflow
 
     from medseg.promotion import evidence_markdown
@@ -105,7 +130,7 @@ def _register_version(client, params: Params, run_info: dict, score: float, fold
     name = params.register.model_name
     run_id = run_info["run_id"]
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
-    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
+    existing = _versions_of(client, name, run_id)
     if existing:
         version = str(existing[0].version)
     else:
@@ -116,7 +141,10 @@ def _register_version(client, params: Params, run_info: dict, score: float, fold
         client.set_model_version_tag(name, version, key, value)
     champion_version, champion_score = _champion_score(client, name)
     already = champion_version == version
-    gate = None if already else _test_gate(params, name, fold, champion_version)
+    if already:
+        gate = None
+    elif champion_version != scored_against:  # another registration moved the champion while this one scored
+        gate = _test_gate(params, name, fold, champion_version)
     if gate is None:
         alias = CHAMPION if already or score > champion_score else CHALLENGER
         why = _decision(alias, version, score, champion_version, champion_score)
@@ -167,14 +195,15 @@ def run(params: Params) -> dict:
     metrics = read_json(Path(params.paths.evaluation) / METRICS_NAME)
     configure_mlflow(params.mlflow)
     client = MlflowClient()
-    # One registration at a time per store: reading the champion's score and moving the alias is one decision.
+    # One registration at a time per store: reading the champion's score and moving the alias is one decision
+    # (each version takes the lock in _register_version, after scoring the locked test set).
     with store_lock(tracking_uri(params.mlflow)):
         try:
             client.get_registered_model(name)
         except MlflowException:
             client.create_registered_model(name, description="medseg segmentation model; 'champion' serves "
                                                              "predictions")
-        versions = _register_all(params, client, name, metrics)
+    versions = _register_all(params, client, name, metrics)
     summary = {"model_name": name, **versions[-1], "versions": versions}
     write_json(params.paths.registry, summary)
     return summary
