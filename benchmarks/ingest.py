@@ -66,6 +66,7 @@ def write_series(folder: Path, slices: int, size: int = 512, bits_stored: int = 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    signed = bits_stored == 16  # GE-like; 12 bits: Siemens-like, unsigned
     for z in range(slices):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -82,7 +83,6 @@ def write_series(folder: Path, slices: int, size: int = 512, bits_stored: int = 
         ds.SliceThickness, ds.PixelSpacing = 1.25, [0.9765625, 0.9765625]
         ds.Rows = ds.Columns = size
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        signed = bits_stored == 16
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, signed
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         stored = np.clip(np.round(phantom_slice(z, slices, size, rng)) + 1024, -2048 if signed else 0, 4095)
