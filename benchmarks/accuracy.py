@@ -95,7 +95,7 @@ def paired_difference(rows: list[dict], a: str, b: str, seed: int = 0) -> dict |
 def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[str, float | None],
                  difference: dict | None) -> str:
     """Side-by-side rows: mean Dice [CI], Dice and HD95 per class, minutes per fold; then the paired difference."""
-    head = (f"{'method':13s} {'mean Dice [95% CI]':22s} {'IoU':>6s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
+    head = (f"{'method':17s} {'mean Dice [95% CI]':22s} {'IoU':>6s} " + " ".join(f"{'Dice ' + c:>15s}" for c in classes) + " "
             + " ".join(f"{'HD95 ' + c:>17s}" for c in classes) + f" {'train min':>9s}")
     lines = [head, "-" * len(head)]
     for method, s in summaries.items():
@@ -107,7 +107,7 @@ def format_table(summaries: dict[str, dict], classes: list[str], minutes: dict[s
                 hd += f" ({pc['hd95_missing']} miss)"
             hds.append(f"{hd:>17s}")
         took = minutes.get(method)
-        lines.append(f"{method:13s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
+        lines.append(f"{method:17s} {s['mean_dice']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]   "
                      f"{s.get('mean_iou', float('nan')):6.3f} "
                      + " ".join(f"{s['per_class'][c]['dice']:15.3f}" for c in classes) + " " + " ".join(hds)
                      + f" {'-' if took is None else f'{took:.1f}':>9s}")
@@ -189,25 +189,57 @@ def link(target: Path, dest: Path) -> Path:
     return dest
 
 
-def run_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict, env: dict) -> tuple[dict, dict]:
+def run_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict, env: dict,
+               method: str = "medseg") -> tuple[dict, dict]:
     """``medseg train`` on the fold, ``medseg predict`` on the held-out originals -> ({case_id: output}, times)."""
-    fold_params = work / f"params_fold{fold}.yaml"
+    tag = safe_name(method)
+    fold_params = work / f"params_{tag}_fold{fold}.yaml"
     fold_params.write_text(yaml.safe_dump({**params, "train": {**params["train"], "fold": fold}}, sort_keys=False))
-    train_s = sh(MEDSEG + ["train", "--params", str(fold_params)], work / "logs" / f"medseg_train_{fold}.log", env,
+    train_s = sh(MEDSEG + ["train", "--params", str(fold_params)], work / "logs" / f"{tag}_train_{fold}.log", env,
                  work)
-    outputs, predict_s = predict_medseg(work, fold, params, test, cases, env, "medseg", [])
+    outputs, predict_s = predict_medseg(work, fold, params, test, cases, env, method, [])
     return outputs, {"train_s": train_s, "predict_s": predict_s}
+
+
+def safe_name(method: str) -> str:
+    """A method's name as a file name: ``medseg[scratch]`` -> ``medseg_scratch``, ``medseg/tta`` -> ``medseg_tta``."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in method).strip("_")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``--train-variant NAME:KEY=VALUE[;KEY=VALUE]`` -> (``medseg[NAME]``, ``["KEY=VALUE", ...]``)."""
+    name, sep, sets = spec.partition(":")
+    items = [item.strip() for item in sets.split(";") if item.strip()]
+    if not sep or not name.strip() or not items or any("=" not in item for item in items):
+        raise SystemExit(f"--train-variant {spec}: expected NAME:KEY=VALUE[;KEY=VALUE...]")
+    return f"medseg[{name.strip()}]", items
+
+
+def variant_params(work: Path, base: dict, method: str, sets: list[str]) -> dict:
+    """A training variant's params: the yardstick's own with ``sets`` applied, and its plan, preprocessed data,
+    models and checkpoints in ``work/variants/<name>`` (a variant may plan another network or normalisation); the
+    ingested data, hence the folds, are shared."""
+    import copy
+
+    raw = copy.deepcopy(base)
+    folder = work / "variants" / safe_name(method)
+    for key in ("plans", "preprocessed", "model", "checkpoints", "evaluation", "cache", "registry"):
+        raw["paths"][key] = str(folder / Path(base["paths"][key]).name)
+    for item in sets:
+        key, _, value = item.partition("=")
+        set_key(raw, key.strip(), yaml.safe_load(value))
+    return raw
 
 
 def predict_medseg(work: Path, fold: int, params: dict, test: list[str], cases: dict, env: dict, method: str,
                    flags: list[str]) -> tuple[dict, float]:
     """``medseg predict [flags]`` with the fold's model on the held-out originals -> ({case_id: output}, seconds)."""
-    inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / method.replace("/", "_") / f"fold_{fold}"
+    inputs, out = work / "inputs" / f"fold_{fold}", work / "pred" / safe_name(method) / f"fold_{fold}"
     for cid in test:
         link(cases[cid]["image"], inputs / f"{cid}{input_suffix(cases[cid]['image'])}")
     seconds = sh(MEDSEG + ["predict", "--model", str(Path(params["paths"]["model"]) / f"fold_{fold}"), *flags,
                            str(inputs), "--out", str(out)],
-                 work / "logs" / f"{method.replace('/', '_')}_predict_{fold}.log", env, work)
+                 work / "logs" / f"{safe_name(method)}_predict_{fold}.log", env, work)
     return {cid: out / output_name(cid, cases[cid]["image"]) for cid in test}, seconds
 
 
@@ -306,6 +338,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--with-nnunet", action="store_true", help="add nnunet (default with CUDA)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="params override for medseg, dotted key and YAML value; repeatable")
+    parser.add_argument("--train-variant", dest="train_variants", action="append", default=[],
+                        metavar="NAME:KEY=VALUE[;KEY=VALUE]",
+                        help="a medseg recipe trained beside the default on the same folds and budget, reported as "
+                             "medseg[NAME] with its paired difference to medseg, e.g. 'scratch:model.encoder=none'; "
+                             "repeatable")
     parser.add_argument("--tutorial-args", default="", help="extra arguments for tutorial_loop.py, e.g. '--tiny'")
     parser.add_argument("--variants", default="", help=f"comma-separated inference-only medseg rows from the same "
                         f"fold models: {', '.join(VARIANTS)} (post-processing off, mirroring TTA)")
@@ -315,6 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - set(VARIANTS):
         parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
+    args.train_variants = [parse_variant(v) for v in args.train_variants]
     args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else 10.0
     args.folds = args.folds if args.folds is not None else 3 if args.quick else None
     return args
@@ -371,6 +409,15 @@ def main(argv: list[str] | None = None) -> dict:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in ("plan", "preprocess"):
         sh(MEDSEG + [stage, "--params", str(work / "params.yaml")], work / "logs" / f"{stage}.log", env, work)
+    variants_params = {}
+    for method, sets in args.train_variants:
+        variants_params[method] = variant_params(work, params, method, sets)
+        path = work / f"params_{safe_name(method)}.yaml"
+        path.write_text(yaml.safe_dump(variants_params[method], sort_keys=False))
+        for stage in ("plan", "preprocess"):
+            sh(MEDSEG + [stage, "--params", str(path)], work / "logs" / f"{safe_name(method)}_{stage}.log", env, work)
+    methods = methods[:1] + list(variants_params) + methods[1:] if methods[:1] == ["medseg"] else (
+        methods + list(variants_params))
     splits = json.loads((Path(params["paths"]["preprocessed"]) / "splits.json").read_text())["splits"]
     print(f"{len(cases)} labelled cases, {folds} patient folds; classes {', '.join(classes.values())}", flush=True)
 
@@ -383,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 if method == "medseg":
                     outputs, times = run_medseg(work, k, params, split["val"], cases, env)
+                elif method in variants_params:
+                    outputs, times = run_medseg(work, k, variants_params[method], split["val"], cases, env, method)
                 elif method == "tutorial":
                     outputs, times = run_tutorial(work, k, split["train"], split["val"], cases, args.minutes,
                                                   max(labels) + 1, args.seed, shlex.split(args.tutorial_args), env)
@@ -420,14 +469,16 @@ def main(argv: list[str] | None = None) -> dict:
         minutes[m] = float(np.mean(walls)) / 60 if walls else None
     difference = paired_difference(rows, "medseg", "tutorial", args.seed) if {"medseg", "tutorial"} <= set(
         scored_methods) else None
-    variant_differences = [d for v in variants if (d := paired_difference(rows, v, "medseg", args.seed))]
+    variant_differences = [d for v in variants + list(variants_params)
+                           if (d := paired_difference(rows, v, "medseg", args.seed))]
     print(format_table(summaries, names, minutes, difference), flush=True)
     for d in variant_differences:  # same models: only the inference item differs
         print(f"{d['a']} - {d['b']}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
     result = {"command": [sys.executable, *sys.argv] if argv is None else ["accuracy.py", *argv],
               "git_commit": git_commit(), "work": str(work), "data": str(data),
               "settings": {"folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
-                           "set": args.sets, "variants": args.variants, "tutorial_args": args.tutorial_args, "seed": args.seed,
+                           "set": args.sets, "variants": args.variants,
+                           "train_variants": {m: sets for m, sets in args.train_variants}, "tutorial_args": args.tutorial_args, "seed": args.seed,
                            "bootstrap_resamples": RESAMPLES, "medseg_params": params,
                            "nnunet_trainer": NNUNET_TRAINER if "nnunet" in methods else None},
               "labels": {str(k): v for k, v in labels.items()}, "folds": fold_log, "train_minutes_per_fold": minutes,

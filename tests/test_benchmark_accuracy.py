@@ -222,3 +222,21 @@ def test_yardstick_end_to_end_on_tiny_frames(tmp_path):
             original = Image.open(data / sources[case]["source"])
             assert written.shape == (original.height, original.width)
         assert 0.0 <= result["summary"][method]["mean_iou"] <= result["summary"][method]["mean_dice"] <= 1.0
+
+
+def test_training_variants_get_their_own_plan_and_models_and_share_the_ingested_folds(tmp_path):
+    method, sets = acc.parse_variant("scratch:model.encoder=none;train.learning_rate=0.001")
+    assert method == "medseg[scratch]" and sets == ["model.encoder=none", "train.learning_rate=0.001"]
+    base = acc.write_params(tmp_path, tmp_path / "data", 5, 2.0, 0, [])
+    variant = acc.variant_params(tmp_path, base, method, sets)
+    assert variant["model"]["encoder"] == "none" and variant["train"]["learning_rate"] == 0.001
+    assert base["model"]["encoder"] == "auto"  # the default recipe is left as it is
+    assert variant["paths"]["ingested"] == base["paths"]["ingested"]
+    for key in ("plans", "preprocessed", "model", "checkpoints"):
+        assert variant["paths"][key].startswith(str(tmp_path / "variants" / "medseg_scratch"))
+    assert acc.safe_name("medseg/tta") == "medseg_tta"
+    for bad in ["scratch", "scratch:", ":model.encoder=none", "scratch:model.encoder"]:
+        with pytest.raises(SystemExit):
+            acc.parse_variant(bad)
+    with pytest.raises(SystemExit, match="no such key"):
+        acc.variant_params(tmp_path, base, method, ["model.encodr=none"])

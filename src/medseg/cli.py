@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 import sys
 from pathlib import Path
 
@@ -225,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # MONAI 1.6 says, on every image it loads, that NVIDIA's nvImageCodec (a GPU DICOM decoder) is absent: two lines
+    # per case in ingest and preprocess that bury the one line a bad case gets. pydicom's own decoders are used.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     from medseg.errors import MedsegError
     from medseg.params import ParamsError
 

@@ -7,7 +7,12 @@
      "strides": [2, 2, 2]  (unet, attention_unet: len(channels) - 1 ints or per-axis lists)
                 | [[1, 1], [2, 2], [2, 2], [2, 2]]  (dynunet: len(channels) per-axis lists, the first all ones),
      "kernel_sizes": [[3, 3], ...]  (dynunet: len(channels) per-axis lists) | null (others),
-     "num_res_units": 0, "norm": "instance" | "batch", "dropout": 0.0, "deep_supervision": false}
+     "num_res_units": 0, "norm": "instance" | "batch", "dropout": 0.0, "deep_supervision": false,
+     "encoder": null | "efficientnet-lite0"}
+
+``encoder`` (2D, ``unet`` and ``attention_unet``): an ImageNet-pretrained encoder in MONAI's ``FlexibleUNet``; its
+levels are the encoder's, so ``channels`` must be :func:`encoder_channels` and ``strides`` five 2s. Batch norm
+throughout (the encoder's own), so ``norm`` does not apply. A spec without the key has no encoder.
 
 The rules a user's ``model`` params section must already meet (:func:`check_model`) are the same rules a spec is
 held to (:func:`validate_spec`); ``medseg.params`` checks them at load, so a bad key is one line before any work.
@@ -19,10 +24,21 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["NETWORKS", "NORMS", "check_model", "validate_spec", "level_strides", "required_divisor"]
+__all__ = ["NETWORKS", "NORMS", "ENCODERS", "check_model", "validate_spec", "level_strides", "required_divisor",
+           "encoder_channels"]
 
 NETWORKS = ("unet", "attention_unet", "dynunet")
 NORMS = ("instance", "batch")
+# Pretrained encoders (medseg.networks registers them with MONAI's FlexibleUNet) and their feature channels at
+# 1/2, 1/4, ..., 1/32 of the input; the decoder is FlexibleUNet's, 256, 128, 64, 32, 16 channels from the bottom up.
+ENCODERS = {"efficientnet-lite0": (16, 24, 40, 112, 320)}
+ENCODER_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def encoder_channels(encoder: str) -> list[int]:
+    """The spec's ``channels`` for a network with ``encoder``: the decoder's output channels per resolution level,
+    full resolution first, and the encoder's bottom (1/32) level last."""
+    return list(ENCODER_DECODER_CHANNELS[::-1]) + [ENCODERS[encoder][-1]]
 
 
 def check_model(model: Mapping[str, Any]) -> None:
@@ -40,6 +56,13 @@ def check_model(model: Mapping[str, Any]) -> None:
         raise ValueError(f"model.dropout must be in [0, 1); got {model.get('dropout')!r}")
     if model.get("deep_supervision") and name == "unet":
         raise ValueError("model.deep_supervision is supported by dynunet and attention_unet, not unet")
+    encoder = model.get("encoder")
+    if encoder not in (None, "auto", "none", *ENCODERS):
+        raise ValueError(f"unknown model.encoder {encoder!r}; expected auto, none or one of {tuple(ENCODERS)}")
+    if encoder in ENCODERS and name == "dynunet":
+        raise ValueError("model.encoder (a pretrained encoder) is for unet and attention_unet, not dynunet")
+    if encoder in ENCODERS and model.get("deep_supervision"):
+        raise ValueError("model.deep_supervision does not combine with a pretrained model.encoder")
     channels, strides = model.get("channels"), model.get("strides")
     if channels is None and strides is not None:
         raise ValueError("model.strides must be null when model.channels is null (both planned)")
@@ -99,7 +122,16 @@ def validate_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     deep_supervision = bool(spec.get("deep_supervision", False))
     if deep_supervision and len(channels) < 3:
         raise ValueError(f"model.deep_supervision needs at least 3 model.channels levels; got {len(channels)}")
-    return {**spec, "strides": strides, "kernel_sizes": kernels, "deep_supervision": deep_supervision}
+    encoder = spec.get("encoder")
+    if encoder in ("auto", "none"):
+        raise ValueError(f"model.encoder {encoder!r} is resolved by the plan; a network spec names the encoder or "
+                         f"null")
+    if encoder is not None:
+        if dims != 2 or list(channels) != encoder_channels(encoder) or any(s != (2, 2) for s in strides):
+            raise ValueError(f"a {encoder} network is 2D with model.channels {encoder_channels(encoder)} and five "
+                             f"strides of 2; got {dims}D, {list(channels)}, {[list(s) for s in strides]}")
+    return {**spec, "strides": strides, "kernel_sizes": kernels, "deep_supervision": deep_supervision,
+            "encoder": encoder}
 
 
 def level_strides(spec: Mapping[str, Any]) -> tuple[tuple[int, ...], ...]:

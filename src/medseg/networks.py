@@ -1,5 +1,6 @@
 """Networks and losses chosen by the NETWORK SPEC (:mod:`medseg.network_spec`): MONAI U-Net, Attention U-Net and
-DynUNet, configured, not rewritten.
+DynUNet, configured, not rewritten; with a pretrained ``encoder``, MONAI's ``FlexibleUNet`` on an ImageNet backbone
+registered by :mod:`medseg.encoders`, with attention gates on its skips for ``attention_unet``.
 
 Deep supervision (dynunet, attention_unet) follows nnU-Net (Isensee et al. 2021): in ``train()`` mode the network also
 returns logits from the coarser decoder levels, all but the lowest one (at least one), and :func:`build_loss` weights
@@ -17,7 +18,6 @@ from torch import nn
 from medseg.network_spec import NETWORKS, required_divisor, validate_spec
 
 __all__ = ["NETWORKS", "build_network", "load_network", "build_loss", "required_divisor", "primary_logits"]
-
 
 def _supervised_levels(n_levels: int) -> int:
     """Coarser decoder outputs to supervise: all but the lowest (nnU-Net gives it zero weight), at least one.
@@ -93,6 +93,10 @@ def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> 
     spec = validate_spec(spec)
     name, dims, channels = spec["name"], int(spec["spatial_dims"]), tuple(spec["channels"])
     strides, dropout = spec["strides"], float(spec["dropout"])
+    if spec["encoder"] is not None:
+        from medseg.encoders import pretrained_unet
+
+        return pretrained_unet(name, spec["encoder"], in_channels, out_channels, dropout)
     if name == "unet":
         return UNet(dims, in_channels, out_channels, channels, strides, num_res_units=int(spec["num_res_units"]),
                     norm=spec["norm"], dropout=dropout)

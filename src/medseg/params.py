@@ -83,6 +83,8 @@ class ModelParams:
     norm: Literal["instance", "batch"]
     dropout: float
     deep_supervision: bool
+    encoder: Literal["auto", "none", "efficientnet-lite0"]
+    encoder_weights: str | None
 
 
 AugmentationName = Literal["rotate", "scale", "flip", "noise", "blur", "brightness", "contrast", "lowres",
@@ -119,6 +121,8 @@ class TrainParams:
     optimizer: Literal["adamw", "sgd"]
     learning_rate: float
     weight_decay: float
+    encoder_lr_factor: float
+    encoder_warmup_fraction: float
     loss: Literal["dice_ce", "unet_weighted"]
     unet_w0: float
     unet_sigma_px: float
@@ -293,6 +297,8 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "train.max_epochs": (1, None, False),
     "train.learning_rate": (0, 10, True),
     "train.weight_decay": (0, None, False),
+    "train.encoder_lr_factor": (0, 1, False),
+    "train.encoder_warmup_fraction": (0, 1, False),
     "train.unet_w0": (0, None, False),
     "train.unet_sigma_px": (0, None, True),
     "train.val_interval": (1, None, False),

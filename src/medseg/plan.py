@@ -16,7 +16,12 @@ Rules after nnU-Net's experiment planner, kept few and explicit:
   mean and standard deviation of the whole data set; MR and others get a per-image z-score, per channel for RGB;
 - 2D frames (RGB, GRAY: :mod:`medseg.ingest.images`): the target spacing is coarsened from the median until a whole
   median frame fits one patch of the budget, so large frames are downscaled to a planned size (aspect kept) and the
-  network sees the whole field of view, as endoscopy models do.
+  network sees the whole field of view, as endoscopy models do;
+- pretrained encoder (``model.encoder: auto``): 2D RGB frames get MONAI's ``FlexibleUNet`` on ImageNet
+  EfficientNet-Lite0 when its weights are installed (:mod:`medseg.pretrained`; otherwise one line says so and the
+  network trains from scratch), with ImageNet's normalisation. The frame size is planned as above (the scratch
+  U-Net's budget), the batch is at least ``BATCH_NORM_MIN_BATCH`` frames: the encoder's batch norm, as the polyp
+  models train it (PraNet 16, segmentation_models_pytorch's examples 8).
 
 Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``plans.json`` records both.
 """
@@ -35,7 +40,7 @@ import numpy as np
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.errors import StageInputError
 from medseg.manifest import FRAME_MODALITIES
-from medseg.network_spec import level_strides, required_divisor, validate_spec
+from medseg.network_spec import encoder_channels, level_strides, required_divisor, validate_spec
 from medseg.params import Params
 
 __all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "network_spec", "check_network_current",
@@ -52,6 +57,12 @@ MAX_BATCH_FRACTION = 0.05  # of the data set's voxels in one batch (nnU-Net)
 # Bytes one voxel of one feature channel costs in a training step: the activations kept for the backward pass
 # (convolution, normalisation and activation outputs in encoder and decoder, fp32) and their gradients.
 BYTES_PER_FEATURE_VOXEL = 4 * 12
+BATCH_NORM_MIN_BATCH = 8
+DEFAULT_ENCODER = "efficientnet-lite0"
+# EfficientNet's expanded (6x) blocks keep more activations than the decoder's channels say: a Lite0 FlexibleUNet
+# step on 256 x 192 RGB frames peaked at 2x the scratch U-Net's memory per frame (measured on the CPU, fp32)
+ENCODER_MEMORY_FACTOR = 2.0
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_value": 255.0}
 
 
 @dataclass(frozen=True)
@@ -80,10 +91,40 @@ class Plan:
 SPEC_KEYS = ("name", "num_res_units", "norm", "dropout", "deep_supervision")  # taken from params as given
 
 
+def resolve_encoder(model: dict[str, Any], spatial_dims: int, modalities) -> tuple[str | None, str | None]:
+    """``(encoder or None, a note to log or None)`` for ``model.encoder`` on data of these modalities.
+
+    ``auto``: the default encoder for 2D RGB frames when its weights are found and ``model.channels`` is null (set
+    channels ask for a U-Net of one's own), else none (with a note saying why, when the data would have used it);
+    ``none``: none; a named encoder: it, or :class:`StageInputError` when the
+    data is not 2D RGB or its weights are not found.
+    """
+    from medseg.pretrained import INSTALL_HINT, weights_file
+
+    choice = model.get("encoder", "none")
+    if choice in (None, "none") or (choice == "auto" and model.get("channels") is not None):
+        return None, None
+    rgb = spatial_dims == 2 and set(modalities) == {"RGB"}
+    encoder = DEFAULT_ENCODER if choice == "auto" else choice
+    found = rgb and weights_file(encoder, model.get("encoder_weights")) is not None
+    if choice == "auto":
+        if found:
+            return encoder, None
+        return None, (f"no ImageNet weights for {encoder} found ({INSTALL_HINT}): training from scratch"
+                      if rgb else None)
+    if not rgb:
+        raise StageInputError(f"model.encoder {encoder} takes 2D RGB frames; this data is "
+                              f"{spatial_dims}D {'/'.join(sorted(modalities))} (set model.encoder: auto or none)")
+    if not found:
+        raise StageInputError(f"model.encoder {encoder}: weights not found ({INSTALL_HINT})")
+    return encoder, None
+
+
 def network_spec(model: dict[str, Any], spatial_dims: int, spacing, patch) -> dict[str, Any]:
     """The NETWORK SPEC for the ``model`` params section as :func:`plan_network` completed it, at this spacing and
     patch (which decide DynUNet's per-axis strides and kernel sizes)."""
     spec = {key: model[key] for key in SPEC_KEYS}
+    spec["encoder"] = model.get("encoder") if model.get("encoder") not in ("auto", "none") else None
     spec["spatial_dims"] = spatial_dims
     spec["channels"] = list(model["channels"])
     if model["name"] == "dynunet":
@@ -101,7 +142,12 @@ def network_spec(model: dict[str, Any], spatial_dims: int, spacing, patch) -> di
 def check_network_current(plan: Plan, model: dict[str, Any]) -> None:
     """Refuse a plan whose network the ``model`` params section would no longer plan (edited since ``medseg plan``):
     train builds ``plan.network``, so a changed ``model.norm`` must not be ignored silently."""
-    spec = network_spec(plan_network(model, plan.spatial_dims, plan.median_shape), plan.spatial_dims,
+    choice = model.get("encoder")
+    if choice == "auto":  # the plan's choice stands (its weights are checked when train loads them)
+        encoder = plan.network.get("encoder")
+    else:
+        encoder, _ = resolve_encoder(model, plan.spatial_dims, plan.normalization)
+    spec = network_spec(plan_network(model, plan.spatial_dims, plan.median_shape, encoder), plan.spatial_dims,
                         plan.target_spacing, plan.patch_size)
     changed = [key for key in spec if _as_json(spec[key]) != _as_json(plan.network.get(key))]
     if changed:
@@ -116,14 +162,22 @@ def _as_json(value: Any) -> Any:
     return value
 
 
-def plan_network(model: dict[str, Any], spatial_dims: int, median_shape) -> dict[str, Any]:
-    """The ``model`` params section with ``channels`` and ``strides`` filled in where they are null.
+def plan_network(model: dict[str, Any], spatial_dims: int, median_shape, encoder: str | None = None) -> dict[str, Any]:
+    """The ``model`` params section with ``channels`` and ``strides`` filled in where they are null, and ``encoder``
+    resolved (:func:`resolve_encoder`; its levels are the encoder's).
 
     Depth: one level more for each halving that leaves the median shape's smallest axis at least ``MIN_FEATURE_MAP``
     voxels, at most ``MAX_LEVELS`` levels (at least 3). Width: ``base_channels``, doubled per level, capped at
     ``max_channels``. Strides default to 2 between levels.
     """
     model = dict(model)
+    model["encoder"] = encoder
+    if encoder is not None:
+        if model["channels"] is not None:
+            raise StageInputError(f"model.channels must be null with the pretrained encoder {encoder} (its levels "
+                                  f"are the encoder's); set model.encoder: none to plan your own")
+        model["channels"] = encoder_channels(encoder)
+        model["strides"] = [2] * (len(model["channels"]) - 1)
     if model["channels"] is None:
         smallest = min(max(1, int(s)) for s in median_shape[:spatial_dims])
         levels = 1
@@ -187,7 +241,7 @@ def _fit_patch(model, spatial_dims, spacing, median_shape, budget_mb) -> list[in
         patch[axis] = rounded[axis] - div[axis]
 
 
-def _plan_normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[str, Any]]:
+def _plan_normalization(fingerprint: dict[str, Any], ct_clip, encoder: str | None = None) -> dict[str, dict[str, Any]]:
     plans = {}
     for modality, info in fingerprint["modalities"].items():
         stats = info["foreground_intensity"]
@@ -197,6 +251,8 @@ def _plan_normalization(fingerprint: dict[str, Any], ct_clip) -> dict[str, dict[
             lo, hi = ct_clip or (stats["percentile_00_5"], stats["percentile_99_5"])
             plans[modality] = {"scheme": "ct", "clip": [float(lo), float(hi)], "mean": stats["mean"],
                                "std": max(stats["std"], 1e-6)}
+        elif modality == "RGB" and encoder is not None:  # the statistics the encoder learnt ImageNet with
+            plans[modality] = {"scheme": "imagenet", **IMAGENET}
         elif modality in FRAME_MODALITIES:
             plans[modality] = {"scheme": "zscore", "channel_wise": modality == "RGB"}
         else:
@@ -238,14 +294,23 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     spatial_dims = overrides.spatial_dims or (2 if anisotropic else 3)
     median_shape = tuple(int(round(s)) for s in np.median(_resampled(cases, target), axis=0))
     frames = all(c["modality"] in FRAME_MODALITIES for c in cases)
+    encoder, note = resolve_encoder(model, spatial_dims, fingerprint["modalities"])
+    if note:
+        log.warning("plan: %s", note)
     if frames and spatial_dims == 2 and overrides.target_spacing is None and overrides.patch_size is None:
         target, median_shape = _fit_frames(model, target, median_shape, params.plan.memory_budget_mb)
     resampled = _resampled(cases, target)
-    model = plan_network(model, spatial_dims, median_shape)
+    if encoder is not None:  # the frame size is the scratch U-Net's (above); the whole frame is the patch
+        scratch = plan_network(model, spatial_dims, median_shape)
+        div = _divisor(plan_network(model, spatial_dims, median_shape, encoder), spatial_dims, target, median_shape)
+        frame = [max(d, math.ceil(p / d) * d) for p, d in zip(_fit_patch(scratch, spatial_dims, target, median_shape,
+                                                                         params.plan.memory_budget_mb), div)]
+    model = plan_network(model, spatial_dims, median_shape, encoder)
     if overrides.patch_size is not None:
         patch = list(overrides.patch_size)
     else:
-        patch = _fit_patch(model, spatial_dims, target, median_shape, params.plan.memory_budget_mb)
+        patch = frame if encoder is not None else _fit_patch(model, spatial_dims, target, median_shape,
+                                                             params.plan.memory_budget_mb)
         patch = patch + [1] * (3 - spatial_dims)
     if spatial_dims == 3 and patch[2] == 1:
         raise StageInputError(f"patch size {patch} is a 2D patch but the plan is 3D: set plan.spatial_dims: 2 "
@@ -257,19 +322,31 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
                               f"downsamples by that much (plan.patch_size, model.strides)")
     if spatial_dims == 2 and patch[2] != 1:
         raise StageInputError(f"a 2D plan needs a patch ending in 1, got {patch} (plan.patch_size)")
-    one_patch = estimate_step_mb(model, spatial_dims, target, patch, 1)
+    one_patch = estimate_step_mb(model, spatial_dims, target, patch, 1) * (ENCODER_MEMORY_FACTOR if encoder else 1.0)
     if overrides.batch_size is not None:
         batch = overrides.batch_size
     else:
         total_voxels = float(np.prod(resampled, axis=1).sum())
         cap = max(MIN_BATCH, int(MAX_BATCH_FRACTION * total_voxels / math.prod(patch)))
         batch = int(min(cap, max(MIN_BATCH, params.plan.memory_budget_mb // one_patch)))
+        if encoder is not None:
+            batch = max(batch, BATCH_NORM_MIN_BATCH)
     overridden = tuple(k for k in ("target_spacing", "spatial_dims", "patch_size", "batch_size", "ct_clip")
                        if getattr(overrides, k) is not None)
     return Plan(spatial_dims=spatial_dims, target_spacing=target, patch_size=tuple(int(p) for p in patch),
-                batch_size=batch, normalization=_plan_normalization(fingerprint, overrides.ct_clip),
+                batch_size=batch, normalization=_plan_normalization(fingerprint, overrides.ct_clip, encoder),
                 median_shape=median_shape, estimated_step_mb=round(one_patch * batch, 1),
-                network=network_spec(model, spatial_dims, target, patch), overridden=overridden)
+                network=_with_weights(network_spec(model, spatial_dims, target, patch), model),
+                overridden=overridden)
+
+
+def _with_weights(spec: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """The spec with the planned encoder weights' SHA-256 (train refuses another file)."""
+    from medseg.pretrained import file_sha256, weights_file
+
+    if spec.get("encoder") is None:
+        return spec
+    return {**spec, "encoder_sha256": file_sha256(weights_file(spec["encoder"], model.get("encoder_weights")))}
 
 
 def read_plan(folder: str | Path) -> Plan:
@@ -304,8 +381,10 @@ def run(params: Params) -> dict:
     with atomic_dir(params.paths.plans) as out:
         write_json(out / FINGERPRINT_NAME, prints)
         write_json(out / PLANS_NAME, {**asdict(plan), "memory_budget_mb": params.plan.memory_budget_mb})
-    log.info("plan: %dD, spacing %s, patch %s, batch %d, channels %s (~%.0f MB per step)", plan.spatial_dims,
-             plan.target_spacing, plan.patch_size, plan.batch_size, list(plan.channels), plan.estimated_step_mb)
+    log.info("plan: %dD, spacing %s, patch %s, batch %d, channels %s%s (~%.0f MB per step)", plan.spatial_dims,
+             plan.target_spacing, plan.patch_size, plan.batch_size, list(plan.channels),
+             f", pretrained encoder {plan.network['encoder']}" if plan.network.get("encoder") else "",
+             plan.estimated_step_mb)
     return {"spatial_dims": plan.spatial_dims, "target_spacing": list(plan.target_spacing),
             "patch_size": list(plan.patch_size), "batch_size": plan.batch_size, "channels": list(plan.channels),
-            "overridden": list(plan.overridden)}
+            "encoder": plan.network.get("encoder"), "overridden": list(plan.overridden)}

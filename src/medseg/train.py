@@ -52,7 +52,7 @@ from medseg.params import Params
 from medseg.postprocess import class_means, decide_postprocessing, keep_largest_component
 
 __all__ = ["run", "data_lists", "train_epoch", "validate", "validate_cases", "inference_config", "amp_settings",
-           "fit_epochs", "training_progress", "poly_lr", "training_inputs", "CHECKPOINT_NAME"]
+           "fit_epochs", "training_progress", "poly_lr", "group_lr", "training_inputs", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bo
 
 
 def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, device: torch.device,
-                amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+                amp_dtype: torch.dtype | None = None,
+                memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """One pass over ``loader`` of ``{"image": (B, 1, *patch), "label": (B, 1, *patch)}`` batches.
 
     Returns the mean loss, the number of steps, the wall time and ``data_wait_fraction``: the share of the epoch
@@ -142,7 +143,7 @@ def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, devi
         if batch is None:
             wait += time.perf_counter() - fetch
             break
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
         labels = batch["label"].to(device, non_blocking=True)
         weights = batch["weight"].to(device, non_blocking=True) if "weight" in batch else None  # unet_weighted
         wait += time.perf_counter() - fetch
@@ -233,6 +234,16 @@ def training_progress(epoch: int, max_epochs: int, elapsed_s: float = 0.0, budge
 def poly_lr(base_lr: float, progress: float) -> float:
     """nnU-Net's polynomial decay at ``progress`` (0 to 1, see :func:`training_progress`)."""
     return base_lr * max(0.0, 1.0 - progress) ** POLY_POWER
+
+
+def group_lr(lr: float, group: dict, progress: float, warmup_fraction: float) -> float:
+    """The learning rate of one optimiser parameter group: ``lr`` times the group's ``lr_scale`` (a pretrained
+    encoder's ``train.encoder_lr_factor``), and for a group that ``warmup``s, rising linearly from 0 over the first
+    ``warmup_fraction`` of training (the randomly initialised decoder settles before the ImageNet features move)."""
+    scale = float(group.get("lr_scale", 1.0))
+    if group.get("warmup") and warmup_fraction > 0:
+        scale *= min(1.0, progress / warmup_fraction)
+    return lr * scale
 
 
 def _digest(params: Params, plan: Any, data_md5: str, *extra: Any, code: bool = False) -> str:
@@ -361,11 +372,42 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _optimizer(training, net: torch.nn.Module) -> torch.optim.Optimizer:
+def _optimizer(training, net: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
+    """SGD or AdamW over the network's parameter groups: a pretrained encoder's own (its learning-rate factor and
+    warm-up, :func:`group_lr`), the rest at ``train.learning_rate``."""
+    if spec.get("encoder"):
+        from medseg.encoders import parameter_groups
+
+        groups = parameter_groups(net, training.encoder_lr_factor)
+    else:
+        groups = [{"params": list(net.parameters()), "lr_scale": 1.0, "warmup": False}]
     if training.optimizer == "sgd":  # nnU-Net's choice
-        return torch.optim.SGD(net.parameters(), lr=training.learning_rate, momentum=0.99, nesterov=True,
+        return torch.optim.SGD(groups, lr=training.learning_rate, momentum=0.99, nesterov=True,
                                weight_decay=training.weight_decay)
-    return torch.optim.AdamW(net.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+def _build_for_training(params: Params, spec: dict, in_channels: int, num_classes: int,
+                        device: torch.device) -> tuple[torch.nn.Module, torch.memory_format]:
+    """The planned network on ``device``, its pretrained encoder (if any) filled from the planned weights file, and
+    the memory format it trains in: channels-last for pretrained encoders (their depthwise convolutions: 1.6x the
+    frames per second of the default layout on 2 CPU cores)."""
+    from medseg.errors import StageInputError
+    from medseg.networks import build_network
+
+    net = build_network(spec, in_channels, num_classes)
+    if not spec.get("encoder"):
+        return net.to(device), torch.contiguous_format
+    from medseg.encoders import load_encoder_weights
+    from medseg.pretrained import INSTALL_HINT, weights_file
+
+    path = weights_file(spec["encoder"], params.model.encoder_weights)
+    if path is None:
+        raise StageInputError(f"the plan's pretrained encoder {spec['encoder']} has no weights file here "
+                              f"({INSTALL_HINT})")
+    loaded = load_encoder_weights(net, path, spec.get("encoder_sha256"))
+    log.info("encoder %s: %d ImageNet tensors from %s", spec["encoder"], loaded, path)
+    return net.to(device, memory_format=torch.channels_last), torch.channels_last
 
 
 def run(params: Params, resume: bool = False, inputs: str | None = None,
@@ -437,7 +479,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
     from medseg import distributed
     from medseg.data import loader_random_state, make_train_loader, make_val_loader, set_loader_random_state
     from medseg.inference import build_inferer
-    from medseg.networks import build_loss, build_network
+    from medseg.networks import build_loss
 
     training, device = params.train, ctx.device
     train_files, val_files, dataset = data_lists(params, fold)
@@ -451,8 +493,8 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
 
     set_determinism(seed=training.seed)
     in_channels = dataset.cases[0].channels  # one number for all cases (plan checks): RGB frames 3, volumes 1
-    net = build_network(spec, in_channels, num_classes).to(device)
-    optimizer = _optimizer(training, net)
+    net, memory_format = _build_for_training(params, spec, in_channels, num_classes, device)
+    optimizer = _optimizer(training, net, spec)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec, training.loss)
     train_loader = make_train_loader(train_files, plan, training, num_classes, device, training.seed,
@@ -505,8 +547,8 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
             progress = training_progress(epoch, training.max_epochs, state["elapsed_s"], budget_s)
             lr = poly_lr(training.learning_rate, progress)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            stats = train_epoch(model, train_loader, optimizer, scaler, loss_fn, device, amp_dtype)
+                group["lr"] = group_lr(lr, group, progress, training.encoder_warmup_fraction)
+            stats = train_epoch(model, train_loader, optimizer, scaler, loss_fn, device, amp_dtype, memory_format)
             record = {"epoch": epoch + 1, "train_loss": distributed.mean_over_ranks(stats["loss"], ctx), "lr": lr,
                       "data_wait_fraction": distributed.mean_over_ranks(stats["data_wait_fraction"], ctx),
                       "epoch_seconds": stats["seconds"]}

@@ -193,7 +193,9 @@ def preprocess_transforms(
     Args:
         normalization: one modality's entry of ``plans.json``: ``{"scheme": "ct", "clip": [lo, hi], "mean": m,
             "std": s}`` clips HU and z-scores with the data set's foreground statistics; ``{"scheme": "zscore"}``
-            z-scores each image by itself (MR, whose intensities have no absolute scale).
+            z-scores each image by itself (MR, whose intensities have no absolute scale); ``{"scheme": "imagenet",
+            "mean": [...], "std": [...], "max_value": 255}`` maps RGB frames to ``(value / max_value - mean) / std``
+            per channel, the statistics an ImageNet-pretrained encoder learnt with.
         target_spacing: output voxel size in mm (RAS x, y, z).
         keys: image key first, then an optional label key.
         load: prepend ``LoadImaged`` + ``EnsureChannelFirstd`` (paths in); without it the dict holds channel-first
@@ -226,8 +228,16 @@ def preprocess_transforms(
             mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
             ZScored(image_key, channel_wise=bool(normalization.get("channel_wise", False))),
         ]
+    elif scheme == "imagenet":
+        scale = float(normalization["max_value"])
+        chain += [
+            mt.CropForegroundd(keys, source_key=image_key, select_fn=ForegroundSelect(), margin=4, allow_smaller=True),
+            mt.NormalizeIntensityd(image_key, subtrahend=[m * scale for m in normalization["mean"]],
+                                   divisor=[s * scale for s in normalization["std"]], channel_wise=True),
+        ]
     else:
-        raise ValueError(f"unknown normalisation scheme {scheme!r} in plans.json (expected 'ct' or 'zscore')")
+        raise ValueError(f"unknown normalisation scheme {scheme!r} in plans.json (expected 'ct', 'zscore' or "
+                         f"'imagenet')")
     return mt.Compose(chain)
 
 
