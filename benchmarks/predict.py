@@ -1,7 +1,11 @@
 """End-to-end ``medseg predict`` time against the sliding-window model time alone, and peak memory, on a synthetic CT.
 
-Run by hand: ``python benchmarks/predict.py [--size 512 512 300] [--dicom] [--profile]``, and ``--mr`` for an
-ACDC-size cine-MR frame through the 2D U-Net medseg plans for ACDC. Writes a synthetic abdominal volume (int16, NIfTI;
+Run by hand: ``python benchmarks/predict.py [--size 512 512 300] [--dicom] [--profile]``, ``--mr`` for an
+ACDC-size cine-MR frame through the 2D U-Net medseg plans for ACDC, and ``--frames N [--frames-dir DIR]`` for a folder of
+N colonoscopy frames (synthetic, or the first N of DIR, e.g. ``../shared/data/polyp_pranet/TrainDataset/images``)
+through the EfficientNet-Lite0 U-Net medseg plans for the PraNet training split (256 x 192, frames 226 wide):
+frames per second of the whole folder's ``predict`` against the network alone on the same preprocessed frames
+(target: at least 5 frames/s on 2 cores). Writes a synthetic abdominal volume (int16, NIfTI;
 with ``--dicom`` also a DICOM series) and a small but real U-Net in the model-folder layout ``medseg train`` writes,
 then measures, each in a fresh child process:
 
@@ -77,29 +81,37 @@ def write_dicom(folder: Path, volume: np.ndarray, spacing: tuple[float, float, f
         ds.save_as(folder / f"{k:04d}.dcm", enforce_file_format=True)
 
 
-NORMALIZATION = {"CT": {"scheme": "ct", "clip": [-150.0, 250.0], "mean": 80.0, "std": 60.0},
+NORMALIZATION = {"RGB": {"scheme": "imagenet", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                         "max_value": 255.0},
+                 "CT": {"scheme": "ct", "clip": [-150.0, 250.0], "mean": 80.0, "std": 60.0},
                  "MR": {"scheme": "zscore"}}
 
 
 def write_model(folder: Path, channels: list[int], patch: list[int], target_spacing: list[float],
                 largest_component: bool = False, modality: str = "CT") -> Path:
     """A U-Net (random weights; speed does not depend on them), 2D when the patch ends in 1, saved as
-    ``fold_0/model.pt`` like train saves it."""
+    ``fold_0/model.pt`` like train saves it; for ``modality`` RGB the EfficientNet-Lite0 U-Net planned for frames."""
     import torch
 
     from medseg.atomic import write_json
+    from medseg.network_spec import encoder_channels
     from medseg.networks import build_network
 
     dims = 2 if patch[2] == 1 else 3
     spec = {"name": "unet", "spatial_dims": dims, "channels": channels, "strides": [2] * (len(channels) - 1),
             "kernel_sizes": None, "num_res_units": 0, "norm": "instance", "dropout": 0.0, "deep_supervision": False}
-    config = {"network": spec, "in_channels": 1, "out_channels": len(LABELS), "labels": LABELS, "modality": modality,
-              "target_spacing": target_spacing, "normalization": {modality: NORMALIZATION[modality]},
-              "patch_size": patch, "tta": False, "largest_component": largest_component, "fold": 0}
+    labels, in_channels = LABELS, 1
+    if modality == "RGB":
+        spec.update(channels=encoder_channels("efficientnet-lite0"), strides=[2] * 5, encoder="efficientnet-lite0")
+        labels, in_channels = {"0": "background", "1": "polyp"}, 3
+    config = {"network": spec, "in_channels": in_channels, "out_channels": len(labels), "labels": labels,
+              "modality": modality, "target_spacing": target_spacing,
+              "normalization": {modality: NORMALIZATION[modality]}, "patch_size": patch, "tta": False,
+              "largest_component": largest_component, "fold": 0}
     fold = folder / "fold_0"
     fold.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    net = build_network(spec, 1, len(LABELS))
+    net = build_network(spec, in_channels, len(labels))
     torch.save({"state_dict": net.state_dict(), "config": config}, fold / "model.pt")
     write_json(fold / "inference_config.json", config)
     return folder
@@ -150,19 +162,23 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
     from medseg.transforms import IMAGE, preprocess_transforms
 
     [(net, config)] = load_trained(model)
-    (item,) = list(find_inputs(Path(image)))
     pre = preprocess_transforms(config["normalization"][config["modality"]], config["target_spacing"], keys=[IMAGE],
                                 load=False)
-    volume = pre({IMAGE: MetaTensor(torch.from_numpy(item.image)[None], affine=torch.as_tensor(item.affine))})[IMAGE]
-    volume = volume.as_tensor()[None]
-    del item
+    volumes = []
+    for item in find_inputs(Path(image)):  # one volume, or every frame of a folder
+        channel_first = item.image[None] if item.image.ndim == 3 else np.moveaxis(item.image, -1, 0)
+        data = pre({IMAGE: MetaTensor(torch.from_numpy(np.ascontiguousarray(channel_first)),
+                                      affine=torch.as_tensor(item.affine))})
+        volumes.append(data[IMAGE].as_tensor()[None])
+        del item
     inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], args["overlap"],
                             args["sw_batch_size"])
     start, cpu = time.perf_counter(), _cpu()
     with torch.no_grad():
-        logits = inferer(volume, net)
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu() - cpu, "preprocessed_shape": list(volume.shape[2:]),
-            "logits_mb": logits.numel() * 4 / 2**20}
+        for volume in volumes:
+            logits = inferer(volume, net)
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu() - cpu, "images": len(volumes),
+            "preprocessed_shape": list(volumes[-1].shape[2:]), "logits_mb": logits.numel() * 4 / 2**20}
 
 
 def _child(kind: str, queue, *args) -> None:
@@ -209,7 +225,14 @@ def main() -> None:
     parser.add_argument("--mr", action="store_true",
                         help="an ACDC-size cine-MR frame instead: 216x256x10 at 1.5x1.5x10 mm, the 2D U-Net medseg "
                              "plans for ACDC (16-128 channels, patch 184x248, spacing 1.65x1.65x10), per-image z-score")
+    parser.add_argument("--frames", type=int, default=0,
+                        help="N colonoscopy frames through the EfficientNet-Lite0 U-Net planned for PraNet's "
+                             "training split; reports frames per second")
+    parser.add_argument("--frames-dir", type=Path, default=None,
+                        help="take the frames from this folder (the first N image files) instead of synthetic ones")
     args = parser.parse_args()
+    if args.frames:
+        return frames_main(args)
     if args.mr:
         args.size, args.spacing, args.target_spacing = [216, 256, 10], [1.5, 1.5, 10.0], [1.65, 1.65, 10.0]
         args.channels, args.patch, args.sw_batch_size = [16, 32, 64, 128], [184, 248, 1], 8
@@ -255,6 +278,47 @@ def main() -> None:
                   f"x{(e2e['seconds'] + e2e['imports_seconds']) / alone['seconds']:.2f}   (runs {e2e['all_seconds']}); "
                   f"CPU-time ratio x{e2e['min_cpu_seconds'] / alone['min_cpu_seconds']:.2f} (steadier on a shared machine)")
         print(json.dumps({"size": size, **results}, default=str))
+
+
+def frames_main(args) -> None:
+    """``--frames N``: a folder of frames through ``predict`` against the network alone, in frames per second."""
+    import shutil
+
+    from medseg.ingest.images import is_image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        folder = work / "frames"
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.frames_dir:
+            sources = sorted(p for p in args.frames_dir.iterdir() if p.is_file() and is_image(p))[:args.frames]
+            for path in sources:  # copies: the benchmark never reads from, or writes beside, a user's folder
+                shutil.copyfile(path, folder / path.name)
+        else:
+            from medseg.demo_polyp import write_polyp_dataset
+
+            write_polyp_dataset(work / "synthetic", seed=0, frames=args.frames)
+            for path in sorted((work / "synthetic" / "images").iterdir()):
+                shutil.copyfile(path, folder / path.name)
+        count = len(list(folder.iterdir()))
+        width = 226  # the planned frame: PraNet's training split at medseg's default budget (patch 256 x 192)
+        model = write_model(work / "model", [], [256, 192, 1], [100 / width, 100 / width, 999.0], False, "RGB")
+        print(f"{count} frames ({'from ' + str(args.frames_dir) if args.frames_dir else 'synthetic'}); "
+              f"EfficientNet-Lite0 U-Net, patch 256 x 192, frames {width} wide; allocator {args.allocator}", flush=True)
+        options = {"overlap": args.overlap, "sw_batch_size": args.sw_batch_size, "profile": args.profile,
+                   "allocator": args.allocator}
+        runs: dict[str, list[dict]] = {"model": [], "e2e": []}
+        for _ in range(args.repeat):
+            runs["model"].append(measure("model", str(model), str(folder), str(work / "unused"), options))
+            runs["e2e"].append(measure("e2e", str(model), str(folder), str(work / "out"), options))
+        best = {name: min(r, key=lambda m: m["seconds"]) for name, r in runs.items()}
+        model_fps, e2e_fps = count / best["model"]["seconds"], count / best["e2e"]["seconds"]
+        print(f"network alone  {model_fps:6.2f} frames/s ({best['model']['seconds']:.1f} s; preprocessed "
+              f"{best['model']['preprocessed_shape']})")
+        print(f"medseg predict {e2e_fps:6.2f} frames/s ({best['e2e']['seconds']:.1f} s: read, preprocess, network, "
+              f"invert, write mask and overlay PNGs); ratio e2e/model x{best['e2e']['seconds'] / best['model']['seconds']:.2f}; "
+              f"target >= 5 frames/s: {'met' if e2e_fps >= 5 else 'NOT met'}")
+        print(json.dumps({"frames": count, "e2e_fps": e2e_fps, "model_fps": model_fps, **best}, default=str))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def _predicts_each_frame_at_its_size(tmp_path, inputs):
     (inputs / "broken.png").write_bytes(b"not an image")
     summary = predict.run(str(tmp_path / "model" / "fold_0"), inputs, tmp_path / "out")
     assert summary["succeeded"] == 2 and [f["input"] for f in summary["failed"]] == ["broken"]
+    assert summary["images_per_second"] > 0 and summary["seconds"] > 0
     for k, (width, height) in enumerate([(200, 150), (333, 211)]):
         mask = np.asarray(Image.open(tmp_path / "out" / f"frame{k}.png"))
         assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -414,6 +415,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     # Writing a case (inverting is done; compressing and saving remain) overlaps the next case's inference on one
     # writer thread; at most one write waits, so memory holds two cases at most.
     pending: tuple[str, Future] | None = None
+    started = time.perf_counter()  # models loaded: from here, the throughput a folder of images gets
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") as writer:
         for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
             name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
@@ -437,8 +439,13 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
             finish(pending)
             pending = (name, writer.submit(write, item, name, target, labels))
         finish(pending)
+    seconds = time.perf_counter() - started
+    rate = len(written) / seconds if seconds > 0 else 0.0
+    log.info("predicted %d image(s) in %.1f s: %.2f images/s (reading, preprocessing, network, writing)",
+             len(written), seconds, rate)
     summary = {"model": [str(m) for m in names], "written": written, "failed": failed,
-               "succeeded": len(written), "tta": tta, "largest_component": largest}
+               "succeeded": len(written), "tta": tta, "largest_component": largest, "seconds": round(seconds, 3),
+               "images_per_second": round(rate, 3)}
     if dicom_seg:
         summary["dicom_seg"] = dicom_segs
     return summary

@@ -132,14 +132,19 @@ def test_each_bad_frame_is_one_rejection_with_its_reason_and_the_rest_are_ingest
     save(src / "masks" / "empty.png", mask)
     save(src / "images" / "small.png", pixels)
     save(src / "masks" / "small.png", mask[:20, :20])
+    save(src / "images" / "unmasked.png", pixels)  # its mask forgotten
+    (src / "images" / "badmask.png").write_bytes((src / "images" / "ok.png").read_bytes())
+    (src / "masks" / "badmask.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
     summary = ingest.ingest_folder(src, out)
-    assert summary["accepted"] == 1 and summary["rejected"] == 3
+    assert summary["accepted"] == 1 and summary["rejected"] == 5
     reasons = sorted(r["reason"] for r in json.loads((out / "ingest_report.json").read_text())["rejected"])
     assert any(r.startswith("cannot read image") for r in reasons), reasons
     assert "image file is empty" in reasons
     assert any("mask size 20x20 differs from the image's 40x30" in r for r in reasons), reasons
-    assert not any("broken" in r or "small" in r or str(src) in r for r in reasons)  # no file names
+    assert any(r.startswith("its mask is missing") for r in reasons), reasons
+    assert any(r.startswith("cannot read mask") for r in reasons), reasons
+    assert not any("broken" in r or "small" in r or "mask.png" in r or str(src) in r for r in reasons)  # no names
 
 
 def test_frames_of_one_sequence_share_a_group_and_never_straddle_a_split(tmp_path):

@@ -140,10 +140,14 @@ def _kind(pixels: np.ndarray) -> dict:
     return {"channels": 3, "modality": MODALITY_RGB} if pixels.ndim == 3 else {"modality": MODALITY_GRAY}
 
 
-def pair_loader(image_path: Path, mask_path: Path | None, labelled: bool):
-    """A ``load()`` for an image file and its optional mask, as :class:`Loaded` volumes on :func:`frame_affine`."""
+def pair_loader(image_path: Path, mask_path: Path | None, labelled: bool, expect_mask: bool = False):
+    """A ``load()`` for an image file and its optional mask, as :class:`Loaded` volumes on :func:`frame_affine`.
+    ``expect_mask``: the layout has a mask folder, so a frame without its mask is rejected (a labelled data set with
+    a frame left unlabelled by mistake), not ingested as unlabelled."""
 
     def load() -> Loaded:
+        if mask_path is None and expect_mask:
+            raise CaseRejected("its mask is missing (no file of the same stem, or <stem>_mask, in the mask folder)")
         pixels = read_image(image_path, "image")
         image = image_to_volume(pixels)
         if mask_path is None:
@@ -200,7 +204,8 @@ def scan_images(source: Path, skip: tuple[Path, ...] = (), group_pattern: str | 
         subject = pseudonym("group", group) if group else pseudonym("frame", image.stem)
         case_id = pseudonym(subject, image.stem, prefix="img")
         scan.items.append(Item(source=rel(image, source), subject=subject, case_id=case_id,
-                               load=pair_loader(image, mask_for(image, masks), labels is not None),
+                               load=pair_loader(image, mask_for(image, masks), labels is not None,
+                                                expect_mask=masks is not None and masks.is_dir()),
                                modality=None))
     return scan
 
