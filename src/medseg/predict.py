@@ -395,7 +395,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     def write(item: Input, name: str, target: Path, labels: np.ndarray) -> None:
         if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
             written.append(str(save_png(target, mask_pixels(labels, num_classes))))
-            save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels))
+            save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels), compress_level=1)
         else:
             written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
         if dicom_seg:
