@@ -372,15 +372,12 @@ def _load_checkpoint(path: Path) -> dict[str, Any] | None:
     return ckpt if isinstance(ckpt, dict) else None
 
 
-def _optimizer(training, net: torch.nn.Module, spec: dict) -> torch.optim.Optimizer:
+def _optimizer(training, net: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW over the network's parameter groups: a pretrained encoder's own (its learning-rate factor and
     warm-up, :func:`group_lr`), the rest at ``train.learning_rate``."""
-    if spec.get("encoder"):
-        from medseg.encoders import parameter_groups
+    from medseg.encoders import parameter_groups
 
-        groups = parameter_groups(net, training.encoder_lr_factor)
-    else:
-        groups = [{"params": list(net.parameters()), "lr_scale": 1.0, "warmup": False}]
+    groups = parameter_groups(net, training.encoder_lr_factor)  # one group, scale 1, without a pretrained encoder
     if training.optimizer == "sgd":  # nnU-Net's choice
         return torch.optim.SGD(groups, lr=training.learning_rate, momentum=0.99, nesterov=True,
                                weight_decay=training.weight_decay)
@@ -494,7 +491,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
     set_determinism(seed=training.seed)
     in_channels = dataset.cases[0].channels  # one number for all cases (plan checks): RGB frames 3, volumes 1
     net, memory_format = _build_for_training(params, spec, in_channels, num_classes, device)
-    optimizer = _optimizer(training, net, spec)
+    optimizer = _optimizer(training, net)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     loss_fn = build_loss(spec, training.loss)
     train_loader = make_train_loader(train_files, plan, training, num_classes, device, training.seed,
