@@ -1,16 +1,26 @@
 """Accuracy yardstick: medseg's real stages against a MONAI tutorial-style loop, by patient-level cross-validation.
 
-Run by hand: ``python benchmarks/accuracy.py --quick`` (3 folds, 5 minutes per fold and method) or
-``python benchmarks/accuracy.py [--data DIR] [--folds K] [--minutes M] [--set train.augmentation.rotate_prob=0]``
-(default: leave-one-patient-out on ``../shared/data/acdc``, 10 minutes per fold and method).
+Run by hand: ``python benchmarks/accuracy.py [--benchmark NAME] [--quick] [--max-folds N]`` or
+``python benchmarks/accuracy.py --data DIR [--folds K] [--minutes M] [--set train.augmentation.rotate_prob=0]``.
+The benchmarks (``BENCHMARKS``, data in ``../shared/data``; default ``acdc100``):
+
+- ``acdc100``: ACDC's 100 training patients, 5 folds by patient stratified by the ACDC group (``Info.cfg``),
+  15 minutes per fold and method, against the 2D slice loop;
+- ``hippocampus``: MSD Task04 (200 cases), 5 folds, 15 minutes, against the plain 3D loop;
+- ``acdc5``: the five-patient set, leave one patient out, 10 minutes (the small-data case);
+- ``pranet``: PraNet's polyp training split, 5 folds, 15 minutes; ``polypgen``: PolypGen, 3 folds by sequence,
+  10 minutes; both against the 2D frame loop.
+
+``--quick`` takes 3 folds and 5 minutes unless given.
 
 Everything is written to a work folder (``--work``, default a fresh temporary folder), never to the data folder:
 
 1. ``medseg ingest`` (with ``--write-id-map``), ``plan``, ``preprocess`` on a copy of ``params.yaml`` whose paths,
    MLflow store, folds and time budget point at the work folder; ``splits.json``'s patient folds are used for every
    method.
-2. Per fold: ``medseg train`` then ``medseg predict`` on the held-out patients' original images; the peer
-   (``benchmarks/tutorial_loop.py``) on the same training cases' original files, same time budget; optionally
+2. Per fold: ``medseg train`` then ``medseg predict`` on the held-out patients' original images; the peer on the
+   same training cases' original files, same time budget (``tutorial_loop.py``, slice-wise 2D, where medseg plans
+   2D; ``tutorial_loop_3d.py`` where it plans 3D; ``tutorial_loop_2d.py`` for frames); optionally
    nnU-Net v2 (``--with-nnunet``, or by default with CUDA; trained with ``nnUNetTrainer_5epochs``, not budgeted).
 3. Scoring on the ORIGINAL grids and ground truths: per case and class Dice and HD95 (mm, the file's pixdim), mean
    Dice with a bootstrap 95% CI over patients, and the paired difference medseg minus the peer.
@@ -49,7 +59,11 @@ import yaml
 from medseg.metrics import RESAMPLES, bootstrap, hd95, score_case, surface  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc"
+SHARED = REPO.parent / "shared" / "data"
+# name -> (data folder, folds (None: one per patient), minutes per fold and method)
+BENCHMARKS = {"acdc100": (SHARED / "acdc100", 5, 15.0), "hippocampus": (SHARED / "hippocampus", 5, 15.0),
+              "acdc5": (SHARED / "acdc", None, 10.0), "pranet": (SHARED / "polyp_pranet" / "TrainDataset", 5, 15.0),
+              "polypgen": (SHARED / "polyp" / "polypgen", 3, 10.0)}
 MEDSEG = [sys.executable, "-m", "medseg.cli"]
 # Inference-only variants of medseg, scored from the same fold models (no extra training): each recipe item of
 # inference gets its ablation row in the same run. The yardstick's medseg keeps the largest component of every class.
@@ -253,9 +267,15 @@ def output_name(cid: str, image: Path) -> str:
     return f"{cid}.nii.gz" if input_suffix(image) == ".nii.gz" else f"{cid}.png"
 
 
+def peer_script(frames: bool, spatial_dims: int) -> str:
+    """The plain loop that matches medseg's planned network: frames resized to 256 (``tutorial_loop_2d.py``), a 3D
+    U-Net on whole volumes (``tutorial_loop_3d.py``) or slices at 1.5 mm (``tutorial_loop.py``)."""
+    return "tutorial_loop_2d.py" if frames else "tutorial_loop_3d.py" if spatial_dims == 3 else "tutorial_loop.py"
+
+
 def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases: dict, minutes: float,
-                 num_classes: int, seed: int, extra: list[str], env: dict) -> tuple[dict, dict]:
-    """``benchmarks/tutorial_loop.py`` on the fold's original files, in its own process."""
+                 num_classes: int, seed: int, extra: list[str], env: dict, spatial_dims: int = 2) -> tuple[dict, dict]:
+    """The plain loop (:func:`peer_script`) on the fold's original files, in its own process."""
     folder = work / "tutorial" / f"fold_{fold}"
     folder.mkdir(parents=True, exist_ok=True)
     out = work / "pred" / "tutorial" / f"fold_{fold}"
@@ -265,7 +285,7 @@ def run_tutorial(work: Path, fold: int, train: list[str], test: list[str], cases
                                                       "output": str(out / output_name(c, cases[c]["image"]))}
                                                      for c in test], indent=1))
     frames = any(output_name(c, cases[c]["image"]).endswith(".png") for c in test)
-    script = "tutorial_loop_2d.py" if frames else "tutorial_loop.py"  # resize-to-256 frames, or slices at 1.5 mm
+    script = peer_script(frames, spatial_dims)
     wall = sh([sys.executable, str(REPO / "benchmarks" / script),
                "--train-list", str(folder / "train.json"), "--predict-list", str(folder / "predict.json"),
                "--out", str(folder), "--minutes", str(minutes), "--num-classes", str(num_classes),
@@ -328,7 +348,10 @@ def git_commit() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="any folder 'medseg ingest' reads")
+    parser.add_argument("--benchmark", choices=sorted(BENCHMARKS), default="acdc100",
+                        help="data, folds and minutes of a named benchmark (module docstring); default acdc100")
+    parser.add_argument("--data", type=Path, default=None, help="any folder 'medseg ingest' reads (default: the "
+                        "benchmark's; then one fold per patient and 10 minutes unless given)")
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a fresh temporary folder)")
     parser.add_argument("--folds", type=int, default=None, help="patient folds (default: one per patient)")
     parser.add_argument("--max-folds", type=int, default=None, help="run only the first N folds")
@@ -353,8 +376,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(args.variants) - set(VARIANTS):
         parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
     args.train_variants = [parse_variant(v) for v in args.train_variants]
-    args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else 10.0
-    args.folds = args.folds if args.folds is not None else 3 if args.quick else None
+    data, folds, minutes = BENCHMARKS[args.benchmark] if args.data is None else (args.data, None, 10.0)
+    args.data = data
+    args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else minutes
+    args.folds = args.folds if args.folds is not None else 3 if args.quick else folds
     return args
 
 
@@ -419,6 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = methods[:1] + list(variants_params) + methods[1:] if methods[:1] == ["medseg"] else (
         methods + list(variants_params))
     splits = json.loads((Path(params["paths"]["preprocessed"]) / "splits.json").read_text())["splits"]
+    spatial_dims = int(json.loads((Path(params["paths"]["plans"]) / "plans.json").read_text())["spatial_dims"])
     print(f"{len(cases)} labelled cases, {folds} patient folds; classes {', '.join(classes.values())}", flush=True)
 
     rows, fold_log = [], []
@@ -434,7 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
                     outputs, times = run_medseg(work, k, variants_params[method], split["val"], cases, env, method)
                 elif method == "tutorial":
                     outputs, times = run_tutorial(work, k, split["train"], split["val"], cases, args.minutes,
-                                                  max(labels) + 1, args.seed, shlex.split(args.tutorial_args), env)
+                                                  max(labels) + 1, args.seed, shlex.split(args.tutorial_args), env,
+                                                  spatial_dims)
                 else:
                     outputs, times = run_nnunet(work, k, split["train"], split["val"], cases, labels, modality, env)
                 scored = score_outputs(method, k, outputs, cases, classes)
@@ -476,7 +503,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{d['a']} - {d['b']}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
     result = {"command": [sys.executable, *sys.argv] if argv is None else ["accuracy.py", *argv],
               "git_commit": git_commit(), "work": str(work), "data": str(data),
-              "settings": {"folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
+              "settings": {"benchmark": None if args.data != BENCHMARKS[args.benchmark][0] else args.benchmark,
+                           "spatial_dims": spatial_dims, "folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
                            "set": args.sets, "variants": args.variants,
                            "train_variants": {m: sets for m, sets in args.train_variants}, "tutorial_args": args.tutorial_args, "seed": args.seed,
                            "bootstrap_resamples": RESAMPLES, "medseg_params": params,

@@ -40,12 +40,65 @@ def use_pixdim(img: MetaTensor) -> MetaTensor:
     return img
 
 
-def load_chain(keys: list[str]) -> list:
-    """The deterministic part: load, channel first, RAS, 1.5 mm in-plane, z-score (CacheDataset caches it)."""
+def load_chain(keys: list[str], pixdim: tuple[float, float, float] = (1.5, 1.5, -1)) -> list:
+    """The deterministic part: load, channel first, RAS, ``pixdim`` (default 1.5 mm in-plane, slices kept), z-score
+    (CacheDataset caches it)."""
     modes = ["bilinear", "nearest"][: len(keys)]
     return [mt.LoadImaged(keys, image_only=True), mt.EnsureChannelFirstd(keys), mt.Lambdad(keys, use_pixdim),
-            mt.Orientationd(keys, axcodes="RAS"), mt.Spacingd(keys, pixdim=(1.5, 1.5, -1), mode=modes),
+            mt.Orientationd(keys, axcodes="RAS"), mt.Spacingd(keys, pixdim=pixdim, mode=modes),
             mt.NormalizeIntensityd("image", nonzero=False)]
+
+
+def train_for(net, loader, loss_fn, optimizer, minutes: float, device: torch.device) -> tuple[int, int, float]:
+    """Whole epochs of ``loader`` until ``minutes`` of wall clock have passed (at least one step): steps, epochs,
+    seconds."""
+    start, steps, epochs, shown = time.perf_counter(), 0, 0, 0.0
+    while steps == 0 or time.perf_counter() - start < minutes * 60:
+        net.train()
+        for batch in loader:
+            optimizer.zero_grad()
+            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.perf_counter() - start >= minutes * 60:
+                break
+        epochs += 1
+        if time.perf_counter() - shown > 30:  # a line every 30 s, not one per (short) epoch
+            shown = time.perf_counter()
+            print(f"epoch {epochs}: {steps} steps, loss {loss.item():.4f}, {shown - start:.0f} s", flush=True)
+    return steps, epochs, time.perf_counter() - start
+
+
+def predict_files(net, pre, inferer, predict_list: str, device: torch.device) -> float:
+    """Each ``{"image", "output"}`` of ``predict_list``: ``pre``, ``inferer``, argmax, labels inverted (nearest) onto
+    the input's grid and saved with the input file's affine. Returns seconds."""
+    net.eval()
+    started = time.perf_counter()
+    for item in json.loads(Path(predict_list).read_text()):
+        data = pre({"image": item["image"]})
+        image = data["image"]
+        with torch.no_grad():
+            logits = inferer(image.as_tensor()[None].to(device), net)
+        labels = logits.argmax(1).cpu()  # (1, X, Y, Z) on the loop's grid
+        data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
+        pred = mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
+        out = Path(item["output"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.asarray(pred[0]).round().astype(np.uint8), nib.load(item["image"]).affine),
+                 str(out))
+    return time.perf_counter() - started
+
+
+def write_summary(out: str, device: torch.device, steps: int, epochs: int, train_seconds: float,
+                  predict_seconds: float, **extra) -> dict:
+    """``OUT/summary.json``, which the yardstick reads (steps and seconds), also printed."""
+    summary = {"device": str(device), "steps": steps, "epochs": epochs, "train_seconds": round(train_seconds, 1),
+               "predict_seconds": round(predict_seconds, 1), **extra}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary), flush=True)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,45 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
-    start, steps, epochs, shown = time.perf_counter(), 0, 0, 0.0
-    while steps == 0 or time.perf_counter() - start < args.minutes * 60:
-        net.train()
-        for batch in loader:
-            optimizer.zero_grad()
-            loss = loss_fn(net(batch["image"].to(device)), batch["label"].to(device))
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if time.perf_counter() - start >= args.minutes * 60:
-                break
-        epochs += 1
-        if time.perf_counter() - shown > 30:  # a line every 30 s, not one per (short) epoch
-            shown = time.perf_counter()
-            print(f"epoch {epochs}: {steps} steps, loss {loss.item():.4f}, {shown - start:.0f} s", flush=True)
-    train_seconds = time.perf_counter() - start
-
-    net.eval()
-    pre = mt.Compose(load_chain(["image"]))
+    steps, epochs, train_seconds = train_for(net, loader, loss_fn, optimizer, args.minutes, device)
     inferer = SliceInferer(roi_size=(roi, roi), spatial_dim=2, sw_batch_size=8, overlap=0.25)
-    started = time.perf_counter()
-    for item in json.loads(Path(args.predict_list).read_text()):
-        data = pre({"image": item["image"]})
-        image = data["image"]
-        with torch.no_grad():
-            logits = inferer(image.as_tensor()[None].to(device), net)
-        labels = logits.argmax(1).cpu()  # (1, X, Y, Z) on the 1.5 mm grid
-        data["pred"] = MetaTensor(labels.float(), meta=image.meta, applied_operations=image.applied_operations)
-        pred = mt.Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)["pred"]
-        out = Path(item["output"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.asarray(pred[0]).round().astype(np.uint8), nib.load(item["image"]).affine),
-                 str(out))
-    summary = {"device": str(device), "steps": steps, "epochs": epochs, "train_seconds": round(train_seconds, 1),
-               "predict_seconds": round(time.perf_counter() - started, 1), "channels": list(channels), "roi": roi}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary), flush=True)
-    return summary
+    predict_seconds = predict_files(net, mt.Compose(load_chain(["image"])), inferer, args.predict_list, device)
+    return write_summary(args.out, device, steps, epochs, train_seconds, predict_seconds, channels=list(channels),
+                         roi=roi)
 
 
 if __name__ == "__main__":

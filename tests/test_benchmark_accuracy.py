@@ -240,3 +240,52 @@ def test_training_variants_get_their_own_plan_and_models_and_share_the_ingested_
             acc.parse_variant(bad)
     with pytest.raises(SystemExit, match="no such key"):
         acc.variant_params(tmp_path, base, method, ["model.encodr=none"])
+
+
+def write_msd(root, cases: int = 6, shape=(24, 22, 16)) -> None:
+    """A tiny Decathlon task: isotropic 1 mm volumes (medseg plans them in 3D), ``dataset.json`` naming them."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for k in range(cases):
+        image, label = write_tiny_volume(k, shape=shape)
+        affine = np.eye(4)
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"tiny_{k:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"tiny_{k:03d}.nii.gz"))
+        training.append({"image": f"./imagesTr/tiny_{k:03d}.nii.gz", "label": f"./labelsTr/tiny_{k:03d}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "Tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b", "3": "c"},
+        "numTraining": cases, "training": training}))
+
+
+def test_named_benchmarks_and_the_peer_that_matches_the_plan():
+    args = acc.parse_args(["--benchmark", "hippocampus"])
+    assert (args.data.name, args.folds, args.minutes) == ("hippocampus", 5, 15.0)
+    args = acc.parse_args([])  # the default is the real ACDC benchmark: 100 patients, 5 folds, 15 minutes
+    assert (args.data, args.folds, args.minutes) == (acc.SHARED / "acdc100", 5, 15.0)
+    assert (acc.parse_args(["--benchmark", "acdc5"]).folds, acc.parse_args(["--quick"]).folds) == (None, 3)
+    assert acc.parse_args(["--data", "x"]).folds is None  # any other folder: one fold per patient
+    assert [acc.peer_script(frames, dims) for frames, dims in [(True, 2), (False, 2), (False, 3)]] == [
+        "tutorial_loop_2d.py", "tutorial_loop.py", "tutorial_loop_3d.py"]
+
+
+@pytest.mark.slow  # about 30 s on 2 cores
+def test_yardstick_end_to_end_on_a_tiny_3d_decathlon_task(tmp_path):
+    """Isotropic volumes: medseg plans 3D, so the peer is the plain 3D loop; both predict on the original grids."""
+    data = tmp_path / "Task99_Tiny"
+    write_msd(data)
+    result = acc.main([
+        "--data", str(data), "--work", str(tmp_path / "work"), "--folds", "3", "--max-folds", "1",
+        "--minutes", "0.02", "--tutorial-args=--tiny",
+        "--set", "model.channels=[8, 16, 32]", "--set", "model.strides=[2, 2]",
+        "--set", "plan.patch_size=[16, 16, 16]", "--set", "plan.batch_size=2",
+        "--set", "train.max_epochs=2", "--set", "train.steps_per_epoch=2"])
+    assert result["settings"]["spatial_dims"] == 3
+    fold = result["folds"][0]
+    assert [fold["methods"][m]["status"] for m in ("medseg", "tutorial")] == ["ok", "ok"]
+    summary = json.loads((tmp_path / "work" / "tutorial" / "fold_0" / "summary.json").read_text())
+    assert summary["roi"] == [16, 16, 16]  # tutorial_loop_3d.py's
+    for method in ("medseg", "tutorial"):
+        assert sorted({r["case_id"] for r in result["cases"] if r["method"] == method}) == sorted(fold["test"])
+        for case in fold["test"]:
+            assert nib.load(str(tmp_path / "work" / "pred" / method / "fold_0" / f"{case}.nii.gz")).shape == (24, 22, 16)
