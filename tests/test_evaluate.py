@@ -53,3 +53,34 @@ def test_all_folds_cross_validate_and_register_one_version_each(tiny_ingested, p
     assert [v["version"] for v in registered["versions"]] == ["1", "2", "3"]
     client = mlflow.MlflowClient()
     assert {client.get_model_version(params.register.model_name, v).tags["fold"] for v in "123"} == {"0", "1", "2"}
+
+
+def test_the_registrys_heldout_score_is_the_score_of_the_written_predictions(trained):
+    """The number in the registry equals Dice recomputed by medseg.metrics from evaluate's predictions on the
+    ingested (original) grids; the predictions are what ``medseg predict`` writes for those images."""
+    import nibabel as nib
+    import numpy as np
+
+    from medseg import register
+    from medseg.manifest import read_manifest
+    from medseg.metrics import score_case
+
+    params, _ = trained
+    evaluate.run(params)
+    registered = register.run(params)
+    version = mlflow.MlflowClient().get_model_version(params.register.model_name, registered["version"])
+    manifest = read_manifest(params.paths.ingested)
+    classes = {k: v for k, v in manifest.labels.items() if k}
+    written = sorted((Path(params.paths.evaluation) / "predictions").glob("*.nii.gz"))
+    assert len(written) == 2
+    per_class: dict[str, list[float]] = {}
+    for path in written:
+        case = next(c for c in manifest.cases if f"{c.case_id}.nii.gz" == path.name)
+        truth = nib.load(str(manifest.label_path(case)))
+        pred = nib.load(str(path))
+        assert pred.shape == truth.shape and np.allclose(pred.affine, truth.affine)  # the original grid
+        for name, s in score_case(np.asarray(pred.dataobj), np.asarray(truth.dataobj).astype(int), classes,
+                                  truth.header.get_zooms()[:3]).items():
+            per_class.setdefault(name, []).append(s["dice"])
+    recomputed = float(np.mean([np.mean(v) for v in per_class.values()]))
+    assert abs(float(version.tags["heldout_dice_mean"]) - recomputed) < 1e-4

@@ -1,8 +1,10 @@
-"""Evaluate stage: Gaussian-blended sliding-window inference on each trained fold's held-out cases (mirroring TTA and
-largest-component post-processing per params); Dice and HD95 per class and case.
+"""Evaluate stage: each trained fold's model segments its held-out cases as ``medseg predict`` would (the ingested
+image, the model's preprocessing, sliding window, post-processing, labels back on the original grid; mirroring TTA
+per params), and :mod:`medseg.metrics` scores them against the ingested labels: Dice and HD95 per class and case.
 
-Writes ``<paths.evaluation>/metrics.json`` (DVC metrics), ``per_case.csv``, and ``plots/`` (training curves and
-image/label/prediction overlays); logs all of it to the training run in MLflow.
+Writes ``<paths.evaluation>/metrics.json`` (DVC metrics; the registry's held-out score), ``per_case.csv``,
+``predictions/`` (the label maps scored) and ``plots/`` (training curves and image/label/prediction overlays); logs
+all of it to the training run in MLflow.
 """
 
 from __future__ import annotations
@@ -10,68 +12,82 @@ from __future__ import annotations
 import csv
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
-import torch
 
 from medseg.atomic import atomic_dir, read_json, write_json
 from medseg.model_folder import HISTORY_NAME, RUN_NAME, fold_dir
 from medseg.metrics import finite
 from medseg.params import Params
 
-__all__ = ["run", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR"]
+__all__ = ["run", "score_cases", "METRICS_NAME", "PER_CASE_NAME", "PLOTS_DIR", "PREDICTIONS_DIR"]
 
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.json"
 PER_CASE_NAME = "per_case.csv"
 PLOTS_DIR = "plots"
+PREDICTIONS_DIR = "predictions"  # <case_id>.nii.gz: the label maps the scores were computed from
 
 
 
-def _score_fold(params: Params, fold: int, dataset, device: torch.device, overlays: list) -> tuple[list[dict], dict]:
-    """Per-case Dice and HD95 of fold ``fold``'s model on its held-out cases (TTA per params, post-processing as the
-    model's inference config decided it)."""
-    from monai.data import Dataset
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-    from monai.networks.utils import one_hot
+def score_cases(models: list, params: Params, manifest, case_ids: list[str], tta: bool,
+                predictions: Path | None = None, overlays: list | None = None) -> list[dict]:
+    """Rows ``{case_id, subject, class, dice, hd95}`` of ``models`` (an ensemble) on ingested cases, on their original
+    grids: each case segmented by ``medseg predict``'s own path (:func:`medseg.predict.segment`, with the
+    post-processing the model's inference config decided), scored by :func:`medseg.metrics.score_case` against the
+    ingested label. With ``predictions``, each label map is written there as ``<case_id>.nii.gz`` (the ingested
+    image's affine); ``overlays`` collects up to ``evaluate.overlay_cases`` (case, image, label, prediction)."""
+    import nibabel as nib
     from tqdm import tqdm
 
-    from medseg.inference import build_inferer, label_map, stitch_device
-    from medseg.postprocess import keep_largest_component
-    from medseg.model_folder import largest_component_classes, load_trained
-    from medseg.train import data_lists
-    from medseg.transforms import eval_transforms
+    from medseg.ingest.nifti import load_nifti
+    from medseg.metrics import score_case
+    from medseg.model_folder import largest_component_classes
+    from medseg.predict import segment
 
-    _, val_files, _ = data_lists(params, fold)
-    [(net, config)] = load_trained(fold_dir(params.paths.model, fold))
-    net = net.to(device)
-    n = dataset.num_classes
-    largest = largest_component_classes(config, n)
-    classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
-    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    hd_metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+    by_id = {c.case_id: c for c in manifest.cases}
+    config = models[0][1]
+    classes = {k: v for k, v in sorted(manifest.labels.items()) if k != 0}
+    largest = largest_component_classes(config, int(config["out_channels"]))
     rows = []
-    for item in tqdm(Dataset(val_files, eval_transforms()), desc=f"evaluate fold {fold}", unit="case"):
-        image, label = item["image"][None], item["label"][None]
-        inferer = build_inferer(config["patch_size"], config["network"]["spatial_dims"], params.evaluate.sw_overlap,
-                                params.evaluate.sw_batch_size, sw_device=device,
-                                device=stitch_device(image.shape[2:], n, device))
-        pred = label_map([net], image.to(device), inferer, tta=params.evaluate.tta)[:, None]  # as predict labels
-        if largest:
-            pred = keep_largest_component(pred[0], largest)[None]
-        pred_oh, label_oh = one_hot(pred, n), one_hot(label, n)
-        dice = dice_metric(pred_oh, label_oh)[0].numpy()
-        hd = hd_metric(pred_oh, label_oh, spacing=list(config["target_spacing"]))[0].numpy()
-        row = {"case_id": item["case_id"], "fold": fold}
-        for name, d, h in zip(classes, dice, hd):
-            row[f"dice_{name}"], row[f"hd95_{name}"] = finite(d), finite(h)
-            # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
-            row[f"iou_{name}"] = None if row[f"dice_{name}"] is None else finite(d / (2.0 - d))
-        rows.append(row)
-        if len(overlays) < params.evaluate.overlay_cases:
-            overlays.append((item["case_id"], image[0, 0].numpy(), label[0, 0].numpy(), pred[0, 0].numpy()))
-    return rows, read_json(fold_dir(params.paths.model, fold) / RUN_NAME)
+    for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=None):
+        case = by_id[cid]
+        image, affine = load_nifti(manifest.image_path(case))
+        truth, _ = load_nifti(manifest.label_path(case), "label")
+        truth = np.asarray(truth).round().astype(np.int64)
+        pred = segment(models, np.asarray(image), affine, case.modality, tta, largest, params.evaluate.sw_overlap,
+                       params.evaluate.sw_batch_size, params.train.device, cid)
+        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+        for name, score in score_case(pred, truth, classes, spacing).items():
+            rows.append({"case_id": cid, "subject": case.subject, "class": name, **score})
+        if predictions is not None:
+            predictions.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(pred.astype(np.uint8), np.asarray(affine, dtype=np.float64)),
+                     str(predictions / f"{cid}.nii.gz"))
+        if overlays is not None and len(overlays) < params.evaluate.overlay_cases:
+            first_channel = np.asarray(image)[..., 0] if np.ndim(image) == 4 else np.asarray(image)
+            overlays.append((cid, first_channel, truth, pred))
+    return rows
+
+
+def _score_fold(params: Params, fold: int, manifest, out: Path, overlays: list) -> tuple[list[dict], dict]:
+    """Per-case rows (:func:`score_cases`, one per case with ``dice_<class>``, ``hd95_<class>``, ``iou_<class>``) of
+    fold ``fold``'s model on its held-out cases, their predictions written to ``out/predictions``."""
+    from medseg.model_folder import load_trained
+    from medseg.preprocess import read_splits
+
+    models = load_trained(fold_dir(params.paths.model, fold))
+    long_rows = score_cases(models, params, manifest, read_splits(params.paths.preprocessed, fold)["val"],
+                            params.evaluate.tta, out / PREDICTIONS_DIR, overlays)
+    rows: dict[str, dict] = {}
+    for r in long_rows:
+        row = rows.setdefault(r["case_id"], {"case_id": r["case_id"], "fold": fold})
+        row[f"dice_{r['class']}"], row[f"hd95_{r['class']}"] = finite(r["dice"]), finite(r["hd95"])
+        # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
+        row[f"iou_{r['class']}"] = finite(r["dice"] / (2.0 - r["dice"]))
+    return list(rows.values()), read_json(fold_dir(params.paths.model, fold) / RUN_NAME)
 
 
 def _summary(rows: list[dict], classes: list[str]) -> dict:
@@ -94,20 +110,18 @@ def run(params: Params) -> dict:
     import mlflow
 
     from medseg import plots
-    from medseg.inference import select_device
-    from medseg.preprocess import read_dataset
+    from medseg.manifest import read_manifest
     from medseg.tracking import configure_mlflow
 
-    dataset = read_dataset(params.paths.preprocessed)
-    device = select_device(params.train.device)
-    classes = [dataset.labels[k] for k in sorted(dataset.labels) if k != 0]
+    manifest = read_manifest(params.paths.ingested)
+    classes = [manifest.labels[k] for k in sorted(manifest.labels) if k != 0]
     rows, overlays, folds = [], [], {}
-    for fold in params.train.folds(params.preprocess.folds):
-        fold_rows, run_info = _score_fold(params, fold, dataset, device, overlays)
-        rows += fold_rows
-        folds[str(fold)] = {**_summary(fold_rows, classes), "run_id": run_info["run_id"]}
-    metrics = {**_summary(rows, classes), "fold": params.train.fold, "folds": folds}
     with atomic_dir(params.paths.evaluation) as out:
+        for fold in params.train.folds(params.preprocess.folds):
+            fold_rows, run_info = _score_fold(params, fold, manifest, out, overlays)
+            rows += fold_rows
+            folds[str(fold)] = {**_summary(fold_rows, classes), "run_id": run_info["run_id"]}
+        metrics = {**_summary(rows, classes), "fold": params.train.fold, "folds": folds}
         write_json(out / METRICS_NAME, metrics)
         with (out / PER_CASE_NAME).open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -127,6 +141,12 @@ def run(params: Params) -> dict:
                 flat.update({f"heldout_dice_{c}": v for c, v in summary["dice"].items() if v is not None})
                 flat.update({f"heldout_hd95_{c}": v for c, v in summary["hd95_mm"].items() if v is not None})
                 mlflow.log_metrics({k: v for k, v in flat.items() if v is not None})
-                mlflow.log_artifacts(str(out), artifact_path="evaluation")
+                for item in sorted(out.iterdir()):  # the label maps stay with DVC: every fold's run would copy them
+                    if item.name == PREDICTIONS_DIR:
+                        continue
+                    if item.is_dir():
+                        mlflow.log_artifacts(str(item), artifact_path=f"evaluation/{item.name}")
+                    else:
+                        mlflow.log_artifact(str(item), artifact_path="evaluation")
     log.info("held-out Dice %.4f over %d cases in %d fold(s)", metrics["dice_mean"], len(rows), len(folds))
     return metrics

@@ -1,15 +1,26 @@
-"""Scores of a label map against the truth on its own grid, numpy and scipy only (no torch): Dice and HD95 per
-class, and patient-level bootstrap confidence intervals. Used by ``register``'s promotion gate and by the accuracy
-yardstick (``benchmarks/accuracy.py``), so both score alike.
+"""The one Dice and the one HD95 of medseg, numpy and scipy only (no torch), and patient-level bootstrap CIs.
 
-Conventions: a class absent from both the prediction and the truth scores Dice 1 and HD95 0; absent from only one, Dice 0 and HD95 undefined (None).
+Every score medseg reports comes from here: training's validation (on the training grid, to choose post-processing
+and draw the curves), ``evaluate`` (the held-out cases, on their original grids, from the predictions it writes),
+``register`` (the registry's held-out score is ``evaluate``'s), the promotion gate and the accuracy yardstick
+(``benchmarks/accuracy.py``), so the same prediction gets the same number everywhere.
+
+The rule for a class, per case (as MONAI's ``compute_dice(ignore_empty=False)`` and the frame benchmarks' smoothed
+Dice; nnU-Net instead leaves such a class out of the mean):
+
+- absent from both the reference and the prediction: Dice 1 (nothing to find, nothing found), HD95 0;
+- absent from only one: Dice 0, HD95 undefined (None: no surface to measure to); means of HD95 leave it out and
+  reports count it;
+- otherwise ``2|P & T| / (|P| + |T|)``, and HD95 as MONAI's ``compute_hausdorff_distance(percentile=95)``.
+
+A mean Dice is the mean over cases of each class's Dice, then over classes; every case counts in every class.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["surface", "hd95", "score_case", "bootstrap", "finite", "RESAMPLES"]
+__all__ = ["dice", "dice_per_class", "surface", "hd95", "score_case", "bootstrap", "finite", "RESAMPLES"]
 
 RESAMPLES = 2000
 
@@ -17,6 +28,21 @@ RESAMPLES = 2000
 def finite(x: float | None) -> float | None:
     """A score as stored in JSON and CSV: rounded to 4 decimals, or None when undefined (NaN, inf, None)."""
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks of one shape, by the module's rule (1.0 when both are empty)."""
+    p, t = np.count_nonzero(pred), np.count_nonzero(truth)
+    if p == 0 and t == 0:
+        return 1.0
+    return 2.0 * np.count_nonzero(pred & truth) / (p + t)
+
+
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes) -> np.ndarray:
+    """Dice of each label value in ``classes`` between two label maps of one shape, by the module's rule."""
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} is not the reference's {truth.shape}")
+    return np.array([dice(pred == c, truth == c) for c in classes], dtype=np.float64)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -40,9 +66,10 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
 
 
 def score_case(pred: np.ndarray, truth: np.ndarray, classes: dict[int, str], spacing) -> dict[str, dict]:
-    """``{class name: {"dice", "hd95"}}`` for each foreground class (conventions in the module docstring)."""
+    """``{class name: {"dice", "hd95"}}`` for each foreground class ``{value: name}`` (the module's rule); ``spacing``
+    in mm per axis of the arrays."""
     if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} is not the original grid {truth.shape}")
+        raise ValueError(f"prediction shape {pred.shape} is not the reference's {truth.shape}")
     out = {}
     for value, name in classes.items():
         p, t = pred == value, truth == value
@@ -51,8 +78,7 @@ def score_case(pred: np.ndarray, truth: np.ndarray, classes: dict[int, str], spa
         elif not p.any() or not t.any():
             out[name] = {"dice": 0.0, "hd95": None}
         else:
-            dice = 2.0 * np.count_nonzero(p & t) / (np.count_nonzero(p) + np.count_nonzero(t))
-            out[name] = {"dice": float(dice), "hd95": hd95(p, t, spacing)}
+            out[name] = {"dice": float(dice(p, t)), "hd95": hd95(p, t, spacing)}
     return out
 
 

@@ -21,29 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def score_on_test(models: list, params: Params, case_ids: list[str]) -> list[dict[str, Any]]:
-    """Rows ``{case_id, subject, class, dice, hd95}`` of ``models`` (an ensemble) on the ingested test cases."""
-    from medseg.ingest.nifti import load_nifti
+    """Rows ``{case_id, subject, class, dice, hd95}`` of ``models`` (an ensemble) on the ingested test cases, scored
+    as ``evaluate`` scores (:func:`medseg.evaluate.score_cases`, without TTA)."""
+    from medseg.evaluate import score_cases
     from medseg.manifest import read_manifest
-    from medseg.metrics import score_case
-    from medseg.model_folder import largest_component_classes
-    from medseg.predict import segment
 
-    manifest = read_manifest(params.paths.ingested)
-    by_id = {c.case_id: c for c in manifest.cases}
-    config = models[0][1]
-    classes = {k: v for k, v in sorted(manifest.labels.items()) if k != 0}
-    largest = largest_component_classes(config, int(config["out_channels"]))
-    rows = []
-    for cid in case_ids:
-        case = by_id[cid]
-        image, affine = load_nifti(manifest.image_path(case))
-        truth, _ = load_nifti(manifest.label_path(case), "label")
-        pred = segment(models, np.asarray(image, dtype=np.float32), affine, case.modality, False, largest,
-                       params.evaluate.sw_overlap, params.evaluate.sw_batch_size, params.train.device, cid)
-        spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
-        for name, score in score_case(pred, np.asarray(truth), classes, spacing).items():
-            rows.append({"case_id": cid, "subject": case.subject, "class": name, **score})
-    return rows
+    return score_cases(models, params, read_manifest(params.paths.ingested), case_ids, tta=False)
 
 
 def _per_case(rows: list[dict]) -> dict[str, float]:

@@ -167,20 +167,17 @@ def validate_cases(net: torch.nn.Module, loader, inferer, num_classes: int, devi
                    amp_dtype: torch.dtype | None = None, ctx: Any = None,
                    largest_component: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Dice per case and foreground class, ``(cases, num_classes - 1)``, over the loader's ``(1, 1, X, Y, Z)``
-    volumes (NaN where a class is absent from a case's ground truth); with ``largest_component`` also the same after
-    keeping each class's largest connected component (else None).
+    volumes on the training grid (:mod:`medseg.metrics`' Dice and its rule for absent classes); with
+    ``largest_component`` also the same after keeping each class's largest connected component (else None).
 
     Under ``torchrun`` each rank scores its own share of the volumes (``loader`` may then be empty) and the rows of
     all ranks are pooled.
     """
-    from monai.metrics import compute_dice
-    from monai.networks.utils import one_hot
-
     from medseg import distributed
+    from medseg.metrics import dice_per_class
 
     def dice(pred: torch.Tensor, label: torch.Tensor) -> np.ndarray:
-        return compute_dice(one_hot(pred, num_classes), one_hot(label.long(), num_classes), include_background=False,
-                            ignore_empty=True).numpy()
+        return dice_per_class(pred[0, 0].numpy(), label[0, 0].long().numpy(), range(1, num_classes))[None]
 
     raw, post = [], []
     net.eval()
