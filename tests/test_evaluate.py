@@ -2,6 +2,7 @@ import csv
 import json
 from pathlib import Path
 
+from medseg.manifest import registered_model_name
 import mlflow
 
 from medseg import evaluate
@@ -52,7 +53,7 @@ def test_all_folds_cross_validate_and_register_one_version_each(tiny_ingested, p
     assert [v["fold"] for v in registered["versions"]] == [0, 1, 2]
     assert [v["version"] for v in registered["versions"]] == ["1", "2", "3"]
     client = mlflow.MlflowClient()
-    assert {client.get_model_version(params.register.model_name, v).tags["fold"] for v in "123"} == {"0", "1", "2"}
+    assert {client.get_model_version(registered_model_name(params), v).tags["fold"] for v in "123"} == {"0", "1", "2"}
 
 
 def test_the_registrys_heldout_score_is_the_score_of_the_written_predictions(trained):
@@ -68,7 +69,7 @@ def test_the_registrys_heldout_score_is_the_score_of_the_written_predictions(tra
     params, _ = trained
     evaluate.run(params)
     registered = register.run(params)
-    version = mlflow.MlflowClient().get_model_version(params.register.model_name, registered["version"])
+    version = mlflow.MlflowClient().get_model_version(registered_model_name(params), registered["version"])
     manifest = read_manifest(params.paths.ingested)
     classes = {k: v for k, v in manifest.labels.items() if k}
     written = sorted((Path(params.paths.evaluation) / "predictions").glob("*.nii.gz"))

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
+from medseg.manifest import registered_model_name
 from tests.conftest import PIPELINE
 
 pytestmark = PIPELINE
@@ -41,7 +42,7 @@ def test_flow_runs_every_stage_from_demo_data(prefect_harness, params_for, tmp_p
     assert list(again) == ["demo_data", "ingest", "skipped"]
     assert again["skipped"] == {"reason": "unchanged", "champion_version": summary["register"]["version"]}
     assert len(mlflow.search_runs(experiment_names=[params.mlflow.experiment], output_format="list")) == runs_before
-    versions = mlflow.MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{registered_model_name(params)}'")
     assert len(versions) == 1
 
     # A changed param that shapes training: the full pipeline runs again.

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from medseg.manifest import registered_model_name
 from medseg.model_folder import RUN_NAME
 from medseg.train import CHECKPOINT_NAME
 from tests.conftest import PIPELINE
@@ -78,5 +79,5 @@ def test_flow_run_killed_mid_training_resumes_into_the_same_mlflow_run(params_fo
     assert client.get_run(run_id).info.status == "FINISHED"
     for metric in ("train_loss", "val_dice"):
         assert [m.step for m in client.get_metric_history(run_id, metric)] == [1, 2, 3, 4], metric
-    versions = client.search_model_versions(f"name='{params.register.model_name}'")
+    versions = client.search_model_versions(f"name='{registered_model_name(params)}'")
     assert [v.run_id for v in versions] == [run_id]  # and the resumed run's model is what was registered

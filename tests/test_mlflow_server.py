@@ -14,6 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.manifest import registered_model_name
+
 pytestmark = pytest.mark.slow
 
 
@@ -76,5 +78,5 @@ def test_train_register_and_predict_through_a_tracking_server(mlflow_server, tin
     image, _ = write_tiny_volume(11, shape=(40, 36, 5))
     (tmp_path / "in").mkdir()
     nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(tmp_path / "in" / "case.nii.gz"))
-    out = predict.run(f"models:/{params.register.model_name}@champion", tmp_path / "in", tmp_path / "pred")
+    out = predict.run(f"models:/{registered_model_name(params)}@champion", tmp_path / "in", tmp_path / "pred")
     assert out["failed"] == [] and len(out["written"]) == 1

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.manifest import registered_model_name
 from medseg import evaluate, predict, register
 from medseg.cli import main
 from tests.conftest import write_tiny_volume
@@ -57,7 +58,7 @@ def test_predict_from_registry_uri_on_a_folder(trained, tmp_path, monkeypatch):
     for i in range(2):
         image, _ = write_tiny_volume(20 + i, shape=(40 + 4 * i, 36, 5))
         nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(folder / f"case{i}.nii.gz"))
-    code = main(["predict", "--model", f"models:/{params.register.model_name}@champion", str(folder),
+    code = main(["predict", "--model", f"models:/{registered_model_name(params)}@champion", str(folder),
                  "--out", str(tmp_path / "pred")])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]

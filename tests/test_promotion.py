@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medseg.manifest import registered_model_name
 import mlflow
 import pytest
 import torch
@@ -122,12 +123,12 @@ def test_register_compares_with_the_champion_on_the_locked_test_set(tiny_ingeste
     second = register.run(params)
     assert second["alias"] == "challenger" and second["version"] == "2"
     client = mlflow.MlflowClient()
-    v2 = client.get_model_version(params.register.model_name, "2")
+    v2 = client.get_model_version(registered_model_name(params), "2")
     assert "does not improve" in v2.tags["decision_reason"] and "locked test set" in v2.tags["decision_reason"]
     assert v2.tags["case_set_hash"] == test_hash and float(v2.tags["test_delta_dice"]) < 0
     for text in ("## Locked test set", "champion (version 1)", "**Rule:**", "paired by case"):
         assert text in v2.description
-    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(registered_model_name(params), "champion").version) == "1"
     assert lock_free_while_scoring == [True, True, True]  # first candidate; then the candidate and the champion
 
 
@@ -170,7 +171,7 @@ def test_retraining_on_another_task_is_blocked_and_drift_reaches_the_card(tiny_i
     train.run(params)  # a shift is measured, not blocking
     evaluate.run(params)
     second = register.run(params)
-    card = mlflow.MlflowClient().get_model_version(params.register.model_name, second["version"]).description
+    card = mlflow.MlflowClient().get_model_version(registered_model_name(params), second["version"]).description
     assert "## Data compared with the previous champion's" in card and "mean moved +1.0 SD" in card
     prints_file.write_text(json.dumps({**prints, "labels": {"0": "background", "1": "liver"}}))
     with pytest.raises(StageInputError, match="label map .* differs from the champion's"):

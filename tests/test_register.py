@@ -1,5 +1,6 @@
 from pathlib import Path
 
+from medseg.manifest import registered_model_name
 import mlflow
 import numpy as np
 import pytest
@@ -35,9 +36,9 @@ def test_first_model_is_champion_worse_one_is_challenger(trained):
     assert second["run_id"] == worse["run_id"] and second["version"] == "2"
     assert second["alias"] == "challenger" and second["previous_champion"] == "1"
     client = mlflow.MlflowClient()
-    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(registered_model_name(params), "champion").version) == "1"
     # The registry says why, with the evidence: the model card is the version's description and a run artifact.
-    v1, v2 = (client.get_model_version(params.register.model_name, v) for v in ("1", "2"))
+    v1, v2 = (client.get_model_version(registered_model_name(params), v) for v in ("1", "2"))
     assert v1.tags["decision"] == "champion" and "first version" in v1.tags["decision_reason"]
     assert v2.tags["decision"] == "challenger" and "does not beat the champion's (version 1" in v2.description
     for text in ("## Cross-validation", "## Provenance", "git commit", "training inputs", "`train.learning_rate`"):
@@ -51,10 +52,10 @@ def test_first_model_is_champion_worse_one_is_challenger(trained):
     # A rollback by hand: who, why and when are recorded; the version replaced is told what replaced it.
     rolled = register.promote(params, "1", "version 2 misses small RVs in clinic review")
     assert rolled["previous_champion"] == "2"
-    assert str(client.get_model_version_by_alias(params.register.model_name, "champion").version) == "1"
-    tags = client.get_model_version(params.register.model_name, "1").tags
+    assert str(client.get_model_version_by_alias(registered_model_name(params), "champion").version) == "1"
+    tags = client.get_model_version(registered_model_name(params), "1").tags
     assert tags["promotion_reason"] == "version 2 misses small RVs in clinic review" and tags["promoted_by"]
-    assert "replaced_by" in client.get_model_version(params.register.model_name, "2").tags
+    assert "replaced_by" in client.get_model_version(registered_model_name(params), "2").tags
     with pytest.raises(StageInputError, match="no version 9"):
         register.promote(params, "9", "typo")
 
@@ -75,15 +76,15 @@ def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
     evaluate.run(params)
     register.run(params)
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    (net, config), = load_registered(f"models:/{params.register.model_name}@champion")
+    (net, config), = load_registered(f"models:/{registered_model_name(params)}@champion")
     assert config["out_channels"] == 4
     with torch.no_grad():
         for batch, size in [(1, (32, 32)), (3, (96, 128)), (2, (64, 48))]:
             assert net(torch.randn(batch, 1, *size)).shape == (batch, 4, *size)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model_name(params)}@champion")
     out = pyfunc.predict(np.random.rand(2, 1, 64, 96).astype(np.float32))
     assert np.asarray(out).shape == (2, 4, 64, 96)
-    flavors = mlflow.models.get_model_info(f"models:/{params.register.model_name}@champion").flavors
+    flavors = mlflow.models.get_model_info(f"models:/{registered_model_name(params)}@champion").flavors
     assert set(flavors) == {"python_function"} and flavors["python_function"]["loader_module"] == "medseg.mlflow_model"
 
 
@@ -114,12 +115,12 @@ def test_a_tampered_registry_model_is_refused_without_running_code(trained, tmp_
     import nibabel as nib
 
     nib.save(nib.Nifti1Image(np.zeros((40, 36, 5), np.float32), np.eye(4)), str(image))
-    code = main(["predict", "--model", f"models:/{params.register.model_name}@champion", str(image),
+    code = main(["predict", "--model", f"models:/{registered_model_name(params)}@champion", str(image),
                  "--out", str(tmp_path / "out")])
     assert code == 2 and not marker.exists()
     assert "not a model written by 'medseg train'" in capsys.readouterr().err
     with pytest.raises(Exception):
-        mlflow.pyfunc.load_model(f"models:/{params.register.model_name}@champion")
+        mlflow.pyfunc.load_model(f"models:/{registered_model_name(params)}@champion")
     assert not marker.exists()
 
 
@@ -149,9 +150,23 @@ def test_the_all_data_model_is_registered_with_the_folds_that_estimated_it(tiny_
     assert [v["fold"] for v in summary["versions"]] == ["all"]
     assert summary["run_id"] == trained[-1]["run_id"] and summary["heldout_dice_mean"] == metrics["dice_mean"]
     client = mlflow.MlflowClient(tracking_uri=params.mlflow.tracking_uri)
-    version = client.get_model_version_by_alias(params.register.model_name, "champion")
+    version = client.get_model_version_by_alias(registered_model_name(params), "champion")
     assert version.tags["fold"] == "all" and version.tags["estimated_by_folds"] == "0,1,2"
     assert version.tags["estimated_by_runs"] == ",".join(f["run_id"] for f in trained[:3])
     assert version.tags["cv_cases"] == "6"
     assert version.tags["largest_component_classes"] == ",".join(
         map(str, read_json(f"{params.paths.model}/postprocessing.json")["largest_component"]))
+
+
+def test_the_registered_name_comes_from_the_data_unless_set(tiny_ingested, params_for):
+    """register.model_name: null names the model after the data (ACDC here), not a cardiac default; a name the user
+    sets wins; with neither data nor a name, one line says what to do."""
+    import dataclasses
+
+    params = params_for(paths={"ingested": str(tiny_ingested)}, register={"model_name": None})
+    assert registered_model_name(params) == "medseg-acdc"
+    named = dataclasses.replace(params, register=dataclasses.replace(params.register, model_name="my-heart-model"))
+    assert registered_model_name(named) == "my-heart-model"
+    nowhere = params_for(paths={"ingested": str(tiny_ingested.parent / "absent")}, register={"model_name": None})
+    with pytest.raises(StageInputError, match="set register.model_name"):
+        registered_model_name(nowhere)

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medseg.manifest import registered_model_name
 from tests.conftest import PIPELINE
 
 pytestmark = [pytest.mark.slow, PIPELINE]
@@ -112,5 +113,5 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
     output = (tmp_path / "serve.log").read_text()
     assert "nothing changed since champion version 1" in output, output[-3000:]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
-    versions = mlflow.MlflowClient().search_model_versions(f"name='{params.register.model_name}'")
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{registered_model_name(params)}'")
     assert len(versions) == 1

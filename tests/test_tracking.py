@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from medseg.manifest import registered_model_name
 import mlflow
 import pytest
 
@@ -45,9 +46,9 @@ def test_two_trainings_and_two_registrations_at_once_on_a_fresh_store(tiny_inges
     for proc, output in _at_once([["register", "--params", str(f)] for f in files], tmp_path):
         assert proc.returncode == 0, output
     client = mlflow.MlflowClient()
-    versions = client.search_model_versions(f"name='{base.register.model_name}'")
+    versions = client.search_model_versions(f"name='{registered_model_name(base)}'")
     assert len(versions) == 2
-    champion = client.get_model_version_by_alias(base.register.model_name, "champion")
+    champion = client.get_model_version_by_alias(registered_model_name(base), "champion")
     scores = [float(v.tags["heldout_dice_mean"]) for v in versions]
     assert float(champion.tags["heldout_dice_mean"]) == max(scores)  # the one decision was taken in turn
 

@@ -1,6 +1,9 @@
 """The dataset contract between ingest and the later stages: ``manifest.json`` and its cases.
 
-``manifest.json`` = ``{"layout": str, "labels": {"0": "background", "1": name, ...}, "cases": [Case, ...]}``.
+``manifest.json`` = ``{"layout": str, "dataset": str, "labels": {"0": "background", "1": name, ...},
+"cases": [Case, ...]}``. ``dataset`` names what the data is, from the data itself (a Decathlon task's ``name``,
+``acdc``; else the modality, ``ct``, or ``frames``): the registered model is ``medseg-<dataset>`` unless
+``register.model_name`` says otherwise (:func:`registered_model_name`).
 Image and label paths are relative to the manifest's folder. ``case_id`` and ``subject`` are pseudonyms;
 ``subject`` groups the cases of one patient (both ACDC frames) so that splits never leak a patient.
 """
@@ -8,6 +11,7 @@ Image and label paths are relative to the manifest's folder. ``case_id`` and ``s
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 
 __all__ = ["Case", "Manifest", "read_manifest", "write_manifest", "locked_subjects", "MANIFEST_NAME", "REPORT_NAME",
-           "CACHE_NAME", "CARDIAC_LABELS", "FRAME_MODALITIES"]
+           "CACHE_NAME", "CARDIAC_LABELS", "FRAME_MODALITIES", "dataset_slug", "registered_model_name"]
 
 MANIFEST_NAME = "manifest.json"
 REPORT_NAME = "ingest_report.json"
@@ -58,6 +62,7 @@ class Manifest:
     layout: str
     labels: dict[int, str]
     cases: tuple[Case, ...]
+    dataset: str | None = None  # what the data is (module docstring); None in manifests written before it
 
     def image_path(self, case: Case) -> Path:
         return self.root / case.image
@@ -72,9 +77,10 @@ class Manifest:
 
 
 def write_manifest(root: str | Path, layout: str, labels: dict[int, str], cases: list[Case],
-                   name: str = MANIFEST_NAME) -> Path:
+                   name: str = MANIFEST_NAME, dataset: str | None = None) -> Path:
     payload = {
         "layout": layout,
+        **({"dataset": dataset} if dataset else {}),
         "labels": {str(k): v for k, v in sorted(labels.items())},
         "cases": [c.to_json() for c in sorted(cases, key=lambda c: c.case_id)],
     }
@@ -92,7 +98,32 @@ def read_manifest(root: str | Path, name: str = MANIFEST_NAME, made_by: str = "m
         layout=raw["layout"],
         labels={int(k): v for k, v in raw["labels"].items()},
         cases=tuple(Case.from_json(c) for c in raw["cases"]),
+        dataset=raw.get("dataset"),
     )
+
+
+def dataset_slug(name: str) -> str | None:
+    """A data set's name as part of a registered model name: lower case, ``[a-z0-9-]``, at most 40 characters
+    (``"Task04 Hippocampus"`` -> ``task04-hippocampus``); None when nothing is left."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-")[:40].strip("-")
+    return slug or None
+
+
+def registered_model_name(params) -> str:
+    """The Model Registry name of this pipeline's models: ``register.model_name`` when set, else
+    ``medseg-<dataset>`` from the ingested manifest (module docstring).
+
+    Raises:
+        StageInputError: neither is there (no ingested data yet and no name set).
+    """
+    if params.register.model_name:
+        return params.register.model_name
+    try:
+        manifest = read_manifest(params.paths.ingested)
+    except StageInputError as err:
+        raise StageInputError(f"register.model_name is null and the name comes from the data: {err}, or set "
+                              f"register.model_name") from None
+    return f"medseg-{manifest.dataset or manifest.layout}"
 
 
 def locked_subjects(cases: list[Case], named: tuple[str, ...] | None, fraction: float, seed: int) -> list[str]:

@@ -152,7 +152,7 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class RegisterParams:
-    model_name: str
+    model_name: str | None  # None: medseg-<dataset> (medseg.manifest.registered_model_name)
     noninferiority_margin: float
     max_class_drop: float
     hd95_tolerance_mm: float

@@ -125,7 +125,7 @@ def run(params: Params, case_map: CaseMap = in_order) -> dict:
             for index, case in case_map(_preprocess_case, calls):
                 cases[index] = case
                 bar.update()
-        write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME)
+        write_manifest(out, "preprocessed", manifest.labels, cases, name=DATASET_NAME, dataset=manifest.dataset)
         write_json(out / SPLITS_NAME, {"folds": params.preprocess.folds, "seed": params.preprocess.seed,
                                        "unit": "subject", "splits": splits, "test": test,
                                        "test_hash": case_set_hash(test)})

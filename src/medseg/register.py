@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
+from medseg.manifest import registered_model_name
 from medseg.params import Params
 
 __all__ = ["run", "champion", "promote", "model_card", "CHAMPION", "CHALLENGER", "SCORE_TAG", "INPUTS_TAG"]
@@ -110,7 +111,7 @@ def _register_version(client, params: Params, run_info: dict, score: float, fold
     """
     from medseg.tracking import store_lock, tracking_uri
 
-    name = params.register.model_name
+    name = registered_model_name(params)
     run_id = run_info["run_id"]
     scored_against, _ = _champion_score(client, name)
     was_champion = scored_against is not None and scored_against in {str(v.version)
@@ -127,7 +128,7 @@ def _decide(client, params: Params, run_info: dict, score: float, fold: int | st
 
     from medseg.promotion import evidence_markdown
 
-    name = params.register.model_name
+    name = registered_model_name(params)
     run_id = run_info["run_id"]
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = _versions_of(client, name, run_id)
@@ -178,7 +179,7 @@ def champion(params: Params) -> dict[str, str] | None:
     """The current champion's version and tags (``{"version": ..., **tags}``), or None when there is none."""
     from medseg.tracking import champion_version
 
-    version = champion_version(params.mlflow, params.register.model_name, CHAMPION)
+    version = champion_version(params.mlflow, registered_model_name(params), CHAMPION)
     return None if version is None else {"version": str(version.version), **version.tags}
 
 
@@ -191,7 +192,7 @@ def run(params: Params) -> dict:
     from medseg.evaluate import METRICS_NAME
     from medseg.tracking import configure_mlflow, store_lock, tracking_uri
 
-    name = params.register.model_name
+    name = registered_model_name(params)
     metrics = read_json(Path(params.paths.evaluation) / METRICS_NAME)
     configure_mlflow(params.mlflow)
     client = MlflowClient()
@@ -247,7 +248,7 @@ def promote(params: Params, version: str, reason: str) -> dict:
 
     if not reason.strip():
         raise StageInputError("promote needs --reason: the registry records why a champion was chosen by hand")
-    name = params.register.model_name
+    name = registered_model_name(params)
     configure_mlflow(params.mlflow)
     client = MlflowClient()
     with store_lock(tracking_uri(params.mlflow)):

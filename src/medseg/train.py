@@ -47,7 +47,7 @@ import torch
 from medseg.atomic import atomic_dir, atomic_path, write_json
 from medseg.model_folder import (ALL, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, POSTPROCESSING_NAME, RUN_NAME, fold_name,
                                  largest_component_classes, update_config)
-from medseg.manifest import FRAME_MODALITIES
+from medseg.manifest import FRAME_MODALITIES, registered_model_name
 from medseg.params import Params
 from medseg.postprocess import class_means, decide_postprocessing, keep_largest_component
 
@@ -321,7 +321,7 @@ def _check_against_champion(params: Params) -> dict[str, Any]:
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 checks; the others follow its outcome
         return {}
-    current = champion_version(params.mlflow, params.register.model_name)
+    current = champion_version(params.mlflow, registered_model_name(params))
     if current is None or not current.run_id:
         return {}
     try:
@@ -331,7 +331,7 @@ def _check_against_champion(params: Params) -> dict[str, Any]:
     blocking, drift = compare_fingerprints(json.loads(Path(path).read_text()), read_fingerprint(params.paths.plans))
     if blocking:
         raise StageInputError(f"the data does not match what champion version {current.version} of "
-                              f"{params.register.model_name} was trained on: {'; '.join(blocking)}. Train it under "
+                              f"{registered_model_name(params)} was trained on: {'; '.join(blocking)}. Train it under "
                               f"another register.model_name, or fix data.source")
     log.info("data against champion version %s: %s", current.version, drift)
     return drift

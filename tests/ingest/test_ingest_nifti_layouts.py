@@ -85,6 +85,64 @@ def test_msd_task(tmp_path):
     assert m.labels == {0: "background", 1: "pancreas", 2: "cancer"}
     assert all(c.modality == "CT" and c.label and c.spacing == (0.8, 0.8, 2.5) for c in m.cases)
     assert len({c.subject for c in m.cases}) == 2
+    assert m.dataset == "pancreas"  # the task's own name: the registered model is medseg-pancreas
+
+
+def test_msd_bad_cases_named_with_their_reason_and_the_others_kept(tmp_path):
+    """A Decathlon folder whose dataset.json names a missing image and a missing label, a label of another shape or
+    affine than its image, an image with NaNs: one line each in the report, the good cases ingested."""
+    root = tmp_path / "Task04_Tiny"
+    _msd(root)
+    affine = np.diag([0.8, 0.8, 2.5, 1])
+    raw = json.loads((root / "dataset.json").read_text())
+
+    def case(name, image=None, label=None, label_affine=affine):
+        if image is not None:
+            write_nifti(root / "imagesTr" / name, image, affine)
+        if label is not None:
+            write_nifti(root / "labelsTr" / name, label, label_affine)
+        raw["training"].append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+
+    good = np.zeros((6, 5, 4), np.uint8)
+    nan = np.ones((6, 5, 4), np.float32)
+    nan[2, 2, 2] = np.nan
+    shifted = affine.copy()
+    shifted[0, 3] = 3.0
+    case("no_image.nii.gz", label=good)
+    case("no_label.nii.gz", image=np.ones((6, 5, 4), np.int16))
+    case("shape.nii.gz", image=np.ones((6, 5, 4), np.int16), label=np.zeros((6, 5, 3), np.uint8))
+    case("affine.nii.gz", image=np.ones((6, 5, 4), np.int16), label=good, label_affine=shifted)
+    case("nan.nii.gz", image=nan, label=good)
+    (root / "dataset.json").write_text(json.dumps(raw))
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    summary = ingest_folder(root, tmp_path / "out", layout="msd")
+    assert summary["accepted"] == 2 and summary["rejected"] == 5
+    from medseg.ingest.privacy import input_key
+
+    missing = {input_key("imagesTr/no_image.nii.gz"): "imagesTr/no_image.nii.gz"}  # no file to map the key back
+    reasons = {missing.get(r["source"], r["source"]): r["reason"]
+               for r in read_report(tmp_path / "out", root)["rejected"]}
+    assert set(reasons) == {f"imagesTr/{n}.nii.gz" for n in ("no_image", "no_label", "shape", "affine", "nan")}
+    assert "image file listed in dataset.json is missing" in reasons["imagesTr/no_image.nii.gz"]
+    assert "label file listed in dataset.json is missing" in reasons["imagesTr/no_label.nii.gz"]
+    assert "label shape (6, 5, 3) != image shape (6, 5, 4)" in reasons["imagesTr/shape.nii.gz"]
+    assert "origin differs" in reasons["imagesTr/affine.nii.gz"]
+    assert "NaN" in reasons["imagesTr/nan.nii.gz"]
+    assert all("\n" not in r and "Traceback" not in r for r in reasons.values())
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before  # the inputs untouched
+
+
+def test_dataset_names_come_from_the_data_never_from_file_names(tmp_path):
+    from medseg.manifest import dataset_slug
+
+    assert dataset_slug("Task04 Hippocampus!") == "task04-hippocampus" and dataset_slug("***") is None
+    src = tmp_path / "Patient_Smith_John"  # a folder name must not become the model's name
+    write_nifti(src / "images" / "a.nii.gz", np.full((5, 5, 3), -1000, np.int16))
+    ingest_folder(src, tmp_path / "out")
+    assert read_manifest(tmp_path / "out").dataset == "ct"
+    make_acdc_patient(tmp_path / "acdc", "patient001")
+    ingest_folder(tmp_path / "acdc", tmp_path / "out_acdc")
+    assert read_manifest(tmp_path / "out_acdc").dataset == "acdc"
 
 
 def test_msd_multimodal_4d_rejected(tmp_path):

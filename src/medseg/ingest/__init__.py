@@ -313,7 +313,7 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
     keep = {c.image for c in cases.values()} | {c.label for c in cases.values() if c.label}
     _remove_stale(out_dir, keep, record)
     save_cache(out_dir, cache)  # the record now: this run's cases only
-    manifest = write_manifest(out_dir, layout, labels, list(cases.values()))
+    manifest = write_manifest(out_dir, layout, labels, list(cases.values()), dataset=_dataset_name(scan, cases))
     report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
     if id_map is not None:
         write_id_map(id_map, ids)
@@ -329,3 +329,15 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
     return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "subjects": subjects,
             "rejected": len(rejected), "labelled": labelled, "skipped": skipped, "manifest": str(manifest),
             "report": str(report)}
+
+
+def _dataset_name(scan, cases: dict) -> str:
+    """What the data is, for the registered model's name (``medseg.manifest``): the layout's own name for it, else
+    ``frames`` (2D images) or the modality (``ct``, ``mr``, ``mr-ct``); never a file or folder name of the source."""
+    from medseg.manifest import FRAME_MODALITIES, dataset_slug
+
+    named = dataset_slug(scan.name) if scan.name else None
+    if named:
+        return named
+    modalities = sorted({c.modality for c in cases.values()})
+    return "frames" if set(modalities) <= set(FRAME_MODALITIES) else dataset_slug("-".join(modalities)) or "data"

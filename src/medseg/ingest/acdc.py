@@ -36,7 +36,7 @@ def read_info_cfg(path: Path) -> dict[str, str]:
 
 def scan_acdc(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
     """Find the ED and ES cases of every ACDC patient folder under ``source``."""
-    scan = Scan(labels=dict(CARDIAC_LABELS))
+    scan = Scan(labels=dict(CARDIAC_LABELS), name="acdc")
     for folder in find_patients(source, skip):
         cfg = folder / "Info.cfg"
         name = folder.name

@@ -67,6 +67,7 @@ class Scan:
     labels: dict[int, str] | None
     items: list[Item] = field(default_factory=list)
     rejected: list[dict[str, str]] = field(default_factory=list)
+    name: str | None = None  # the data set's own name where its layout gives one (a Decathlon task's "name")
 
     def reject(self, source: str, reason: str) -> None:
         self.rejected.append({"source": source, "reason": reason})

@@ -43,7 +43,7 @@ def scan_msd(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
     raw = json.loads((root / "dataset.json").read_text())
     modalities = raw.get("modality") or {"0": "CT"}
     labels = label_names_from_json(raw["labels"]) if isinstance(raw.get("labels"), dict) else None
-    scan = Scan(labels=labels)
+    scan = Scan(labels=labels, name=raw["name"] if isinstance(raw.get("name"), str) else None)
     modality = modality_name(next(iter(modalities.values()))) if isinstance(modalities, dict) else \
         modality_name(str(modalities))
     for entry in raw["training"]:
@@ -53,6 +53,9 @@ def scan_msd(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
             continue
         image = (root / image_rel).resolve()
         if image.name.startswith("._"):
+            continue
+        if not image.is_file():
+            scan.reject(rel(image, source), f"image file listed in dataset.json is missing: {image.name}")
             continue
         label_rel = entry.get("label") if isinstance(entry, dict) else None
         label = (root / label_rel).resolve() if isinstance(label_rel, str) else None
