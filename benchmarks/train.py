@@ -93,7 +93,7 @@ class Loop:
         self.net = build_network(spec, 1, 4).to(device)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=train.learning_rate,
                                            weight_decay=train.weight_decay)
-        self.amp_dtype, scaled = amp_settings(train.amp, device)
+        self.amp_dtype, scaled = amp_settings(train.amp, device, train.cpu_amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=scaled)
         self.loss_fn = build_loss(spec)
         self.steps = self.seconds = self.wait = 0.0

@@ -244,9 +244,31 @@ def test_data_wait_fraction_measures_time_blocked_on_the_loader():
     assert 0.5 < stats["data_wait_fraction"] < 1
 
 
-def test_mixed_precision_is_cuda_only():
-    assert train.amp_settings("fp16", torch.device("cpu")) == (None, False)
-    assert train.amp_settings("off", torch.device("cpu")) == (None, False)
+def test_train_amp_is_for_cuda_and_train_cpu_amp_for_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    assert train.amp_settings("fp16", cpu) == (None, False) and train.amp_settings("bf16", cpu, "off") == (None, False)
+    assert train.amp_settings("off", cpu, "bf16") == (torch.bfloat16, False)  # no loss scaling for bf16
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.amp_settings("fp16", cpu, "auto") == (None, False)  # emulated bf16 would be slower
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.amp_settings("fp16", cpu, "auto") == (torch.bfloat16, False)
+
+
+def test_a_bf16_training_step_on_the_cpu_learns():
+    """The autocast path train_epoch takes with train.cpu_amp: bf16 (float32 weights, no scaler)."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+    image = torch.randn(4, 1, 16, 16)
+    batches = [{"image": image, "label": (image > 0).long()}] * 8
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    first = train.train_epoch(net, batches[:1], optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
+    for _ in range(5):
+        last = train.train_epoch(net, batches, optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
+    assert last["loss"] < 0.8 * first["loss"] and next(net.parameters()).dtype == torch.float32
 
 
 @pytest.mark.gpu

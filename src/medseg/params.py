@@ -132,6 +132,7 @@ class TrainParams:
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     amp: Literal["fp16", "bf16", "off"]
+    cpu_amp: Literal["auto", "bf16", "off"]
     compile: bool
     augment_on_device: bool
     augmentation: AugmentationParams

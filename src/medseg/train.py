@@ -113,14 +113,22 @@ def data_lists(params: Params, fold: int | None = None) -> tuple[list[dict], lis
     return train_files, val_files, dataset
 
 
-def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, use a GradScaler)`` for ``train.amp``: fp16 needs loss scaling, bf16 does not."""
-    if amp == "off":
-        return None, False
-    if device.type != "cuda":
-        log.debug("train.amp=%s ignored on %s: mixed precision is for CUDA only", amp, device.type)
+def amp_settings(amp: str, device: torch.device, cpu_amp: str = "off") -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, use a GradScaler)`` for ``train.amp`` on CUDA (fp16 needs loss scaling, bf16 does
+    not) and ``train.cpu_amp`` on a CPU (bf16, or ``auto``: bf16 where the CPU computes it natively)."""
+    if device.type == "cpu":
+        wanted = cpu_amp == "bf16" or (cpu_amp == "auto" and cpu_has_native_bf16())
+        return (torch.bfloat16 if wanted else None), False
+    if amp == "off" or device.type != "cuda":
         return None, False
     return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast speeds convolutions up;
+    elsewhere it is emulated and slower than float32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def train_epoch(model: torch.nn.Module, loader, optimizer, scaler, loss_fn, device: torch.device,
@@ -482,7 +490,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
     # what a checkpoint must match to be resumed
     resume_key = _digest(params, plan, version["data_md5"], fold, ctx.world_size, code=True)
     post_code = postprocess_code()  # recorded with the final validation's post-processed Dice
-    amp_dtype, use_scaler = amp_settings(training.amp, device)
+    amp_dtype, use_scaler = amp_settings(training.amp, device, training.cpu_amp)
     budget_s = None if training.time_budget_minutes is None else 60.0 * training.time_budget_minutes
 
     set_determinism(seed=training.seed)
