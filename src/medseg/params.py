@@ -214,6 +214,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp) and type(value) is not bool:
             return value
+        if value is False and "off" in typing.get_args(tp):  # YAML 1.1 reads a bare `off` as false
+            return "off"
         raise wrong
     if origin is tuple:
         args = typing.get_args(tp)
