@@ -30,8 +30,9 @@ by group (video sequence, ``data.group_pattern``), medseg predicting ``<case>.pn
 ``benchmarks/tutorial_loop_2d.py`` (frames resized to 256 x 256), scored against the original masks (binarised at
 > 127) with HD95 in pixels; IoU is reported beside Dice.
 
-Conventions: a class absent from both truth and prediction scores Dice 1 and HD95 0; absent from one only, Dice 0
-and HD95 missing (no surface to measure to), reported as a count beside the HD95 mean, which excludes it.
+Scores are ``medseg.metrics``' (the same Dice and HD95 as ``medseg evaluate``, the registry and the promotion gate):
+a class absent from both truth and prediction scores Dice 1 and HD95 0; absent from one only, Dice 0 and HD95
+missing (no surface to measure to), reported as a count beside the HD95 mean, which excludes it.
 No choice may see the test patients: ``evaluate.largest_component: auto`` would decide medseg's post-processing from
 the held-out cases of the fold being trained, so the yardstick sets it to ``true`` (``--set
 evaluate.largest_component=auto`` to measure it anyway). Intermediate validations only report (the last epoch's
