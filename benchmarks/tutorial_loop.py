@@ -101,16 +101,21 @@ def write_summary(out: str, device: torch.device, steps: int, epochs: int, train
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def peer_parser(doc: str, num_classes: int, example: str, tiny: str) -> argparse.ArgumentParser:
+    """The command line every peer loop takes from the yardstick (lists, output folder, budget, classes, seed)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--train-list", required=True)
     parser.add_argument("--predict-list", required=True)
     parser.add_argument("--out", required=True, help="folder for summary.json")
     parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--num-classes", type=int, default=4, help="background included (ACDC: 4)")
+    parser.add_argument("--num-classes", type=int, default=num_classes, help=f"background included ({example})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="channels 8,16,32 and 48x48 crops: for tests")
-    args = parser.parse_args(argv)
+    parser.add_argument("--tiny", action="store_true", help=f"{tiny}: for tests")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = peer_parser(__doc__, 4, "ACDC: 4", "channels 8,16,32 and 48x48 crops").parse_args(argv)
 
     set_determinism(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,6 @@ Recipe: RGB (or gray) scaled to 0-1, resized to 256 x 256 (masks: nearest, binar
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.utils import set_determinism
 from PIL import Image
+
+from tutorial_loop import peer_parser
 
 SIZE = 256
 
@@ -49,15 +50,7 @@ def resize(x: torch.Tensor, size, mode: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-list", required=True)
-    parser.add_argument("--predict-list", required=True)
-    parser.add_argument("--out", required=True, help="folder for summary.json")
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--num-classes", type=int, default=2, help="background included (polyp: 2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="channels 8,16,32 and 64 x 64 frames: for tests")
-    args = parser.parse_args(argv)
+    args = peer_parser(__doc__, 2, "polyp: 2", "channels 8,16,32 and 64 x 64 frames").parse_args(argv)
 
     set_determinism(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

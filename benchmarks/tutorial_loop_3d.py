@@ -13,7 +13,6 @@ records steps and seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -25,21 +24,14 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.utils import set_determinism
 
-from tutorial_loop import load_chain, predict_files, train_for, write_summary
+from tutorial_loop import load_chain, peer_parser, predict_files, train_for, write_summary
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-list", required=True)
-    parser.add_argument("--predict-list", required=True)
-    parser.add_argument("--out", required=True, help="folder for summary.json")
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock training budget")
-    parser.add_argument("--num-classes", type=int, default=3, help="background included (Hippocampus: 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = peer_parser(__doc__, 3, "Hippocampus: 3", "channels 8, 16, 32 and a 16^3 ROI")
     parser.add_argument("--pixdim", type=float, nargs=3, default=(1.0, 1.0, 1.0), help="mm")
     parser.add_argument("--roi", type=int, nargs=3, default=(48, 64, 48), help="training crop and inference window")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="channels 8, 16, 32 and a 16^3 ROI: for tests")
     args = parser.parse_args(argv)
 
     set_determinism(args.seed)

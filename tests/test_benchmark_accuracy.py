@@ -77,7 +77,7 @@ def test_empty_classes_follow_the_documented_conventions():
     scores = acc.score_case(pred, truth, {1: "A", 2: "B"}, (1, 1, 1))
     assert scores["A"] == {"dice": 0.0, "hd95": None}  # missed class: Dice 0, HD95 missing
     assert scores["B"] == {"dice": 1.0, "hd95": 0.0}  # absent from both: perfect
-    with pytest.raises(ValueError, match="original grid"):
+    with pytest.raises(ValueError, match="is not the reference"):
         acc.score_case(pred[:-1], truth, {1: "A"}, (1, 1, 1))
 
 
