@@ -52,6 +52,8 @@ def score_cases(models: list, params: Params, manifest, case_ids: list[str], tta
     classes = {k: v for k, v in sorted(manifest.labels.items()) if k != 0}
     largest = largest_component_classes(config, int(config["out_channels"]))
     rows = []
+    if predictions is not None:
+        predictions.mkdir(parents=True, exist_ok=True)
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=None):
         case = by_id[cid]
         image, affine = load_nifti(manifest.image_path(case))
@@ -63,7 +65,6 @@ def score_cases(models: list, params: Params, manifest, case_ids: list[str], tta
         for name, score in score_case(pred, truth, classes, spacing).items():
             rows.append({"case_id": cid, "subject": case.subject, "class": name, **score})
         if predictions is not None:
-            predictions.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(pred.astype(np.uint8), np.asarray(affine, dtype=np.float64)),
                      str(predictions / f"{cid}.nii.gz"))
         if overlays is not None and len(overlays) < params.evaluate.overlay_cases:

@@ -48,7 +48,8 @@ def keep_largest_component(labels: np.ndarray | torch.Tensor, classes: Sequence[
 
 
 def class_means(rows: np.ndarray) -> np.ndarray:
-    """Mean per class over cases (columns) of ``rows``, ignoring NaN (a class absent from a case's ground truth)."""
+    """Mean per class over cases (columns) of ``rows``, ignoring NaN (which :mod:`medseg.metrics`' rule no longer
+    gives: a class absent from both sides scores 1)."""
     import warnings
 
     with warnings.catch_warnings():

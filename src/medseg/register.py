@@ -100,7 +100,7 @@ def _versions_of(client, name: str, run_id: str) -> list:
     return [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run_id]
 
 
-def _register_version(client, params: Params, run_info: dict, score: float, fold: int | str,
+def _register_version(client, params: Params, name: str, run_info: dict, score: float, fold: int | str,
                       tags: dict[str, str] | None = None, metrics_card: dict | None = None) -> dict:
     """One fold's run as a model version, aliased ``champion`` if it passes the promotion rule against the current
     champion (on the locked test set when there is one; else its cross-validation score), else ``challenger``.
@@ -111,24 +111,23 @@ def _register_version(client, params: Params, run_info: dict, score: float, fold
     """
     from medseg.tracking import store_lock, tracking_uri
 
-    name = registered_model_name(params)
     run_id = run_info["run_id"]
     scored_against, _ = _champion_score(client, name)
     was_champion = scored_against is not None and scored_against in {str(v.version)
                                                                       for v in _versions_of(client, name, run_id)}
     gate = None if was_champion else _test_gate(params, name, fold, scored_against)
     with store_lock(tracking_uri(params.mlflow)):
-        return _decide(client, params, run_info, score, fold, tags, metrics_card, gate, scored_against)
+        return _decide(client, params, name, run_info, score, fold, tags, metrics_card, gate, scored_against)
 
 
-def _decide(client, params: Params, run_info: dict, score: float, fold: int | str, tags: dict[str, str] | None,
-            metrics_card: dict | None, gate: tuple[dict, str] | None, scored_against: str | None) -> dict:
+def _decide(client, params: Params, name: str, run_info: dict, score: float, fold: int | str,
+            tags: dict[str, str] | None, metrics_card: dict | None, gate: tuple[dict, str] | None,
+            scored_against: str | None) -> dict:
     """:func:`_register_version` under the store's lock: the version, its tags, its alias and its card."""
     import mlflow
 
     from medseg.promotion import evidence_markdown
 
-    name = registered_model_name(params)
     run_id = run_info["run_id"]
     # Registering the same run twice (a re-run of the flow) reuses its version instead of adding a duplicate.
     existing = _versions_of(client, name, run_id)
@@ -223,15 +222,15 @@ def _register_all(params: Params, client, name: str, metrics: dict) -> list[dict
                 "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
                 "largest_component_classes": ",".join(map(str, (read_postprocessing(params.paths.model) or {}).get(
                     "largest_component", [])))}
-        versions.append(_register_version(client, params, read_json(final), float(metrics["dice_mean"]), ALL, tags,
-                                          metrics))
+        versions.append(_register_version(client, params, name, read_json(final), float(metrics["dice_mean"]), ALL,
+                                          tags, metrics))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
         run_info = read_json(fold_dir(params.paths.model, int(fold)) / RUN_NAME)
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")
-        versions.append(_register_version(client, params, run_info, float(fold_metrics["dice_mean"]), int(fold),
-                                          metrics_card=fold_metrics))
+        versions.append(_register_version(client, params, name, run_info, float(fold_metrics["dice_mean"]),
+                                          int(fold), metrics_card=fold_metrics))
     return versions
 
 

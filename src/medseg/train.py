@@ -329,7 +329,8 @@ def _check_against_champion(params: Params) -> dict[str, Any]:
 
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 checks; the others follow its outcome
         return {}
-    current = champion_version(params.mlflow, registered_model_name(params))
+    name = registered_model_name(params)
+    current = champion_version(params.mlflow, name)
     if current is None or not current.run_id:
         return {}
     try:
@@ -339,7 +340,7 @@ def _check_against_champion(params: Params) -> dict[str, Any]:
     blocking, drift = compare_fingerprints(json.loads(Path(path).read_text()), read_fingerprint(params.paths.plans))
     if blocking:
         raise StageInputError(f"the data does not match what champion version {current.version} of "
-                              f"{registered_model_name(params)} was trained on: {'; '.join(blocking)}. Train it under "
+                              f"{name} was trained on: {'; '.join(blocking)}. Train it under "
                               f"another register.model_name, or fix data.source")
     log.info("data against champion version %s: %s", current.version, drift)
     return drift
