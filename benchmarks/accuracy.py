@@ -377,7 +377,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(args.variants) - set(VARIANTS):
         parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
     args.train_variants = [parse_variant(v) for v in args.train_variants]
-    data, folds, minutes = BENCHMARKS[args.benchmark] if args.data is None else (args.data, None, 10.0)
+    if args.data is not None:  # any other folder: no named benchmark's folds or minutes
+        args.benchmark = None
+    data, folds, minutes = BENCHMARKS[args.benchmark] if args.benchmark else (args.data, None, 10.0)
     args.data = data
     args.minutes = args.minutes if args.minutes is not None else 5.0 if args.quick else minutes
     args.folds = args.folds if args.folds is not None else 3 if args.quick else folds
@@ -504,10 +506,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{d['a']} - {d['b']}: {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]", flush=True)
     result = {"command": [sys.executable, *sys.argv] if argv is None else ["accuracy.py", *argv],
               "git_commit": git_commit(), "work": str(work), "data": str(data),
-              "settings": {"benchmark": None if args.data != BENCHMARKS[args.benchmark][0] else args.benchmark,
-                           "spatial_dims": spatial_dims, "folds": folds, "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
+              "settings": {"benchmark": args.benchmark, "spatial_dims": spatial_dims, "folds": folds,
+                           "max_folds": args.max_folds, "minutes": args.minutes, "methods": methods,
                            "set": args.sets, "variants": args.variants,
-                           "train_variants": {m: sets for m, sets in args.train_variants}, "tutorial_args": args.tutorial_args, "seed": args.seed,
+                           "train_variants": {m: sets for m, sets in args.train_variants},
+                           "tutorial_args": args.tutorial_args, "seed": args.seed,
                            "bootstrap_resamples": RESAMPLES, "medseg_params": params,
                            "nnunet_trainer": NNUNET_TRAINER if "nnunet" in methods else None},
               "labels": {str(k): v for k, v in labels.items()}, "folds": fold_log, "train_minutes_per_fold": minutes,

@@ -4,15 +4,16 @@ the plain 3D loop's network (``tutorial_loop_3d.py``: UNet 16-256, two residual 
 Run by hand: ``python benchmarks/throughput.py [--plans WORK/plans/plans.json] [--steps 8] [--repeats 3]``
 (default: the plan medseg makes for MSD Hippocampus on 2 cores: 3D UNet 32-256, instance norm, patch 32 x 56 x 40,
 batch 2). Each setting trains the same random batches (DiceCE, AdamW) in one process, settings interleaved over
-``--repeats`` rounds, and reports the median samples per second and its ratio to the peer's fp32 loop measured in
-the same run (and of voxels per second, as the peer's crops are larger). Throughput is not accuracy: a setting that wins here still has to win on the yardstick
-(``benchmarks/accuracy.py --train-variant``).
+``--repeats`` rounds, and reports the median samples per second and, as the peer's crops are larger, the ratio of
+voxels per second to the peer's fp32 loop measured in the same run. Throughput is not accuracy: a setting that wins
+here still has to win on the yardstick (``benchmarks/accuracy.py --train-variant``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -32,13 +33,17 @@ def settings(plan: dict) -> dict[str, dict]:
     peer = {"name": "unet", "spatial_dims": 3, "channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2],
             "num_res_units": 2, "norm": "batch", "dropout": 0.0, "deep_supervision": False, "encoder": None,
             "kernel_sizes": None}
+
+    def setting(spec: dict, patch: list[int], batch: int, bf16: bool = False, channels_last: bool = False) -> dict:
+        return dict(spec=spec, patch=patch, batch=batch, bf16=bf16, channels_last=channels_last)
+
     return {
-        "peer: 3D loop fp32, batch 8": dict(spec=peer, patch=[48, 64, 48], batch=8, bf16=False, channels_last=False),
-        f"medseg plan fp32, batch {batch}": dict(spec=spec, patch=patch, batch=batch, bf16=False, channels_last=False),
-        f"medseg plan bf16, batch {batch}": dict(spec=spec, patch=patch, batch=batch, bf16=True, channels_last=False),
-        f"medseg plan fp32 channels-last, batch {batch}": dict(spec=spec, patch=patch, batch=batch, bf16=False, channels_last=True),
-        "medseg plan fp32, batch 8 batch norm": dict(spec=batch_norm, patch=patch, batch=8, bf16=False, channels_last=False),
-        "medseg plan bf16, batch 8 batch norm": dict(spec=batch_norm, patch=patch, batch=8, bf16=True, channels_last=False),
+        "peer: 3D loop fp32, batch 8": setting(peer, [48, 64, 48], 8),
+        f"medseg plan fp32, batch {batch}": setting(spec, patch, batch),
+        f"medseg plan bf16, batch {batch}": setting(spec, patch, batch, bf16=True),
+        f"medseg plan fp32 channels-last, batch {batch}": setting(spec, patch, batch, channels_last=True),
+        "medseg plan fp32, batch 8 batch norm": setting(batch_norm, patch, 8),
+        "medseg plan bf16, batch 8 batch norm": setting(batch_norm, patch, 8, bf16=True),
     }
 
 
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
             measured.setdefault(name, []).append(samples_per_second(s["spec"], s["patch"], s["batch"], s["bf16"],
                                                                     s["channels_last"], args.steps))
     # patches differ (the peer crops 48 x 64 x 48): the ratio is of voxels per second, what a budget buys
-    voxels = {name: float(torch.tensor(s["patch"]).prod()) for name, s in todo.items()}
+    voxels = {name: math.prod(s["patch"]) for name, s in todo.items()}
     peer_name = next(iter(measured))
     peer = statistics.median(measured[peer_name]) * voxels[peer_name]
     result = {}
