@@ -2,10 +2,10 @@ import csv
 import json
 from pathlib import Path
 
-from medseg.manifest import registered_model_name
 import mlflow
 
 from medseg import evaluate
+from medseg.manifest import registered_model_name
 
 
 def test_evaluate_writes_metrics_csv_plots_and_logs_them(trained):

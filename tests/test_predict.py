@@ -4,9 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.manifest import registered_model_name
 from medseg import evaluate, predict, register
 from medseg.cli import main
+from medseg.manifest import registered_model_name
 from tests.conftest import write_tiny_volume
 from tests.test_inference import inference_config, write_folds, write_model
 

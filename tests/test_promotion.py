@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medseg.manifest import registered_model_name
 import mlflow
 import pytest
 import torch
 
-from medseg.manifest import Case, locked_subjects
+from medseg.manifest import Case, locked_subjects, registered_model_name
 from medseg.params import params_from_dict
 from medseg.promotion import compare
 

@@ -1,6 +1,5 @@
 from pathlib import Path
 
-from medseg.manifest import registered_model_name
 import mlflow
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from medseg import evaluate, register
 from medseg.atomic import read_json, write_json
 from medseg.errors import StageInputError
 from medseg.evaluate import METRICS_NAME
+from medseg.manifest import registered_model_name
 from medseg.mlflow_model import load_registered
 
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medseg.manifest import registered_model_name
 import mlflow
 import pytest
 
+from medseg.manifest import registered_model_name
 from tests.conftest import planned_and_preprocessed
 from tests.test_train import write_params_yaml
 
