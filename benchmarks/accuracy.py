@@ -30,7 +30,7 @@ by group (video sequence, ``data.group_pattern``), medseg predicting ``<case>.pn
 ``benchmarks/tutorial_loop_2d.py`` (frames resized to 256 x 256), scored against the original masks (binarised at
 > 127) with HD95 in pixels; IoU is reported beside Dice.
 
-Scores are ``medseg.metrics``' (the same Dice and HD95 as ``medseg evaluate``, the registry and the promotion gate):
+Scores are ``medseg.evaluation.metrics``' (the same Dice and HD95 as ``medseg evaluate``, the registry and the promotion gate):
 a class absent from both truth and prediction scores Dice 1 and HD95 0; absent from one only, Dice 0 and HD95
 missing (no surface to measure to), reported as a count beside the HD95 mean, which excludes it.
 No choice may see the test patients: ``evaluate.largest_component: auto`` would decide medseg's post-processing from
@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from medseg.metrics import RESAMPLES, bootstrap, hd95, score_case, surface  # noqa: F401  (re-exported for tests)
+from medseg.evaluation.metrics import RESAMPLES, bootstrap, hd95, score_case, surface  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -410,13 +410,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"method", flush=True)
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # runs go to WORK/mlflow.db
-    # Every method with the allocator settings the medseg command gives itself (medseg.allocator): on these VMs they
+    # Every method with the allocator settings the medseg command gives itself (medseg.common.malloc_tuning): on these VMs they
     # are worth up to 1.7x on a convolution, and a peer without them would train fewer steps in the same minutes
-    from medseg.allocator import glibc_environment
+    from medseg.common.malloc_tuning import glibc_environment
 
     env.update(glibc_environment())
     if not env.get("MEDSEG_PSEUDONYM_KEY"):  # the project's key: stable case ids, so the same folds run to run
-        from medseg.pseudonym import SECRET_FILE, project_secret
+        from medseg.common.pseudonym import SECRET_FILE, project_secret
 
         env["MEDSEG_PSEUDONYM_KEY"] = project_secret(REPO / SECRET_FILE).decode()
     ingested, id_map = work / "ingested", work / "id_map.json"

@@ -36,7 +36,7 @@ LABELS = {"0": "background", "1": "pancreas", "2": "tumour"}
 
 def write_ct(path: Path, size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int = 0) -> np.ndarray:
     """An abdomen-like int16 HU volume: air, a fat-ringed body, liver, spine, a pancreas-like blob, CT noise."""
-    from medseg.atomic import save_nifti
+    from medseg.common.atomic_write import save_nifti
 
     rng = np.random.default_rng(seed)
     nx, ny, nz = size
@@ -93,9 +93,9 @@ def write_model(folder: Path, channels: list[int], patch: list[int], target_spac
     ``fold_0/model.pt`` like train saves it; for ``modality`` RGB the EfficientNet-Lite0 U-Net planned for frames."""
     import torch
 
-    from medseg.atomic import write_json
-    from medseg.network_spec import encoder_channels
-    from medseg.networks import build_network
+    from medseg.common.atomic_write import write_json
+    from medseg.common.network_spec import encoder_channels
+    from medseg.networks.architectures import build_network
 
     dims = 2 if patch[2] == 1 else 3
     spec = {"name": "unet", "spatial_dims": dims, "channels": channels, "strides": [2] * (len(channels) - 1),
@@ -127,10 +127,15 @@ def _e2e(model: str, image: str, out: str, args: dict) -> dict:
     import monai.inferers  # noqa: F401  (the fixed start-up cost of any MONAI command, reported apart)
     import monai.transforms  # noqa: F401  # pyflakes: ignore
 
-    from medseg import predict
+    from medseg.inference import predict
     # What predict imports inside its functions: start-up too (and compiled afresh each process when bytecode is
     # not cached, as with PYTHONDONTWRITEBYTECODE=1), not per-case work
-    from medseg import atomic, dicom_seg, inference, ingest, model_folder, postprocess, transforms  # noqa: F401
+    from medseg import ingest, transforms  # noqa: F401
+    from medseg.common import atomic_write as atomic
+    from medseg.inference import dicom_seg
+    from medseg.inference import sliding_window as inference
+    from medseg.inference import model_folder
+    from medseg.inference import postprocess
 
     imports = time.perf_counter() - start
     start, cpu = time.perf_counter(), _cpu()
@@ -156,10 +161,10 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
     import torch
     from monai.data import MetaTensor
 
-    from medseg.inference import build_inferer
-    from medseg.model_folder import load_trained
-    from medseg.predict import find_inputs
-    from medseg.transforms import IMAGE, preprocess_transforms
+    from medseg.inference.sliding_window import build_inferer
+    from medseg.inference.model_folder import load_trained
+    from medseg.inference.predict import find_inputs
+    from medseg.preprocessing.transforms import IMAGE, preprocess_transforms
 
     [(net, config)] = load_trained(model)
     pre = preprocess_transforms(config["normalization"][config["modality"]], config["target_spacing"], keys=[IMAGE],
@@ -182,8 +187,8 @@ def _model_only(model: str, image: str, out: str, args: dict) -> dict:
 
 
 def _child(kind: str, queue, *args) -> None:
-    if args[-1]["allocator"] == "kept":  # as the medseg command runs (medseg.allocator); both sides alike
-        from medseg.allocator import keep_freed_memory
+    if args[-1]["allocator"] == "kept":  # as the medseg command runs (medseg.common.malloc_tuning); both sides alike
+        from medseg.common.malloc_tuning import keep_freed_memory
 
         keep_freed_memory()
     result = {"e2e": _e2e, "model": _model_only}[kind](*args)
@@ -221,7 +226,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep inputs and outputs here (default: a temporary folder)")
     parser.add_argument("--allocator", choices=["kept", "default"], default="kept",
                         help="kept: freed memory kept for reuse in both children, as the medseg command does "
-                             "(medseg.allocator); default: glibc's own settings")
+                             "(medseg.common.malloc_tuning); default: glibc's own settings")
     parser.add_argument("--mr", action="store_true",
                         help="an ACDC-size cine-MR frame instead: 216x256x10 at 1.5x1.5x10 mm, the 2D U-Net medseg "
                              "plans for ACDC (16-128 channels, patch 184x248, spacing 1.65x1.65x10), per-image z-score")
@@ -295,7 +300,7 @@ def frames_main(args) -> None:
             for path in sources:  # copies: the benchmark never reads from, or writes beside, a user's folder
                 shutil.copyfile(path, folder / path.name)
         else:
-            from medseg.demo_polyp import write_polyp_dataset
+            from medseg.demo.polyp import write_polyp_dataset
 
             write_polyp_dataset(work / "synthetic", seed=0, frames=args.frames)
             for path in sorted((work / "synthetic" / "images").iterdir()):

@@ -51,7 +51,7 @@ def samples_per_second(spec: dict, patch: list[int], batch: int, bf16: bool, cha
                        classes: int = 3) -> float:
     from monai.losses import DiceCELoss
 
-    from medseg.networks import build_network
+    from medseg.networks.architectures import build_network
 
     torch.manual_seed(0)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format

@@ -2,10 +2,10 @@
 
 Run by hand: ``python benchmarks/train.py [--device cpu|cuda] [--preset small|default] [--epochs 2]``.
 
-Both loops run ``medseg.train.train_epoch`` (the optimiser step ``medseg train`` takes) on the same synthetic
+Both loops run ``medseg.training.train.train_epoch`` (the optimiser step ``medseg train`` takes) on the same synthetic
 preprocessed volumes with the same augmentation; only the data path differs:
 
-- medseg: ``medseg.data.make_train_loader`` (cached deterministic prefix with class positions, class-balanced crops,
+- medseg: ``medseg.training.loaders.make_train_loader`` (cached deterministic prefix with class positions, class-balanced crops,
   ``ThreadDataLoader``, no meta data; crops and augmentation on the GPU with ``--device cuda``);
 - peer ("monai-tutorial"): ``Dataset`` + ``DataLoader`` with worker processes, loading every draw, cropping with
   ``RandCropByPosNegLabeld``, as MONAI's segmentation tutorials do without caching.
@@ -39,7 +39,7 @@ def write_volumes(root: Path, count: int, shape: tuple[int, int, int]) -> list[d
     """Synthetic preprocessed volumes: MONAI's test images (discs of 3 classes in noise), z-scored."""
     from monai.data import create_test_image_2d
 
-    from medseg.atomic import save_nifti
+    from medseg.common.atomic_write import save_nifti
 
     files = []
     for i in range(count):
@@ -61,7 +61,7 @@ def peer_loader(files, plan, train, workers: int):
     from monai import transforms as mt
     from monai.data import DataLoader, Dataset
 
-    from medseg.transforms import augmentation_transforms
+    from medseg.preprocessing.transforms import augmentation_transforms
 
     keys, patch = ["image", "label"], tuple(plan.patch_size)
     chain = [
@@ -85,8 +85,8 @@ class Loop:
     """One training loop (network, optimiser, loader) whose epochs are timed one at a time."""
 
     def __init__(self, name: str, loader, spec: dict, train, device: torch.device) -> None:
-        from medseg.networks import build_loss, build_network
-        from medseg.train import amp_settings
+        from medseg.networks.architectures import build_loss, build_network
+        from medseg.training.train import amp_settings
 
         torch.manual_seed(0)
         self.name, self.loader, self.device = name, loader, device
@@ -99,7 +99,7 @@ class Loop:
         self.steps = self.seconds = self.wait = 0.0
 
     def epoch(self, timed: bool = True) -> None:
-        from medseg.train import train_epoch
+        from medseg.training.train import train_epoch
 
         stats = train_epoch(self.net, self.loader, self.optimizer, self.scaler, self.loss_fn, self.device,
                             self.amp_dtype)
@@ -121,9 +121,9 @@ def main() -> None:
 
     import logging
 
-    from medseg.data import make_train_loader
-    from medseg.params import load_params
-    from medseg.plan import Plan, network_spec, plan_network
+    from medseg.training.loaders import make_train_loader
+    from medseg.common.params import load_params
+    from medseg.planning.plan import Plan, network_spec, plan_network
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = PRESETS[args.preset]

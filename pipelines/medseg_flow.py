@@ -14,8 +14,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from medseg.casemap import CaseMap, as_finished
-from medseg.params import DEFAULT_PARAMS_FILE, Params, load_params
+from medseg.common.case_map import CaseMap, as_finished
+from medseg.common.params import DEFAULT_PARAMS_FILE, Params, load_params
 
 __all__ = ["medseg_pipeline", "run", "task_runner", "prefect_case_map", "STAGE_TASKS"]
 
@@ -26,7 +26,7 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=[5, 30])
 
 @task(name="demo_data", cache_policy=NO_CACHE, **IO_RETRIES)
 def demo_data_task(params: Params) -> dict:
-    from medseg import demo_data
+    from medseg.demo import demo_data
 
     return demo_data.run(params)
 
@@ -38,7 +38,7 @@ def case_task(fn: Callable[..., Any], args: tuple) -> Any:
 
 
 def prefect_case_map(stage: str) -> CaseMap:
-    """A :mod:`medseg.casemap` case map that submits one ``<stage>-case`` task per case to the flow's task runner
+    """A :mod:`medseg.common.case_map` case map that submits one ``<stage>-case`` task per case to the flow's task runner
     (retried with backoff like the other I/O tasks); results are yielded as the tasks finish."""
 
     def case_map(fn: Callable[..., Any], calls: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
@@ -60,45 +60,45 @@ def ingest_stage(params: Params) -> dict:
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_task(params: Params) -> dict:
-    from medseg import plan
+    from medseg.planning import plan
 
     return plan.run(params)
 
 
 def preprocess_stage(params: Params) -> dict:
     """Preprocess with one task per case, on the flow's task runner."""
-    from medseg import preprocess
+    from medseg.preprocessing import preprocess
 
     return preprocess.run(params, case_map=prefect_case_map("preprocess"))
 
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(params: Params, resume: bool = True, inputs: str | None = None) -> dict:
-    from medseg import train
+    from medseg.training import train
 
     return train.run(params, resume=resume, inputs=inputs)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(params: Params) -> dict:
-    from medseg import evaluate
+    from medseg.evaluation import evaluate
 
     return evaluate.run(params)
 
 
 @task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
 def register_task(params: Params) -> dict:
-    from medseg import register
+    from medseg.registry import register
 
     return register.run(params)
 
 
 @task(name="unchanged", cache_policy=NO_CACHE, **IO_RETRIES)
 def unchanged_task(params: Params) -> tuple[str, str | None]:
-    """What a retraining would learn from now (data content, params, code: :func:`medseg.train.training_inputs`),
+    """What a retraining would learn from now (data content, params, code: :func:`medseg.training.train.training_inputs`),
     and the champion's version when it was trained on exactly that, else None."""
-    from medseg import register
-    from medseg.train import training_inputs
+    from medseg.registry import register
+    from medseg.training.train import training_inputs
 
     inputs, current = training_inputs(params), register.champion(params)
     if current is None or current.get(register.INPUTS_TAG) != inputs:
@@ -192,7 +192,7 @@ def run(params_file: str = DEFAULT_PARAMS_FILE, resume: bool = True, skip_unchan
 if __name__ == "__main__":  # pragma: no cover
     import sys
 
-    from medseg.allocator import keep_freed_memory
+    from medseg.common.malloc_tuning import keep_freed_memory
 
     keep_freed_memory()
     run(*sys.argv[1:2])

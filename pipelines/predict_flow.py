@@ -1,6 +1,6 @@
 """Prefect flow ``medseg-predict``: batch prediction over many studies, one task per study or NIfTI file.
 
-The input folder splits into units (:func:`medseg.predict.prediction_units`); each runs ``medseg predict``'s own
+The input folder splits into units (:func:`medseg.inference.predict.prediction_units`); each runs ``medseg predict``'s own
 code in a task with retries, on the task runner ``orchestration.task_runner`` names (threads here, or a Dask
 cluster), and writes into the same output folder: a NIfTI file keeps its stem, a study folder's outputs are named
 ``<study>_<series>``. The flow returns a summary of what succeeded and what failed, and why.
@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from medseg.params import DEFAULT_PARAMS_FILE, load_params
+from medseg.common.params import DEFAULT_PARAMS_FILE, load_params
 from medseg_pipelines.medseg_flow import IO_RETRIES, task_runner
 
 __all__ = ["medseg_predict", "predict_unit"]
@@ -22,7 +22,7 @@ __all__ = ["medseg_predict", "predict_unit"]
 
 @task(name="predict-case", cache_policy=NO_CACHE, **IO_RETRIES)
 def predict_unit(model: str, unit: str, out: str, device: str, mlflow_params: Any) -> dict:
-    from medseg import predict
+    from medseg.inference import predict
 
     prefix = None if Path(unit).is_file() else Path(unit).name
     return predict.run(model, Path(unit), Path(out), device=device, prefix=prefix, mlflow_params=mlflow_params)
@@ -31,7 +31,7 @@ def predict_unit(model: str, unit: str, out: str, device: str, mlflow_params: An
 @flow(name="medseg-predict", log_prints=True)
 def medseg_predict(model: str, input_path: str, out: str, params_file: str = DEFAULT_PARAMS_FILE) -> dict:
     """Segment every study under ``input_path`` into ``out``, one task per study."""
-    from medseg import predict
+    from medseg.inference import predict
 
     params = load_params(params_file)
     units = predict.prediction_units(Path(input_path))

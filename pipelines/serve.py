@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from medseg.params import DEFAULT_PARAMS_FILE
+from medseg.common.params import DEFAULT_PARAMS_FILE
 
 __all__ = ["DEPLOYMENT_NAME", "DEFAULT_CRON", "build_deployment", "serve"]
 
@@ -18,7 +18,7 @@ def build_deployment(params_file: str = DEFAULT_PARAMS_FILE, cron: str | None = 
     """The deployment object (not yet registered): flow, parameters and schedule."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-    from medseg.params import load_params
+    from medseg.common.params import load_params
     from medseg_pipelines.medseg_flow import medseg_pipeline, task_runner
 
     flow_ = medseg_pipeline.with_options(task_runner=task_runner(load_params(params_file)))
@@ -42,7 +42,7 @@ def serve(params_file: str = DEFAULT_PARAMS_FILE, cron: str | None = None) -> No
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from medseg.allocator import keep_freed_memory
+    from medseg.common.malloc_tuning import keep_freed_memory
 
     keep_freed_memory()
     serve()

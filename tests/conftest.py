@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medseg.params import Params, load_params, params_from_dict
+from medseg.common.params import Params, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -63,8 +63,8 @@ def write_tiny_volume(seed: int, shape=(40, 36, 5), spacing=(1.5, 1.5, 8.0)) -> 
 @pytest.fixture
 def tiny_ingested(tmp_path) -> Path:
     """An ingested folder (manifest.json + NIfTI) of 6 MR cases from 3 subjects, as ``medseg ingest`` writes it."""
-    from medseg.atomic import save_nifti
-    from medseg.manifest import CARDIAC_LABELS, Case, write_manifest
+    from medseg.common.atomic_write import save_nifti
+    from medseg.common.manifest import CARDIAC_LABELS, Case, write_manifest
 
     root = tmp_path / "ingested"
     affine = np.diag([1.5, 1.5, 8.0, 1.0])
@@ -99,7 +99,8 @@ def tiny_params(tmp_path: Path, **overrides) -> Params:
 
 def planned_and_preprocessed(params: Params) -> Params:
     """Run the plan and preprocess stages for ``params``; returns ``params``."""
-    from medseg import plan, preprocess
+    from medseg.planning import plan
+    from medseg.preprocessing import preprocess
 
     plan.run(params)
     preprocess.run(params)
@@ -134,7 +135,7 @@ def _isolated_mlflow(monkeypatch):
 @pytest.fixture
 def trained(tiny_ingested, params_for):
     """Params whose ingested data has been planned, preprocessed and trained on (2 epochs of a tiny 2D U-Net)."""
-    from medseg import train
+    from medseg.training import train
 
     params = planned_and_preprocessed(params_for(paths={"ingested": str(tiny_ingested)}))
     summary = train.run(params)

@@ -197,7 +197,7 @@ def test_yardstick_end_to_end_on_tiny_acdc(tmp_path):
 def test_yardstick_end_to_end_on_tiny_frames(tmp_path):
     """A folder of RGB frames (images/ + masks/): folds by video sequence, medseg's mask PNGs and the 2D peer's,
     scored against the original masks."""
-    from medseg.demo_polyp import write_polyp_dataset
+    from medseg.demo.polyp import write_polyp_dataset
 
     data = tmp_path / "frames"
     write_polyp_dataset(data, seed=3, frames=9)  # three sequences of three frames

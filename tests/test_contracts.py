@@ -8,7 +8,8 @@ import shlex
 import pytest
 import yaml
 
-from medseg.params import load_params
+from medseg.cli import STAGE_MODULES
+from medseg.common.params import load_params
 from tests.conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -38,7 +39,7 @@ def _normalise(value):
 
 def _stage_calls(stage: str, signature, monkeypatch, call) -> list:
     """The ``medseg.<stage>.run`` calls ``call()`` makes, with the stage function replaced by a recorder."""
-    module = importlib.import_module(f"medseg.{stage}")
+    module = importlib.import_module(STAGE_MODULES[stage])
     calls = []
 
     def recorder(*args, **kwargs):
@@ -66,7 +67,7 @@ def test_dvc_and_the_flow_call_the_same_stage_function_with_the_same_arguments(s
     assert stage in STAGE_TASKS, f"dvc stage {stage} has no Prefect task"
     runner = STAGE_TASKS[stage]  # a task, or a function that submits a task per case
     params = load_params(REPO / "params.yaml")
-    signature = inspect.signature(importlib.import_module(f"medseg.{stage}").run)
+    signature = inspect.signature(importlib.import_module(STAGE_MODULES[stage]).run)
     argv = shlex.split(resolve(STAGES[stage]["cmd"]))  # as DVC's shell splits it
     by_cli = _stage_calls(stage, signature, monkeypatch, lambda: main(argv[1:]))
     by_flow = _stage_calls(stage, signature, monkeypatch, lambda: getattr(runner, "fn", runner)(params))
@@ -114,8 +115,8 @@ def test_presets_validate_and_share_the_project_paths(preset):
 def test_gpu_presets_plan_a_network_that_runs(preset, spacing, shape, dims):
     import torch
 
-    from medseg.networks import build_network
-    from medseg.plan import make_plan
+    from medseg.networks.architectures import build_network
+    from medseg.planning.plan import make_plan
 
     params = load_params(REPO / "presets" / preset)
     cases = [{"case_id": f"c{i}", "modality": "MR", "spacing": list(spacing), "shape": list(shape),

@@ -1,4 +1,4 @@
-"""dvc.yaml's code deps are each stage module's real import closure within ``medseg`` (``medseg.codedeps``): an edit
+"""dvc.yaml's code deps are each stage module's real import closure within ``medseg`` (``medseg.common.code_deps``): an edit
 to any module a stage runs makes ``dvc repro`` rerun that stage, and no other edit does."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from medseg.codedeps import PACKAGE_ROOT, module_closure
+from medseg.cli import STAGE_MODULES
+from medseg.common.code_deps import PACKAGE_ROOT, module_closure
 from tests.conftest import REPO
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -27,7 +28,7 @@ def code_deps(stage: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_code_deps_are_its_modules_import_closure(stage):
-    closure = set(module_closure(f"medseg.{stage}"))
+    closure = set(module_closure(STAGE_MODULES[stage]))
     deps = code_deps(stage)
     missing, extra = sorted(closure - deps), sorted(deps - closure)
     assert not missing, f"dvc.yaml stage {stage} does not depend on {missing}, which its code imports"
@@ -35,18 +36,18 @@ def test_stage_code_deps_are_its_modules_import_closure(stage):
 
 
 def test_the_train_resume_digest_hashes_the_train_stages_code_deps_but_post_processing():
-    from medseg import train
-
-    from medseg.codedeps import module_closure
+    from medseg.training import train
 
     training, stage = set(train.training_code()), code_deps("train")
-    assert "medseg/postprocess.py" in stage - training  # the stage runs it (on the final validation), not training
-    assert training <= stage and stage - training <= set(module_closure("medseg.postprocess"))
-    assert "medseg/train.py" in training and "medseg/networks.py" in training
+    post = {f for m in train.POSTPROCESS_MODULES for f in module_closure(m)}
+    # the stage runs post-processing (on the final validation); it does not shape the weights
+    assert {"medseg/inference/postprocess.py", "medseg/evaluation/postprocessing.py"} <= stage - training
+    assert training <= stage and stage - training <= post
+    assert "medseg/training/train.py" in training and "medseg/networks/architectures.py" in training
 
 
 def test_the_closure_follows_function_level_relative_and_package_imports(tmp_path, monkeypatch):
-    from medseg import codedeps
+    from medseg.common import code_deps as codedeps
 
     package = tmp_path / "medseg"
     (package / "sub").mkdir(parents=True)

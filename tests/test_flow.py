@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import yaml
 
-from medseg.manifest import registered_model_name
+from medseg.common.manifest import registered_model_name
 from tests.conftest import PIPELINE
 
 pytestmark = PIPELINE
@@ -95,7 +95,11 @@ def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_ou
 
     from prefect import get_client
 
-    from medseg import ingest, plan, preprocess
+    from medseg import ingest
+
+    from medseg.planning import plan
+
+    from medseg.preprocessing import preprocess
     from medseg_pipelines import medseg_flow
 
     params = params_for(demo={"cardiac_patients": 3, "ct_patients": 0, "polyp_frames": 0},

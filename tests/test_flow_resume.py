@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from medseg.manifest import registered_model_name
-from medseg.model_folder import RUN_NAME
-from medseg.train import CHECKPOINT_NAME
+from medseg.common.manifest import registered_model_name
+from medseg.inference.model_folder import RUN_NAME
+from medseg.training.train import CHECKPOINT_NAME
 from tests.conftest import PIPELINE
 
 pytestmark = [pytest.mark.slow, PIPELINE]

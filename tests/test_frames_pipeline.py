@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from medseg import evaluate, ingest, plan, preprocess, train
-from medseg.model_folder import CONFIG_NAME
-from medseg.plan import read_plan
-from medseg.pretrained import weights_file
-from medseg.transforms import ZScored
+from medseg import ingest
+
+from medseg.evaluation import evaluate
+
+from medseg.planning import plan
+
+from medseg.preprocessing import preprocess
+
+from medseg.training import train
+from medseg.inference.model_folder import CONFIG_NAME
+from medseg.planning.plan import read_plan
+from medseg.networks.pretrained_weights import weights_file
+from medseg.preprocessing.transforms import ZScored
 from tests.conftest import PIPELINE
 from tests.ingest.test_ingest_images import frame, save
 
@@ -90,7 +98,7 @@ def test_predict_writes_a_mask_png_at_each_frames_size_and_an_overlay(frames, pa
 def _predicts_each_frame_at_its_size(tmp_path, inputs):
     from PIL import Image
 
-    from medseg import predict
+    from medseg.inference import predict
 
     for k, size in enumerate([(200, 150), (333, 211)]):
         pixels, _ = frame(10 + k, size=size)
@@ -114,7 +122,7 @@ def test_rgb_frames_train_from_imagenet_weights_and_predict_at_each_frames_size(
     and predictions at each frame's size."""
     import torch
 
-    from medseg.pretrained import weights_file as find
+    from medseg.networks.pretrained_weights import weights_file as find
 
     ingest.ingest_folder(frames, tmp_path / "source_ingested", group_pattern=r"^(\d+)_")
     params = params_for(paths={"ingested": str(tmp_path / "source_ingested")},

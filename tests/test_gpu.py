@@ -19,7 +19,7 @@ def tiny_batches(n=3, size=64):
 
 
 def test_auto_device_is_cuda():
-    from medseg.inference import select_device
+    from medseg.inference.sliding_window import select_device
 
     assert select_device("auto").type == "cuda"
 
@@ -29,9 +29,9 @@ def test_auto_device_is_cuda():
 def test_amp_training_steps_and_inference_on_cuda(name, amp_dtype):
     from monai.losses import DiceCELoss
 
-    from medseg.inference import build_inferer
-    from medseg.networks import build_network
-    from medseg.train import train_epoch, validate
+    from medseg.inference.sliding_window import build_inferer
+    from medseg.networks.architectures import build_network
+    from medseg.training.train import train_epoch, validate
 
     device = torch.device("cuda")
     model = {"name": name, "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0,

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.manifest import registered_model_name
+from medseg.common.manifest import registered_model_name
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,13 @@ def test_train_register_and_predict_through_a_tracking_server(mlflow_server, tin
                                                              monkeypatch):
     import mlflow
 
-    from medseg import evaluate, predict, register, train
+    from medseg.evaluation import evaluate
+
+    from medseg.inference import predict
+
+    from medseg.registry import register
+
+    from medseg.training import train
     from tests.conftest import planned_and_preprocessed, write_tiny_volume
 
     url, server_dir = mlflow_server

@@ -7,7 +7,19 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medseg import demo_data, evaluate, ingest, plan, preprocess, register, train
+from medseg import ingest
+
+from medseg.demo import demo_data
+
+from medseg.evaluation import evaluate
+
+from medseg.planning import plan
+
+from medseg.preprocessing import preprocess
+
+from medseg.registry import register
+
+from medseg.training import train
 
 pytestmark = pytest.mark.slow
 

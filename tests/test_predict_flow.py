@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import PIPELINE, write_tiny_volume
 from tests.ingest.conftest import axial_positions, write_series
-from tests.test_inference import write_folds
+from tests.inference.test_sliding_window import write_folds
 
 pytestmark = [pytest.mark.slow, PIPELINE]
 
@@ -35,7 +35,7 @@ def _hashes(folder):
 
 
 def test_batch_flow_on_threads_and_on_dask_matches_predict(prefect_harness, params_for, tmp_path):
-    from medseg import predict
+    from medseg.inference import predict
     from medseg_pipelines import predict_flow
 
     model = write_folds(tmp_path / "model", folds=(0,))

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from medseg import evaluate, ingest, plan, preprocess, train
+from medseg import ingest
+
+from medseg.evaluation import evaluate
+
+from medseg.planning import plan
+
+from medseg.preprocessing import preprocess
+
+from medseg.training import train
 from tests.conftest import SHARED_DATA
 
 ACDC = SHARED_DATA / "acdc"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medseg.manifest import registered_model_name
+from medseg.common.manifest import registered_model_name
 from tests.conftest import PIPELINE
 
 pytestmark = [pytest.mark.slow, PIPELINE]

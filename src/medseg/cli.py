@@ -13,17 +13,36 @@ import warnings
 import sys
 from pathlib import Path
 
-from medseg.params import DEFAULT_PARAMS_FILE
+from medseg.common.params import DEFAULT_PARAMS_FILE
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "STAGE_MODULES"]
+
+#: Each dvc.yaml stage's module (its ``run(params)``), in lifecycle order: the command, the flow and dvc.yaml's code
+#: deps (tests/test_dvc_deps.py) all follow this table.
+STAGE_MODULES = {
+    "demo_data": "medseg.demo.demo_data",
+    "ingest": "medseg.ingest",
+    "plan": "medseg.planning.plan",
+    "preprocess": "medseg.preprocessing.preprocess",
+    "train": "medseg.training.train",
+    "evaluate": "medseg.evaluation.evaluate",
+    "register": "medseg.registry.register",
+}
 
 log = logging.getLogger("medseg")
 
 
 def _params(args: argparse.Namespace):
-    from medseg.params import load_params
+    from medseg.common.params import load_params
 
     return load_params(args.params)
+
+
+def _stage(name: str):
+    """The stage module of ``name`` (imported only now: ``medseg --help`` never pays for torch and MONAI)."""
+    import importlib
+
+    return importlib.import_module(STAGE_MODULES[name])
 
 
 def _given(**options):
@@ -34,7 +53,7 @@ def _given(**options):
 def _cmd_demo_data(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from medseg import demo_data
+    demo_data = _stage("demo_data")
 
     params = _params(args)
     demo = dataclasses.replace(params.demo, **_given(seed=args.seed, cardiac_patients=args.cardiac_patients,
@@ -46,7 +65,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> dict:
 def _cmd_ingest(args: argparse.Namespace) -> dict:
     import dataclasses
 
-    from medseg import ingest
+    ingest = _stage("ingest")
 
     id_map = Path(args.write_id_map) if args.write_id_map else None
     if not Path(args.params).is_file() and args.source and args.out:  # a folder converted outside any project
@@ -62,13 +81,13 @@ def _cmd_ingest(args: argparse.Namespace) -> dict:
 
 
 def _cmd_plan(args: argparse.Namespace) -> dict:
-    from medseg import plan
+    plan = _stage("plan")
 
     return plan.run(_params(args))
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> dict:
-    from medseg import preprocess
+    preprocess = _stage("preprocess")
 
     return preprocess.run(_params(args))
 
@@ -76,9 +95,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> dict:
 def _cmd_train(args: argparse.Namespace) -> dict:
     import os
 
-    from medseg import train
+    train = _stage("train")
 
-    from medseg.tracking import dvc_record
+    from medseg.common.tracking import dvc_record
 
     params = _params(args)
     recorded = dvc_record(params.paths.preprocessed, Path(args.params).parent / "dvc.lock")  # set by dvc repro
@@ -87,25 +106,25 @@ def _cmd_train(args: argparse.Namespace) -> dict:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict:
-    from medseg import evaluate
+    evaluate = _stage("evaluate")
 
     return evaluate.run(_params(args))
 
 
 def _cmd_register(args: argparse.Namespace) -> dict:
-    from medseg import register
+    register = _stage("register")
 
     return register.run(_params(args))
 
 
 def _cmd_promote(args: argparse.Namespace) -> dict:
-    from medseg import register
+    register = _stage("register")
 
     return register.promote(_params(args), args.version, args.reason)
 
 
 def _cmd_predict(args: argparse.Namespace) -> dict:
-    from medseg import predict
+    from medseg.inference import predict
 
     # The project's registry, for models:/ URIs: its params.yaml when there is one (else MLflow's environment).
     mlflow_params = _params(args).mlflow if Path(args.params).is_file() else None
@@ -217,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``medseg`` command; ``argv`` None reads the command line (a process of medseg's own: its allocator keeps
-    freed memory, :mod:`medseg.allocator`)."""
+    freed memory, :mod:`medseg.common.malloc_tuning`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None:
-        from medseg.allocator import keep_freed_memory
+        from medseg.common.malloc_tuning import keep_freed_memory
 
         keep_freed_memory()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -230,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     # per case in ingest and preprocess that bury the one line a bad case gets. pydicom's own decoders are used.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
-    from medseg.errors import MedsegError
-    from medseg.params import ParamsError
+    from medseg.common.errors import MedsegError
+    from medseg.common.params import ParamsError
 
     try:
         summary = args.func(args)

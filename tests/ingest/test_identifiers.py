@@ -10,7 +10,7 @@ from conftest import all_written, axial_positions, read_json, write_series
 
 import medseg.ingest as ingest
 from medseg.cli import main
-from medseg.pseudonym import SECRET_ENV, SECRET_FILE
+from medseg.common.pseudonym import SECRET_ENV, SECRET_FILE
 
 FOLDER = "DOE_JOHN_MRN12345"
 FILE = "SMITH_JANE_19370214"
@@ -56,7 +56,7 @@ def test_pseudonyms_are_the_projects_wherever_ingest_is_started(tmp_path, monkey
 
 
 def test_source_path_is_not_an_mlflow_parameter(tmp_path):
-    from medseg.tracking import flatten_params
+    from medseg.common.tracking import flatten_params
     from tests.conftest import tiny_params
 
     params = tiny_params(tmp_path, data={"source": str(tmp_path / FOLDER)})

@@ -16,9 +16,9 @@ import pytest
 from conftest import axial_positions, write_series
 
 import medseg.ingest as ingest
-from medseg.atomic import TMP_MARKER
+from medseg.common.atomic_write import TMP_MARKER
 from medseg.cli import main
-from medseg.errors import IngestError
+from medseg.common.errors import IngestError
 from medseg.ingest.cache import CACHE_NAME, load_cache
 
 
@@ -135,7 +135,7 @@ def test_progress_survives_a_kill(tmp_path, sig):
 def test_a_full_disk_is_one_line_and_the_finished_cases_are_kept(tmp_path, monkeypatch, capsys):
     import errno
 
-    import medseg.pgzip as pgzip
+    import medseg.common.fast_gzip as pgzip
 
     src, out = tmp_path / "src", tmp_path / "out"
     for k in range(3):

@@ -8,7 +8,7 @@ import pytest
 from conftest import axial_positions, read_json, read_report, slice_value, write_nifti, write_series
 
 from medseg.ingest import ingest_folder
-from medseg.manifest import read_manifest
+from medseg.common.manifest import read_manifest
 
 
 def _only_case(out):

@@ -13,10 +13,10 @@ import yaml
 from PIL import Image
 
 from medseg import ingest
-from medseg.errors import IngestError, StageInputError
+from medseg.common.errors import IngestError, StageInputError
 from medseg.ingest.images import FRAME_WIDTH, SLICE_THICKNESS, image_to_volume, volume_to_image
-from medseg.manifest import read_manifest
-from medseg.preprocess import make_splits
+from medseg.common.manifest import read_manifest
+from medseg.preprocessing.preprocess import make_splits
 from tests.ingest.conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +188,7 @@ def test_a_bad_group_pattern_is_one_clear_error(tmp_path):
 
 
 def test_plan_refuses_a_mix_of_rgb_and_gray_frames_in_one_line(tmp_path, params_for):
-    from medseg import plan
+    from medseg.planning import plan
 
     src = tmp_path / "src"
     for k, rgb in enumerate((True, False)):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_acdc_patient, read_json, read_report, write_nifti
 
-from medseg.errors import IngestError
+from medseg.common.errors import IngestError
 from medseg.ingest import ingest_folder
-from medseg.manifest import CARDIAC_LABELS, read_manifest
+from medseg.common.manifest import CARDIAC_LABELS, read_manifest
 
 
 def test_acdc_two_cases_per_patient(tmp_path):
@@ -133,7 +133,7 @@ def test_msd_bad_cases_named_with_their_reason_and_the_others_kept(tmp_path):
 
 
 def test_dataset_names_come_from_the_data_never_from_file_names(tmp_path):
-    from medseg.manifest import dataset_slug
+    from medseg.common.manifest import dataset_slug
 
     assert dataset_slug("Task04 Hippocampus!") == "task04-hippocampus" and dataset_slug("***") is None
     src = tmp_path / "Patient_Smith_John"  # a folder name must not become the model's name

@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, read_json, read_report
 
 from medseg.ingest import ingest_folder
 from medseg.ingest.dicom import decoder_problem
-from medseg.manifest import CARDIAC_LABELS, read_manifest
+from medseg.common.manifest import CARDIAC_LABELS, read_manifest
 
 pytestmark = [pytest.mark.realdata,
               pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")]

@@ -11,9 +11,9 @@ import pytest
 from conftest import axial_positions, make_acdc_patient, read_json, write_series
 
 from medseg.cli import main
-from medseg.errors import IngestError
+from medseg.common.errors import IngestError
 from medseg.ingest import ingest_folder
-from medseg.manifest import read_manifest
+from medseg.common.manifest import read_manifest
 
 
 def test_missing_source(tmp_path):

@@ -13,10 +13,10 @@ import pytest
 from conftest import all_written, axial_positions, read_json, write_series
 
 import medseg.ingest as ingest
-import medseg.pgzip as pgzip
+import medseg.common.fast_gzip as pgzip
 from medseg.cli import main
 from medseg.ingest.cache import CACHE_NAME
-from medseg.manifest import MANIFEST_NAME
+from medseg.common.manifest import MANIFEST_NAME
 
 PHI = {
     "PatientName": "Zyxwoth^Quimbleby",
@@ -183,7 +183,7 @@ def test_no_phi_in_outputs_or_log_and_private_id_map(tmp_path, caplog, capsys):
 
 
 def test_id_map_inside_the_output_folder_is_refused(tmp_path):
-    from medseg.errors import IngestError
+    from medseg.common.errors import IngestError
 
     src, out = _tree(tmp_path / "src", n=1), tmp_path / "out"
     with pytest.raises(IngestError, match="outside"):
@@ -215,7 +215,7 @@ def test_parallel_gzip_is_one_standard_gzip_member(tmp_path, monkeypatch, thread
         assert gzip.decompress(raw) == data
         assert zlib.decompressobj(31).decompress(raw) == data  # one member: zlib alone reads it to the end
     image = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
-    from medseg.atomic import save_nifti
+    from medseg.common.atomic_write import save_nifti
 
     saved = nibabel.load(save_nifti(tmp_path / "x.nii.gz", image, np.eye(4)))
     assert np.array_equal(np.asarray(saved.dataobj), image) and saved.get_data_dtype() == np.int16

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from medseg.atomic import TMP_MARKER
+from medseg.common.atomic_write import TMP_MARKER
 from tests.conftest import REPO, write_tiny_volume
 from tests.ingest.conftest import axial_positions, make_acdc_patient, write_series
-from tests.test_inference import write_folds
+from tests.inference.test_sliding_window import write_folds
 
 
 @dataclass(frozen=True)

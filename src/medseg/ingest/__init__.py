@@ -5,7 +5,7 @@ Every case is checked (3D, finite, label on the image's grid, label values in th
 listed in the report with its reason and the rest are still ingested. Geometry is kept as in the source (no
 reorientation); ``case_id`` and ``subject`` are keyed pseudonyms, and no patient identifier reaches the outputs or the
 log (the optional ``id_map`` file, written outside the output folder, is the only link back). Cases are ingested in
-parallel threads (under the Prefect flow: one task each, see :mod:`medseg.casemap`); a re-run skips the cases whose sources and outputs are unchanged (see :mod:`.cache`). This package
+parallel threads (under the Prefect flow: one task each, see :mod:`medseg.common.case_map`); a re-run skips the cases whose sources and outputs are unchanged (see :mod:`.cache`). This package
 imports neither torch nor MONAI.
 """
 
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medseg.atomic import remove_temporaries, save_nifti, write_json
-from medseg.casemap import CaseMap, threads
-from medseg.errors import IngestError
+from medseg.common.atomic_write import remove_temporaries, save_nifti, write_json
+from medseg.common.case_map import CaseMap, threads
+from medseg.common.errors import IngestError
 from medseg.ingest.acdc import scan_acdc
 from medseg.ingest.cache import SourceIndex, code_version, is_fresh, load_cache, output_stats, save_cache
 from medseg.ingest.checks import check_label, checked_image, guess_modality, spacing_of
@@ -38,11 +38,11 @@ from medseg.ingest.layouts import LAYOUT_HELP, LAYOUTS, detect_layout, layout_he
 from medseg.ingest.msd import scan_msd
 from medseg.ingest.nifti import scan_nifti
 from medseg.ingest.privacy import Scrubber, input_key
-from medseg.manifest import REPORT_NAME, Case, write_manifest
-from medseg.pseudonym import project_key, write_id_map
+from medseg.common.manifest import REPORT_NAME, Case, write_manifest
+from medseg.common.pseudonym import project_key, write_id_map
 
 if TYPE_CHECKING:
-    from medseg.params import Params
+    from medseg.common.params import Params
 
 __all__ = ["run", "ingest_folder", "detect_layout", "LAYOUTS", "READERS"]
 
@@ -132,7 +132,7 @@ def _identifiers(item: Item) -> dict[str, str]:
 def _run_cases(groups: dict[str, list[Item]], keys: dict[str, str], out_dir: Path, allowed: set[int] | None,
                scrub: Scrubber, case_map: CaseMap, desc: str
                ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], int]:
-    """Ingest the cases whose cache entry is stale, one ``case_map`` call each (:mod:`medseg.casemap`).
+    """Ingest the cases whose cache entry is stale, one ``case_map`` call each (:mod:`medseg.common.case_map`).
 
     Returns:
         The cache entries of this run's cases (by case_id), every entry recorded so far (the previous run's too:
@@ -230,7 +230,7 @@ def ingest_folder(source: Path, out_dir: Path, layout: str = "auto", id_map: Pat
         workers: cases ingested at once in threads (default: the number of CPUs), unless ``case_map`` is given.
         spacing_tolerance: relative deviation of a DICOM series' slice steps from their median beyond which the
             series is refused as non-uniform (``data.slice_spacing_tolerance`` in params.yaml).
-        case_map: how the cases run (:mod:`medseg.casemap`); the Prefect flow's runs one task per case.
+        case_map: how the cases run (:mod:`medseg.common.case_map`); the Prefect flow's runs one task per case.
         group_pattern: 2D images: the regular expression whose first group, matched at the start of a file stem,
             names the frame's video sequence or patient (``data.group_pattern``); None: each frame its own group
             unless ``SOURCE/groups.csv`` says otherwise (:mod:`.images`).
@@ -332,9 +332,9 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
 
 
 def _dataset_name(scan, cases: dict) -> str:
-    """What the data is, for the registered model's name (``medseg.manifest``): the layout's own name for it, else
+    """What the data is, for the registered model's name (``medseg.common.manifest``): the layout's own name for it, else
     ``frames`` (2D images) or the modality (``ct``, ``mr``, ``mr-ct``); never a file or folder name of the source."""
-    from medseg.manifest import FRAME_MODALITIES, dataset_slug
+    from medseg.common.manifest import FRAME_MODALITIES, dataset_slug
 
     named = dataset_slug(scan.name) if scan.name else None
     if named:

@@ -1,7 +1,7 @@
 """The ACDC cardiac cine-MRI layout: ``patientNNN/Info.cfg`` + ``patientNNN_frameYY.nii.gz`` (+ ``_gt``).
 
 Two cases per patient, the ED and ES frames named in ``Info.cfg``; ``_4d.nii.gz`` cine files are not read.
-Labels: 0 background, 1 RV cavity, 2 myocardium, 3 LV cavity (:data:`medseg.manifest.CARDIAC_LABELS`).
+Labels: 0 background, 1 RV cavity, 2 myocardium, 3 LV cavity (:data:`medseg.common.manifest.CARDIAC_LABELS`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from medseg.ingest.common import Item, Scan, iter_files, named, rel
 from medseg.ingest.nifti import pair_loader
-from medseg.manifest import CARDIAC_LABELS
-from medseg.pseudonym import pseudonym
+from medseg.common.manifest import CARDIAC_LABELS
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["PATIENT_RE", "find_patients", "read_info_cfg", "scan_acdc"]
 

@@ -20,9 +20,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medseg.atomic import read_json, write_json
+from medseg.common.atomic_write import read_json, write_json
 from medseg.ingest.common import iter_files, rel
-from medseg.manifest import CACHE_NAME
+from medseg.common.manifest import CACHE_NAME
 
 __all__ = ["CACHE_NAME", "CACHE_VERSION", "code_version", "SourceIndex", "load_cache", "save_cache", "is_fresh",
            "output_stats"]
@@ -33,8 +33,8 @@ CACHE_VERSION = 1
 
 
 def code_version(settings: str = "") -> str:
-    """Hash of the ingest code (this package and :mod:`medseg.atomic`) and ``settings``: a code change redoes all."""
-    import medseg.atomic as atomic
+    """Hash of the ingest code (this package and :mod:`medseg.common.atomic_write`) and ``settings``: a code change redoes all."""
+    import medseg.common.atomic_write as atomic
 
     h = hashlib.sha256(f"v{CACHE_VERSION}\x1f{settings}".encode())
     files = sorted(Path(__file__).parent.glob("*.py")) + [Path(atomic.__file__)]

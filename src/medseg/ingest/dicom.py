@@ -27,7 +27,7 @@ from medseg.ingest.dicom_headers import Header, group_series, non_image_reason, 
 from medseg.ingest.dicom_multiframe import frame_headers, is_enhanced
 from medseg.ingest.dicom_pixels import decoder_problem, read_series
 from medseg.ingest.nifti import load_nifti
-from medseg.pseudonym import pseudonym
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["scan_dicom", "read_series", "decoder_problem"]
 

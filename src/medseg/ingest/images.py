@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, named, read_label_json, rel
-from medseg.manifest import FRAME_MODALITIES
-from medseg.pseudonym import pseudonym
+from medseg.common.manifest import FRAME_MODALITIES
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["mask_for", "mask_values", "IMAGE_SUFFIXES", "SLICE_THICKNESS", "FRAME_WIDTH", "MASK_THRESHOLD", "frame_affine", "read_frame",
            "mask_pixels", "overlay_pixels", "save_png", "is_image", "GROUPS_CSV", "find_image_pairs", "scan_images",
@@ -252,7 +252,7 @@ def save_png(path: Path, pixels: np.ndarray, compress_level: int = 6) -> Path:
     ``compress_level`` 1 writes an RGB frame about 4x faster than PIL's default 6, 25% larger (for overlays)."""
     from PIL import Image
 
-    from medseg.atomic import atomic_path
+    from medseg.common.atomic_write import atomic_path
 
     with atomic_path(path) as tmp:
         Image.fromarray(pixels).save(tmp, format="PNG", compress_level=compress_level)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medseg.errors import IngestError
+from medseg.common.errors import IngestError
 from medseg.ingest.acdc import find_patients
 from medseg.ingest.common import CaseRejected, iter_files
 from medseg.ingest.dicom_headers import looks_like_dicom, read_header

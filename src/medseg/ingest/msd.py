@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medseg.errors import IngestError
+from medseg.common.errors import IngestError
 from medseg.ingest.common import Item, Scan, label_names_from_json, modality_name, rel
 from medseg.ingest.nifti import nifti_stem, pair_loader
-from medseg.pseudonym import pseudonym
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["find_msd_root", "scan_msd"]
 

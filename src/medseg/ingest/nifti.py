@@ -18,7 +18,7 @@ import numpy as np
 
 from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, label_names_from_json, modality_name, named, \
     read_label_json, rel
-from medseg.pseudonym import pseudonym
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["NIFTI_SUFFIXES", "is_nifti", "nifti_stem", "load_nifti", "pair_loader", "list_nifti_images",
            "scan_nifti"]
@@ -75,7 +75,7 @@ def _read_data(img, path: Path) -> np.ndarray:
     ISA-L when it is installed (0.6 s instead of Python's gzip 1.4 s for a 512x512x300 int16 CT)."""
     import nibabel as nib
 
-    from medseg.pgzip import open_fast
+    from medseg.common.fast_gzip import open_fast
 
     stream = open_fast(path) if path.name.lower().endswith(".gz") else None
     if stream is None:

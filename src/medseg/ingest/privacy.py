@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from medseg.pseudonym import pseudonym
+from medseg.common.pseudonym import pseudonym
 
 __all__ = ["input_key", "Scrubber"]
 
