@@ -2,7 +2,7 @@
 
 Run by hand: ``python benchmarks/train.py [--device cpu|cuda] [--preset small|default] [--epochs 2]``.
 
-Both loops run ``medseg.training.train.train_epoch`` (the optimiser step ``medseg train`` takes) on the same synthetic
+Both loops run ``medseg.training.loop.train_epoch`` (the optimiser step ``medseg train`` takes) on the same synthetic
 preprocessed volumes with the same augmentation; only the data path differs:
 
 - medseg: ``medseg.training.loaders.make_train_loader`` (cached deterministic prefix with class positions, class-balanced crops,
@@ -86,7 +86,7 @@ class Loop:
 
     def __init__(self, name: str, loader, spec: dict, train, device: torch.device) -> None:
         from medseg.networks.architectures import build_loss, build_network
-        from medseg.training.train import amp_settings
+        from medseg.training.loop import amp_settings
 
         torch.manual_seed(0)
         self.name, self.loader, self.device = name, loader, device
@@ -99,7 +99,7 @@ class Loop:
         self.steps = self.seconds = self.wait = 0.0
 
     def epoch(self, timed: bool = True) -> None:
-        from medseg.training.train import train_epoch
+        from medseg.training.loop import train_epoch
 
         stats = train_epoch(self.net, self.loader, self.optimizer, self.scaler, self.loss_fn, self.device,
                             self.amp_dtype)

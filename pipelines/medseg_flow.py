@@ -95,10 +95,10 @@ def register_task(params: Params) -> dict:
 
 @task(name="unchanged", cache_policy=NO_CACHE, **IO_RETRIES)
 def unchanged_task(params: Params) -> tuple[str, str | None]:
-    """What a retraining would learn from now (data content, params, code: :func:`medseg.training.train.training_inputs`),
+    """What a retraining would learn from now (data content, params, code: :func:`medseg.training.resume.training_inputs`),
     and the champion's version when it was trained on exactly that, else None."""
     from medseg.registry import register
-    from medseg.training.train import training_inputs
+    from medseg.training.resume import training_inputs
 
     inputs, current = training_inputs(params), register.champion(params)
     if current is None or current.get(register.INPUTS_TAG) != inputs:

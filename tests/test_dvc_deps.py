@@ -36,10 +36,10 @@ def test_stage_code_deps_are_its_modules_import_closure(stage):
 
 
 def test_the_train_resume_digest_hashes_the_train_stages_code_deps_but_post_processing():
-    from medseg.training import train
+    from medseg.training import resume
 
-    training, stage = set(train.training_code()), code_deps("train")
-    post = {f for m in train.POSTPROCESS_MODULES for f in module_closure(m)}
+    training, stage = set(resume.training_code()), code_deps("train")
+    post = {f for m in resume.POSTPROCESS_MODULES for f in module_closure(m)}
     # the stage runs post-processing (on the final validation); it does not shape the weights
     assert {"medseg/inference/postprocess.py", "medseg/evaluation/postprocessing.py"} <= stage - training
     assert training <= stage and stage - training <= post

@@ -18,7 +18,7 @@ import yaml
 
 from medseg.common.manifest import registered_model_name
 from medseg.inference.model_folder import RUN_NAME
-from medseg.training.train import CHECKPOINT_NAME
+from medseg.training.resume import CHECKPOINT_NAME
 from tests.conftest import PIPELINE
 
 pytestmark = [pytest.mark.slow, PIPELINE]

@@ -31,7 +31,8 @@ def test_amp_training_steps_and_inference_on_cuda(name, amp_dtype):
 
     from medseg.inference.sliding_window import build_inferer
     from medseg.networks.architectures import build_network
-    from medseg.training.train import train_epoch, validate
+    from medseg.evaluation.postprocessing import class_means
+    from medseg.training.loop import train_epoch, validate_cases
 
     device = torch.device("cuda")
     model = {"name": name, "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0,
@@ -45,5 +46,5 @@ def test_amp_training_steps_and_inference_on_cuda(name, amp_dtype):
     assert stats["steps"] == 3 and math.isfinite(stats["loss"])
     assert scaler.is_enabled() == fp16
     volume = [{"image": torch.randn(1, 1, 80, 72, 5), "label": torch.randint(0, 3, (1, 1, 80, 72, 5))}]
-    dice = validate(net, volume, build_inferer([64, 64, 1], 2, 0.5, 4), 3, device)
+    dice = class_means(validate_cases(net, volume, build_inferer([64, 64, 1], 2, 0.5, 4), 3, device)[0])
     assert dice.shape == (2,)

@@ -49,7 +49,7 @@ def test_monai_compute_dice_without_ignore_empty_is_the_same_rule():
 def test_trainings_validation_scores_with_the_same_dice():
     import torch
 
-    from medseg.training.train import validate_cases
+    from medseg.training.loop import validate_cases
 
     pred, truth = _maps()
     logits = torch.from_numpy(np.eye(5, dtype=np.float32)[pred]).permute(3, 0, 1, 2)[None]  # argmax == pred

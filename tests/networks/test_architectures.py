@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.networks.architectures import NETWORKS, build_loss, build_network, load_network, primary_logits, required_divisor
+from medseg.networks.architectures import NETWORKS, build_loss, build_network, load_network, required_divisor
 
 SIZES = {2: (48, 64), 3: (32, 32, 16)}
 
@@ -187,13 +187,6 @@ def test_deep_supervision_loss_under_autocast_on_cuda(name, amp_dtype):
     loss.backward()
     heads = net.heads if name == "attention_unet" else net.deep_supervision_heads
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in heads.parameters())
-
-def test_primary_logits():
-    full = torch.randn(2, 3, 8, 8)
-    assert primary_logits(full, 2) is full
-    assert torch.equal(primary_logits([full, full[..., ::2, ::2]], 2), full)
-    assert torch.equal(primary_logits(torch.stack([full, full + 1], dim=1), 2), full)
-
 
 @pytest.mark.parametrize(("spec", "divisor"), [
     (make_spec("unet", 3, levels=4), (8, 8, 8)),

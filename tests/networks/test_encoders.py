@@ -13,7 +13,7 @@ from medseg.common.errors import StageInputError
 from medseg.common.network_spec import encoder_channels, validate_spec
 from medseg.networks.architectures import build_loss, build_network, load_network
 from medseg.networks.pretrained_weights import file_sha256, weights_file
-from medseg.training.train import group_lr
+from medseg.training.loop import group_lr
 
 ENCODER = "efficientnet-lite0"
 WEIGHTS = weights_file(ENCODER)

@@ -16,7 +16,8 @@ import torch
 import yaml
 
 from medseg.training.distributed import DistContext, all_gather, broadcast, mean_over_ranks, weights_digest
-from medseg.training.train import CHECKPOINT_NAME, CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from medseg.inference.model_folder import CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
+from medseg.training.resume import CHECKPOINT_NAME
 from tests.conftest import planned_and_preprocessed
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from medseg.training import train
+from medseg.training import loaders, loop, resume, train
 from medseg.inference.model_folder import CONFIG_NAME, HISTORY_NAME, MODEL_NAME, RUN_NAME
 from medseg.evaluation.postprocessing import decide_postprocessing
-from medseg.training.train import CHECKPOINT_NAME
+from medseg.training.resume import CHECKPOINT_NAME
 from tests.conftest import planned_and_preprocessed
 
 
@@ -107,7 +107,7 @@ def test_fold_all_trains_each_fold_into_its_own_run_with_sgd(tiny_ingested, para
         assert config["fold"] == k
         group = checkpoint(params, k)["optimizer"]["param_groups"][0]
         assert group["nesterov"] is True and group["momentum"] == 0.99
-    held_out = [c["case_id"] for k in range(folds) for c in train.data_lists(params, k)[1]]
+    held_out = [c["case_id"] for k in range(folds) for c in loaders.data_lists(params, k)[1]]
     assert len(held_out) == len(set(held_out)) == 6  # every case validated exactly once across the folds
 
 
@@ -188,7 +188,7 @@ def test_a_post_processing_edit_revalidates_a_finished_fold_and_a_training_edit_
     first = train.run(params)["folds"][0]
     weights = (Path(params.paths.model) / "fold_0" / MODEL_NAME).read_bytes()
 
-    monkeypatch.setattr(train, "postprocess_code", lambda: "edited post-processing")
+    monkeypatch.setattr(resume, "postprocess_code", lambda: "edited post-processing")
     caplog.clear()
     again = train.run(params, resume=True)["folds"][0]
     assert again["run_id"] == first["run_id"] and again["epochs"] == 2
@@ -196,7 +196,7 @@ def test_a_post_processing_edit_revalidates_a_finished_fold_and_a_training_edit_
     assert (Path(params.paths.model) / "fold_0" / MODEL_NAME).read_bytes() == weights  # not retrained
     assert checkpoint(params)["state"]["final_val"]["postprocess_code"] == "edited post-processing"
 
-    monkeypatch.setattr(train, "training_code", lambda: ["medseg/registry/register.py"])  # other code shaping the weights
+    monkeypatch.setattr(resume, "training_code", lambda: ["medseg/registry/register.py"])  # other code shaping the weights
     caplog.clear()
     retrained = train.run(params, resume=True)["folds"][0]
     assert "starting afresh" in caplog.text and retrained["run_id"] != first["run_id"]
@@ -238,7 +238,7 @@ def test_data_wait_fraction_measures_time_blocked_on_the_loader():
 
     optimizer = torch.optim.AdamW(net.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stats = train.train_epoch(net, slow_loader(), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
+    stats = loop.train_epoch(net, slow_loader(), optimizer, scaler, DiceCELoss(to_onehot_y=True, softmax=True),
                               torch.device("cpu"))
     assert stats["steps"] == 3 and stats["loss"] > 0
     assert 0.5 < stats["data_wait_fraction"] < 1
@@ -246,12 +246,12 @@ def test_data_wait_fraction_measures_time_blocked_on_the_loader():
 
 def test_train_amp_is_for_cuda_and_train_cpu_amp_for_the_cpu(monkeypatch):
     cpu = torch.device("cpu")
-    assert train.amp_settings("fp16", cpu) == (None, False) and train.amp_settings("bf16", cpu, "off") == (None, False)
-    assert train.amp_settings("off", cpu, "bf16") == (torch.bfloat16, False)  # no loss scaling for bf16
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.amp_settings("fp16", cpu, "auto") == (None, False)  # emulated bf16 would be slower
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.amp_settings("fp16", cpu, "auto") == (torch.bfloat16, False)
+    assert loop.amp_settings("fp16", cpu) == (None, False) and loop.amp_settings("bf16", cpu, "off") == (None, False)
+    assert loop.amp_settings("off", cpu, "bf16") == (torch.bfloat16, False)  # no loss scaling for bf16
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert loop.amp_settings("fp16", cpu, "auto") == (None, False)  # emulated bf16 would be slower
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert loop.amp_settings("fp16", cpu, "auto") == (torch.bfloat16, False)
 
 
 def test_a_bf16_training_step_on_the_cpu_learns():
@@ -265,9 +265,9 @@ def test_a_bf16_training_step_on_the_cpu_learns():
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    first = train.train_epoch(net, batches[:1], optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
+    first = loop.train_epoch(net, batches[:1], optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
     for _ in range(5):
-        last = train.train_epoch(net, batches, optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
+        last = loop.train_epoch(net, batches, optimizer, scaler, loss_fn, torch.device("cpu"), torch.bfloat16)
     assert last["loss"] < 0.8 * first["loss"] and next(net.parameters()).dtype == torch.float32
 
 
@@ -278,7 +278,7 @@ def test_mixed_precision_epoch_on_cuda(amp, dtype, scaled):
     from medseg.networks.architectures import build_loss, build_network
 
     device = torch.device("cuda")
-    assert train.amp_settings(amp, device) == (dtype, scaled)
+    assert loop.amp_settings(amp, device) == (dtype, scaled)
     spec = {"name": "unet", "spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2], "kernel_sizes": None,
             "num_res_units": 0, "norm": "instance", "dropout": 0.0, "deep_supervision": False}
     net = build_network(spec, 1, 3).to(device)
@@ -286,7 +286,7 @@ def test_mixed_precision_epoch_on_cuda(amp, dtype, scaled):
     scaler = torch.amp.GradScaler("cuda", enabled=scaled)
     image = torch.randn(4, 1, 64, 64)
     batches = [{"image": image, "label": (image > 0).long() + (image > 1).long()}] * 3
-    stats = train.train_epoch(net, batches, optimizer, scaler, build_loss(spec), device, dtype)
+    stats = loop.train_epoch(net, batches, optimizer, scaler, build_loss(spec), device, dtype)
     assert stats["steps"] == 3 and torch.isfinite(torch.tensor(stats["loss"]))
     assert all(p.dtype == torch.float32 for p in net.parameters())
 
@@ -309,7 +309,7 @@ def test_final_model_trains_on_every_case_after_the_folds_and_serves(tiny_ingest
     assert [f["fold"] for f in summary["folds"]] == [0, "all"]
     final = summary["folds"][1]
     assert final["final_val_dice"] is None and final["epochs"] == 1  # nothing held out to validate on
-    train_files, val_files, _ = train.data_lists(params, "all")
+    train_files, val_files, _ = loaders.data_lists(params, "all")
     assert len(train_files) == 6 and val_files == []
     config = json.loads((Path(params.paths.model) / "fold_all" / CONFIG_NAME).read_text())
     assert config["fold"] == "all" and config["largest_component"] == [1, 2, 3]
@@ -343,17 +343,17 @@ def test_time_budget_stops_training_and_decays_the_rate_with_the_clock(tiny_inge
     (1.0, 1, 0.0, 200),     # capped by max_epochs
 ])
 def test_fit_epochs(elapsed, done, val_s, expected):
-    assert train.fit_epochs(600.0, elapsed, done, 200, val_s, val_interval=10) == expected
+    assert loop.fit_epochs(600.0, elapsed, done, 200, val_s, val_interval=10) == expected
 
 
 def test_poly_lr_is_nnunets_schedule_over_epochs_or_over_the_budget():
-    assert train.poly_lr(0.01, train.training_progress(0, 100)) == 0.01
-    assert train.poly_lr(0.01, train.training_progress(50, 100)) == pytest.approx(0.01 * 0.5 ** 0.9)
-    assert train.poly_lr(0.01, train.training_progress(100, 100)) == 0.0
+    assert loop.poly_lr(0.01, loop.training_progress(0, 100)) == 0.01
+    assert loop.poly_lr(0.01, loop.training_progress(50, 100)) == pytest.approx(0.01 * 0.5 ** 0.9)
+    assert loop.poly_lr(0.01, loop.training_progress(100, 100)) == 0.0
     # with a budget: the share of it spent, unless max_epochs is nearer
-    assert train.training_progress(10, 1000, elapsed_s=150.0, budget_s=600.0) == 0.25
-    assert train.training_progress(900, 1000, elapsed_s=150.0, budget_s=600.0) == 0.9
-    assert train.training_progress(10, 1000, elapsed_s=700.0, budget_s=600.0) == 1.0
+    assert loop.training_progress(10, 1000, elapsed_s=150.0, budget_s=600.0) == 0.25
+    assert loop.training_progress(900, 1000, elapsed_s=150.0, budget_s=600.0) == 0.9
+    assert loop.training_progress(10, 1000, elapsed_s=700.0, budget_s=600.0) == 1.0
 
 
 def test_postprocessing_is_kept_only_for_classes_it_improves():
@@ -368,17 +368,17 @@ def test_postprocessing_is_kept_only_for_classes_it_improves():
 def test_training_inputs_change_with_data_params_and_code_but_not_with_the_rerun_cache(tiny_ingested, params_for,
                                                                                         monkeypatch):
     params = params_for(paths={"ingested": str(tiny_ingested)})
-    base = train.training_inputs(params)
-    assert train.training_inputs(params) == base
+    base = resume.training_inputs(params)
+    assert resume.training_inputs(params) == base
     (tiny_ingested / ".ingest_cache.json").write_text("{}")  # file times, not content: no effect
-    assert train.training_inputs(params) == base
+    assert resume.training_inputs(params) == base
     moved = params_for(paths={"ingested": str(tiny_ingested)}, data={"source": "/elsewhere"})
-    assert train.training_inputs(moved) == base  # where the data lives does not matter, its content does
-    assert train.training_inputs(params_for(paths={"ingested": str(tiny_ingested)},
+    assert resume.training_inputs(moved) == base  # where the data lives does not matter, its content does
+    assert resume.training_inputs(params_for(paths={"ingested": str(tiny_ingested)},
                                             train={"learning_rate": 0.02})) != base
     label = sorted((tiny_ingested / "labels").iterdir())[0]
     label.write_bytes(label.read_bytes() + b"\0")
-    assert train.training_inputs(params) != base
-    changed = train.training_inputs(params)
-    monkeypatch.setattr(train, "TRAINING_MODULE", "medseg.registry.register")  # other code
-    assert train.training_inputs(params) != changed
+    assert resume.training_inputs(params) != base
+    changed = resume.training_inputs(params)
+    monkeypatch.setattr(resume, "TRAINING_MODULE", "medseg.registry.register")  # other code
+    assert resume.training_inputs(params) != changed

@@ -3,7 +3,7 @@ or inside functions, read from the source (nothing is imported or run).
 
 One source for two consumers: ``dvc.yaml``'s code deps (``tests/test_dvc_deps.py`` derives each stage's closure and
 compares it with the stage's deps, so an edit to any module a stage runs makes ``dvc repro`` rerun it) and the code
-part of train's resume digest (:func:`medseg.training.train.training_code`).
+part of train's resume digest (:func:`medseg.training.resume.training_code`).
 """
 
 from __future__ import annotations

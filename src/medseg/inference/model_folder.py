@@ -10,7 +10,8 @@
         history.csv             per-epoch loss, learning rate, validation Dice
     postprocessing.json  classes whose largest connected component is kept, decided from cross-validation
 
-Train writes it; evaluate, register and predict read it through these functions, from a folder or, downloaded
+Train writes it through :func:`inference_config`, :func:`write_fold` and :func:`write_run_record`; evaluate,
+register and predict read it through the functions below, from a folder or, downloaded
 from MLflow, from a ``models:/`` or ``runs:/`` URI (:func:`load_registered`).
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 
 __all__ = ["MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME", "POSTPROCESSING_NAME", "ALL", "fold_dir",
            "fold_name", "model_files", "load_trained", "read_postprocessing", "largest_component_classes",
-           "update_config", "load_registered"]
+           "update_config", "load_registered", "inference_config", "write_fold", "write_run_record"]
 
 MODEL_NAME = "model.pt"
 CONFIG_NAME = "inference_config.json"
@@ -153,3 +154,50 @@ def load_registered(uri: str) -> list[tuple[Any, dict]]:
     if not files:
         raise StageInputError(f"{uri} holds no {MODEL_NAME}: was it logged by this version of 'medseg train'?")
     return load_trained(files[0].parent)
+
+
+def inference_config(spec: dict, plan: Any, labels: dict[int, str], modality: str, evaluate: Any,
+                     fold: int | str, largest_component: list[int] | bool, in_channels: int = 1) -> dict[str, Any]:
+    """Everything ``medseg predict`` needs to rebuild the network and its preprocessing (``plan``: the plan;
+    ``evaluate``: the ``evaluate`` params, whose sliding window and TTA predict repeats)."""
+    return {
+        "network": spec,
+        "in_channels": in_channels,
+        "out_channels": max(labels) + 1,
+        "labels": {str(k): v for k, v in sorted(labels.items())},
+        "modality": modality,
+        "target_spacing": [float(s) for s in plan.target_spacing],
+        "normalization": plan.normalization,
+        "patch_size": [int(s) for s in plan.patch_size],
+        "tta": evaluate.tta,
+        "sw_overlap": evaluate.sw_overlap,  # predict's sliding window, as evaluate scored the model
+        "sw_batch_size": evaluate.sw_batch_size,
+        "largest_component": largest_component,  # classes, or true/false for all of them
+        "fold": fold,
+    }
+
+
+def write_fold(out: str | Path, state_dict: dict, config: dict, history: list[dict]) -> None:
+    """A new fold folder ``out``: ``model.pt`` (the weights, checked to load into the config's network, and the
+    config), ``inference_config.json`` and ``history.csv`` (one row per epoch record)."""
+    import torch
+
+    from medseg.common.atomic_write import write_json
+    from medseg.networks.architectures import load_network
+
+    out = Path(out)
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+    net = load_network(config["network"], config["in_channels"], config["out_channels"], weights).eval()
+    out.mkdir(parents=True)
+    torch.save({"state_dict": net.state_dict(), "config": config}, out / MODEL_NAME)
+    write_json(out / CONFIG_NAME, config)
+    keys = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in history]
+    (out / HISTORY_NAME).write_text("\n".join(lines) + "\n")
+
+
+def write_run_record(out: str | Path, record: dict[str, Any]) -> None:
+    """The fold's ``run.json``: its MLflow run id, logged model URI and training summary."""
+    from medseg.common.atomic_write import write_json
+
+    write_json(Path(out) / RUN_NAME, record)

@@ -17,7 +17,7 @@ from torch import nn
 
 from medseg.common.network_spec import NETWORKS, required_divisor, validate_spec
 
-__all__ = ["NETWORKS", "build_network", "load_network", "build_loss", "required_divisor", "primary_logits"]
+__all__ = ["NETWORKS", "build_network", "load_network", "build_loss", "required_divisor"]
 
 def _supervised_levels(n_levels: int) -> int:
     """Coarser decoder outputs to supervise: all but the lowest (nnU-Net gives it zero weight), at least one.
@@ -117,17 +117,6 @@ def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> 
         deep_supr_num=_supervised_levels(len(channels)),
         res_block=int(spec["num_res_units"]) > 0,
     )
-
-
-def primary_logits(output: torch.Tensor | list[torch.Tensor], spatial_dims: int) -> torch.Tensor:
-    """The full-resolution logits ``(B, C, *spatial)`` from any network's output, deep-supervised or not.
-
-    Accepts a list ``[full, coarser...]`` (attention_unet), DynUNet's stacked ``(B, 1 + n, C, *spatial)`` or plain
-    logits ``(B, C, *spatial)``.
-    """
-    if isinstance(output, (list, tuple)):
-        return output[0]
-    return output[:, 0] if output.ndim == spatial_dims + 3 else output
 
 
 def load_network(spec: dict[str, Any], in_channels: int, out_channels: int,

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SCORE_TAG = "heldout_dice_mean"
-INPUTS_TAG = "training_inputs"  # medseg.training.train.training_inputs of the run: data content, params and code
+INPUTS_TAG = "training_inputs"  # medseg.training.resume.training_inputs of the run: data content, params and code
 
 
 def _champion_score(client, name: str) -> tuple[str | None, float]:

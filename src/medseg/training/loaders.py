@@ -26,7 +26,7 @@ import torch
 
 from medseg.common.errors import StageInputError
 
-__all__ = ["make_train_loader", "make_val_loader", "TrainLoader", "loader_random_state", "set_loader_random_state",
+__all__ = ["data_lists", "make_train_loader", "make_val_loader", "TrainLoader", "loader_random_state", "set_loader_random_state",
            "estimate_cache_bytes", "available_ram_bytes", "choose_cache", "RAM_FRACTION"]
 
 log = logging.getLogger(__name__)
@@ -276,3 +276,32 @@ def set_loader_random_state(loader: TrainLoader, state: dict[str, Any]) -> None:
     loader.loader.generator.set_state(state["loader"])
     for generator, saved in zip(states, state["transforms"]):
         generator.set_state(numpy_state(saved))
+
+
+def data_lists(params, fold: int | str | None = None) -> tuple[list[dict], list[dict], Any]:
+    """Training and validation ``{"image", "label", "case_id"}`` dicts of ``fold`` (default ``train.fold``), and the
+    preprocessed data set.
+
+    ``fold`` is a cross-validation fold number, or :data:`medseg.inference.model_folder.ALL` for the all-data model:
+    every labelled case to train on and none to validate on.
+    """
+    from medseg.inference.model_folder import ALL
+    from medseg.preprocessing.preprocess import read_dataset, read_splits
+
+    fold = params.train.fold if fold is None else fold
+    dataset = read_dataset(params.paths.preprocessed)
+    if fold == ALL:
+        split = {"train": sorted(c.case_id for c in dataset.cases), "val": []}
+    else:
+        split = read_splits(params.paths.preprocessed, int(fold))
+    by_id = {c.case_id: c for c in dataset.cases}
+
+    def files(ids: list[str]) -> list[dict]:
+        return [{"image": str(dataset.image_path(by_id[i])), "label": str(dataset.label_path(by_id[i])),
+                 "case_id": i} for i in ids]
+
+    train_files, val_files = files(split["train"]), files(split["val"])
+    if not train_files or (not val_files and fold != ALL):
+        raise StageInputError(f"fold {fold} of {params.paths.preprocessed}/splits.json has {len(train_files)} "
+                              f"training and {len(val_files)} validation cases; both must be non-empty")
+    return train_files, val_files, dataset
