@@ -126,12 +126,14 @@ def _cmd_promote(args: argparse.Namespace) -> dict:
 def _cmd_predict(args: argparse.Namespace) -> dict:
     from medseg.inference import predict
 
-    # The project's registry, for models:/ URIs: its params.yaml when there is one (else MLflow's environment).
-    mlflow_params = _params(args).mlflow if Path(args.params).is_file() else None
+    # The project's registry (for models:/ URIs) and DICOM slice tolerance: its params.yaml when there is one (else
+    # MLflow's environment and ingest's default tolerance).
+    params = _params(args) if Path(args.params).is_file() else None
     return predict.run(args.model, Path(args.input), Path(args.out), overlap=args.overlap, tta=args.tta,
                        largest_component=args.largest_component, device=args.device,
                        sw_batch_size=args.sw_batch_size, dicom_seg=args.dicom_seg, ensemble=args.ensemble,
-                       mlflow_params=mlflow_params)
+                       mlflow_params=params and params.mlflow,
+                       spacing_tolerance=params and params.data.slice_spacing_tolerance)
 
 
 def _cmd_predict_flow(args: argparse.Namespace) -> dict:

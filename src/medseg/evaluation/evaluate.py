@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.common.atomic_write import atomic_dir, read_json, write_json
-from medseg.inference.model_folder import HISTORY_NAME, RUN_NAME, fold_dir
+from medseg.common.atomic_write import atomic_dir, write_json
+from medseg.inference.model_folder import HISTORY_NAME, fold_dir, history_file, read_run_record
 from medseg.evaluation.metrics import finite
 from medseg.common.params import Params
 
@@ -88,7 +88,7 @@ def _score_fold(params: Params, fold: int, manifest, out: Path, overlays: list) 
         row[f"dice_{r['class']}"], row[f"hd95_{r['class']}"] = finite(r["dice"]), finite(r["hd95"])
         # IoU (Jaccard) of the same masks: IoU = Dice / (2 - Dice), exactly; the 2D endoscopy field reports both
         row[f"iou_{r['class']}"] = finite(r["dice"] / (2.0 - r["dice"]))
-    return list(rows.values()), read_json(fold_dir(params.paths.model, fold) / RUN_NAME)
+    return list(rows.values()), read_run_record(params.paths.model, fold) or {"run_id": None}
 
 
 def _summary(rows: list[dict], classes: list[str]) -> dict:
@@ -129,9 +129,9 @@ def run(params: Params) -> dict:
             writer.writeheader()
             writer.writerows(rows)
         (out / PLOTS_DIR).mkdir()
-        first = fold_dir(params.paths.model, params.train.folds(params.preprocess.folds)[0])
-        shutil.copyfile(first / HISTORY_NAME, out / HISTORY_NAME)  # for `dvc plots`; every fold's is in MLflow
-        plots.training_curves(first / HISTORY_NAME, out / PLOTS_DIR / "training_curves.png")
+        first = history_file(params.paths.model, params.train.folds(params.preprocess.folds)[0])
+        shutil.copyfile(first, out / HISTORY_NAME)  # for `dvc plots`; every fold's is in MLflow
+        plots.training_curves(first, out / PLOTS_DIR / "training_curves.png")
         for case_id, image, label, pred in overlays:
             plots.overlay(image, label, pred, out / PLOTS_DIR / f"overlay_{case_id}.png", title=case_id)
         configure_mlflow(params.mlflow)

@@ -24,7 +24,8 @@ from typing import Any
 
 __all__ = ["MODEL_NAME", "CONFIG_NAME", "RUN_NAME", "HISTORY_NAME", "POSTPROCESSING_NAME", "ALL", "fold_dir",
            "fold_name", "model_files", "load_trained", "read_postprocessing", "largest_component_classes",
-           "update_config", "load_registered", "inference_config", "write_fold", "write_run_record"]
+           "update_config", "load_registered", "inference_config", "write_fold", "write_run_record", "read_run_record",
+           "history_file", "write_postprocessing"]
 
 MODEL_NAME = "model.pt"
 CONFIG_NAME = "inference_config.json"
@@ -77,6 +78,26 @@ def read_postprocessing(model_root: str | Path) -> dict[str, Any] | None:
 
     path = Path(model_root) / POSTPROCESSING_NAME
     return read_json(path) if path.is_file() else None
+
+
+def write_postprocessing(model_root: str | Path, decision: dict[str, Any]) -> None:
+    """The cross-validation post-processing decision, ``postprocessing.json`` in the model folder."""
+    from medseg.common.atomic_write import write_json
+
+    write_json(Path(model_root) / POSTPROCESSING_NAME, decision)
+
+
+def read_run_record(model_root: str | Path, fold: int | str) -> dict[str, Any] | None:
+    """Fold ``fold``'s ``run.json`` (MLflow run id, logged model URI, training summary); None if the fold has none."""
+    from medseg.common.atomic_write import read_json
+
+    path = fold_dir(model_root, fold) / RUN_NAME
+    return read_json(path) if path.is_file() else None
+
+
+def history_file(model_root: str | Path, fold: int | str) -> Path:
+    """Fold ``fold``'s per-epoch ``history.csv``."""
+    return fold_dir(model_root, fold) / HISTORY_NAME
 
 
 def largest_component_classes(config: dict, num_classes: int) -> list[int]:

@@ -11,11 +11,9 @@ with an overlay in ``overlays/``.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,48 +21,15 @@ import numpy as np
 import torch
 
 from medseg.common.errors import StageInputError
+from medseg.inference.inputs import Input, Unreadable, find_inputs, output_folder, output_names
 
-__all__ = ["run", "load_models", "segment", "find_inputs", "prediction_units", "Input", "Unreadable",
-           "output_names"]
+__all__ = ["run", "load_models", "segment"]
 
 log = logging.getLogger(__name__)
 
 Model = tuple[torch.nn.Module, dict]
 # The sliding window of models trained before their inference config recorded it (params.yaml's evaluate values then).
 LEGACY_WINDOW = {"sw_overlap": 0.5, "sw_batch_size": 8}
-
-
-@dataclass(frozen=True)
-class Input:
-    """One image to segment.
-
-    Attributes:
-        name: output stem (NIfTI file or image stem, or DICOM series folder name).
-        image: ``(X, Y, Z)``, or ``(X, Y, Z, channels)`` for an RGB frame, in the source's own type and memory order
-            (:func:`segment` makes float32 of it once, in that order: a C-order float copy of a 512x512x300 CT
-            cost 8 s of a 28 s prediction on 2 cores).
-        affine: RAS affine the model sees the image with (ingest's reading of the file).
-        output_affine: affine written to the output (the NIfTI file's own; for DICOM the same as ``affine``).
-        modality: the DICOM Modality ("CT"/"MR"), None for NIfTI (the model's modality is used).
-        dicom_files: DICOM source files in sorted slice order (``image[..., k]`` is ``dicom_files[k]``), else empty.
-    """
-
-    name: str
-    image: np.ndarray = field(repr=False)
-    affine: np.ndarray = field(repr=False)
-    output_affine: np.ndarray = field(repr=False)
-    modality: str | None = None
-    dicom_files: tuple[Path, ...] = field(default=(), repr=False)
-    source: Path | None = field(default=None, repr=False)
-    pixels: np.ndarray | None = field(default=None, repr=False)  # a 2D frame's own pixels: written back as PNG
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """An input found but not usable: ``name`` as its output would have been named, ``reason`` one line."""
-
-    name: str
-    reason: str
 
 
 def _load_one(model: str, ensemble: bool = False, mlflow_params: Any = None) -> list[Model]:
@@ -105,128 +70,6 @@ def load_models(models: str | Sequence[str], ensemble: bool = False, mlflow_para
         raise StageInputError("no model given")
     check_ensemble([config for _, config in loaded], names)
     return loaded
-
-
-def _dicom_inputs(folder: Path) -> Iterator[Input]:
-    """The image series under ``folder``, read as ingest reads them (same checks, slice order, RAS affine, HU).
-
-    Ingest's building blocks are used directly rather than ``scan_dicom``: its items do not expose the sorted source
-    files that a DICOM-SEG must reference. SEG/RTSTRUCT files (e.g. an earlier ``--dicom-seg`` output) are skipped.
-    """
-    from medseg.ingest.checks import checked_image
-    from medseg.ingest.common import CaseRejected, iter_files, modality_name, rel
-    from medseg.ingest.dicom_geometry import series_geometry, split_phases
-    from medseg.ingest.dicom_headers import group_series, non_image_reason, read_header, unique_instances
-    from medseg.ingest.dicom_label_match import is_label_object
-    from medseg.ingest.dicom_multiframe import frame_headers, is_enhanced
-    from medseg.ingest.dicom_pixels import read_series
-
-    headers = []
-    for path in iter_files(folder):
-        try:
-            header = read_header(path)
-            headers.extend(frame_headers(header) if is_enhanced(header) else [header])
-        except CaseRejected:
-            continue  # not DICOM (a note, a NIfTI file beside the series)
-    for group in group_series([h for h in headers if not is_label_object(h)]).values():
-        group, _ = unique_instances(group)
-        where = Path(os.path.commonpath([str(h.path.parent) for h in group]))
-        name = folder.name if where == folder else where.name
-        reason = next((r for r in map(non_image_reason, group) if r), None)
-        if not reason and group[0].modality not in ("CT", "MR", ""):
-            reason = f"modality {group[0].modality} is not supported (CT or MR only)"
-        phases = [(None, group)] if reason else split_phases(group)
-        for k, (phase, members) in enumerate(phases, 1):
-            source = name if phase is None else f"{name}_phase{k}"
-            try:
-                if reason:
-                    raise CaseRejected(reason)
-                geometry = series_geometry(members)
-                image = checked_image(read_series(geometry))
-            except CaseRejected as err:
-                yield Unreadable(source, f"DICOM series {rel(where, folder)}: {err}")
-                continue
-            modality = modality_name(group[0].modality) if group[0].modality else None
-            yield Input(source, image, geometry.affine, geometry.affine, modality,
-                        tuple(h.path for h in geometry.headers))
-
-
-def find_inputs(path: Path) -> Iterator[Input | Unreadable]:
-    """Every image to segment in a NIfTI file, a DICOM series folder, or a folder of either; an input that cannot be
-    used is an :class:`Unreadable` (with its reason), so that the others still run.
-
-    Images pass ingest's own checks (:func:`medseg.ingest.checks.checked_image`). NIfTI goes through ingest's own
-    reader, so the model sees the geometry it was trained on (e.g. ACDC's pixdim spacing where the sform says 1 mm);
-    the output keeps the input file's own affine, on the same voxel grid.
-
-    Raises:
-        StageInputError: ``path`` does not exist, or holds no NIfTI file or DICOM series at all.
-    """
-    from medseg.ingest.checks import checked_image
-    from medseg.ingest.common import CaseRejected
-    from medseg.ingest.images import is_image, read_frame
-    from medseg.ingest.nifti import is_nifti, nifti_stem, read_nifti
-
-    path = Path(os.path.abspath(Path(path).expanduser()))  # "." has no name, its absolute form has (links kept)
-    if not path.exists():
-        raise StageInputError(f"input not found: {path}")
-    if path.is_file() and is_image(path):
-        try:
-            pixels, volume, affine, modality, channels = read_frame(path)
-            image = checked_image(volume, channels)
-            yield Input(path.stem, image, affine, affine, modality, source=path,
-                        pixels=pixels)
-        except CaseRejected as err:
-            yield Unreadable(path.stem, f"{path.name}: {err}")
-        return
-    if path.is_file() and is_nifti(path):
-        try:
-            array, affine, file_affine = read_nifti(path)
-            yield Input(nifti_stem(path), checked_image(array), affine, file_affine, source=path)
-        except CaseRejected as err:
-            yield Unreadable(nifti_stem(path), f"{path.name}: {err}")
-        return
-    if not path.is_dir():
-        raise StageInputError(f"{path}: neither a NIfTI or image file nor a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and (is_nifti(p) or is_image(p)))
-    for p in files:
-        yield from find_inputs(p)
-    found = bool(files)
-    for item in _dicom_inputs(path):
-        found = True
-        yield item
-    if not found:
-        raise StageInputError(f"no NIfTI file, image file or readable DICOM series in {path}")
-
-
-def prediction_units(path: Path) -> list[Path]:
-    """What a batch splits into, one task each: the NIfTI and image files directly in ``path`` and each of its sub-folders (a
-    study or series, DICOM at any depth below); ``path`` itself when it is a file or holds DICOM files directly."""
-    from medseg.ingest.dicom_headers import looks_like_dicom
-    from medseg.ingest.images import is_image
-    from medseg.ingest.nifti import is_nifti
-
-    path = Path(os.path.abspath(Path(path).expanduser()))
-    if not path.exists():
-        raise StageInputError(f"input not found: {path}")
-    if path.is_file():
-        return [path]
-    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-    if any(p.is_file() and not is_nifti(p) and not is_image(p) and looks_like_dicom(p) for p in entries):
-        return [path]
-    return [p for p in entries if p.is_dir() or (p.is_file() and (is_nifti(p) or is_image(p)))]
-
-
-def output_names(name: str, taken: set[str]) -> str:
-    """A file stem for ``name`` that is safe (no separator, not hidden) and not in ``taken`` (then added to it):
-    the first clash gets ``_2``, the next ``_3``, in the order inputs are found, which is sorted and so stable."""
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "image"
-    unique, k = stem, 1
-    while unique.lower() in taken:  # case-insensitive file systems (macOS, Windows) clash on case alone
-        k += 1
-        unique = f"{stem}_{k}"
-    taken.add(unique.lower())
-    return unique
 
 
 def _model_normalization(config: dict, modality: str | None, name: str) -> dict:
@@ -340,14 +183,14 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
 def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float | None = None,
         tta: bool | None = None, largest_component: bool | None = None, device: str = "auto",
         sw_batch_size: int | None = None, dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None,
-        mlflow_params: Any = None) -> dict:
+        mlflow_params: Any = None, spacing_tolerance: float | None = None) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``); a 2D
     image file (PNG, JPEG, TIFF, BMP) into ``out_dir/<stem>.png`` at its own size (0/255 for a binary task, label
     values otherwise) and ``out_dir/overlays/<stem>.png``.
 
     Outputs are named after the inputs (a NIfTI file's stem, a DICOM series' folder), made unique per run by
-    :func:`output_names`. An input that cannot be read or segmented is reported (``failed`` in the summary, one
-    log line each) and the others still run; the CLI then exits 1.
+    :func:`medseg.inference.inputs.output_names`. An input that cannot be read or segmented is reported (``failed``
+    in the summary, one log line each) and the others still run; the CLI then exits 1.
 
     Args:
         model: one or more model folders (its all-data model ``fold_all`` when it has one, else every fold),
@@ -362,12 +205,10 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         prefix: put ``<prefix>_`` before each output name (the batch flow gives each study folder its own, so that
             tasks running apart never clash).
         dicom_seg: also write a DICOM-SEG for each DICOM series (an error for NIfTI inputs).
+        spacing_tolerance: DICOM slice-gap tolerance, as ingest's ``data.slice_spacing_tolerance`` (None: its
+            default).
     """
     from tqdm import tqdm
-
-    from medseg.common.atomic_write import save_nifti
-    from medseg.inference.dicom_seg import write_dicom_seg
-    from medseg.ingest.images import mask_pixels, overlay_pixels, save_png
 
     from medseg.inference.model_folder import largest_component_classes
 
@@ -377,94 +218,107 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     overlap = float(config.get("sw_overlap", LEGACY_WINDOW["sw_overlap"])) if overlap is None else overlap
     sw_batch_size = int(config.get("sw_batch_size", LEGACY_WINDOW["sw_batch_size"])) if sw_batch_size is None \
         else sw_batch_size
-    num_classes = int(config["out_channels"])
     largest = largest_component_classes(config if largest_component is None else
-                                        {"largest_component": largest_component}, num_classes)
+                                        {"largest_component": largest_component}, int(config["out_channels"]))
     names = [model] if isinstance(model, (str, Path)) else list(model)
     log.info("%d network(s) from %s; tta=%s, largest component kept for classes %s", len(models),
              ", ".join(map(str, names)), tta, largest)
-    out_dir = _output_folder(Path(out_dir), Path(input_path))
-    written, dicom_segs, failed, taken = [], [], [], set()
-
-    def fail(name: str, err: BaseException) -> None:  # one bad input never stops the others; each gets one line
-        reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
-        log.debug("%s failed", name, exc_info=err)
-        log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
-        failed.append({"input": name, "reason": reason})
-
-    def write(item: Input, name: str, target: Path, labels: np.ndarray) -> None:
-        if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
-            written.append(str(save_png(target, mask_pixels(labels, num_classes))))
-            save_png(out_dir / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels), compress_level=1)
-        else:
-            written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
-        if dicom_seg:
-            dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, config["labels"],
-                                                  ", ".join(map(str, names)), out_dir / f"{name}.seg.dcm")))
-        # voxels per class (np.unique sorted the 78M voxels of a CT's labels: 1.5 s; bincount makes them int64)
-        counts = {config["labels"].get(str(k), k): int(np.count_nonzero(labels == k)) for k in range(1, num_classes)}
-        log.info("%s: %s", name, {k: n for k, n in counts.items() if n})
-
-    def finish(pending: tuple[str, Future] | None) -> None:
-        if pending is not None:
-            try:
-                pending[1].result()
-            except Exception as err:  # noqa: BLE001 - reported as that input's failure
-                fail(pending[0], err)
-
-    # Writing a case (inverting is done; compressing and saving remain) overlaps the next case's inference on one
-    # writer thread; at most one write waits, so memory holds two cases at most.
-    pending: tuple[str, Future] | None = None
+    outputs = _Outputs(output_folder(Path(out_dir), Path(input_path)), config, names, dicom_seg)
+    taken: set[str] = set()
     started = time.perf_counter()  # models loaded: from here, the throughput a folder of images gets
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write") as writer:
-        for item in tqdm(find_inputs(Path(input_path)), desc="predict", unit="image"):
+    with outputs:
+        for item in tqdm(find_inputs(Path(input_path), spacing_tolerance), desc="predict", unit="image"):
             name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
             try:
-                if isinstance(item, Unreadable):
-                    raise StageInputError(item.reason)
-                if dicom_seg and not item.dicom_files:
-                    raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
-                target = out_dir / f"{name}.png" if item.pixels is not None else out_dir / f"{name}.nii.gz"
-                if item.source is not None and target.exists() and target.samefile(item.source):
-                    raise StageInputError(f"its output {target} would replace the input itself")
-                channels = item.image.shape[3] if item.image.ndim == 4 else 1
-                if item.pixels is not None and int(config["in_channels"]) != channels:
-                    raise StageInputError(f"{item.modality} image with {channels} channel(s); the model takes "
-                                          f"{config['in_channels']}")
+                target = outputs.target(item, name)
                 labels = segment(models, item.image, item.affine, item.modality, tta, largest, overlap,
                                  sw_batch_size, device, name)
             except Exception as err:  # noqa: BLE001 - one line, and the other inputs go on
-                fail(name, err)
+                outputs.fail(name, err)
                 continue
-            finish(pending)
-            pending = (name, writer.submit(write, item, name, target, labels))
-        finish(pending)
+            outputs.submit(item, name, target, labels)
     seconds = time.perf_counter() - started
-    rate = len(written) / seconds if seconds > 0 else 0.0
+    rate = len(outputs.written) / seconds if seconds > 0 else 0.0
     log.info("predicted %d image(s) in %.1f s: %.2f images/s (reading, preprocessing, network, writing)",
-             len(written), seconds, rate)
-    summary = {"model": [str(m) for m in names], "written": written, "failed": failed,
-               "succeeded": len(written), "tta": tta, "largest_component": largest, "seconds": round(seconds, 3),
-               "images_per_second": round(rate, 3)}
+             len(outputs.written), seconds, rate)
+    summary = {"model": [str(m) for m in names], "written": outputs.written, "failed": outputs.failed,
+               "succeeded": len(outputs.written), "tta": tta, "largest_component": largest,
+               "seconds": round(seconds, 3), "images_per_second": round(rate, 3)}
     if dicom_seg:
-        summary["dicom_seg"] = dicom_segs
+        summary["dicom_seg"] = outputs.dicom_segs
     return summary
 
 
-def _output_folder(out_dir: Path, input_path: Path) -> Path:
-    """``out_dir``, created; refused when it is a file, not writable, or overlaps the input folder (predictions are
-    never written among, or over, the user's inputs)."""
-    from medseg.ingest.common import folders_overlap
+class _Outputs:
+    """Where each input's result goes, and the writing itself: a case's compressing and saving overlaps the next
+    case's inference on one writer thread; at most one write waits, so memory holds two cases at most. A failure is
+    one log line and one ``failed`` entry; the other inputs go on."""
 
-    out_dir, source = out_dir.expanduser().resolve(), input_path.expanduser().resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise StageInputError(f"--out {out_dir} is a file, not a folder")
-    if source.is_dir() and folders_overlap(out_dir, source):
-        raise StageInputError(f"--out {out_dir} overlaps the input folder {source}: choose a folder outside it")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise StageInputError(f"--out {out_dir} cannot be created: {err.strerror}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise StageInputError(f"--out {out_dir} is not writable")
-    return out_dir
+    def __init__(self, folder: Path, config: dict, names: list, dicom_seg: bool) -> None:
+        self.folder, self.config, self.names, self.dicom_seg = folder, config, names, dicom_seg
+        self.num_classes = int(config["out_channels"])
+        self.written: list[str] = []
+        self.dicom_segs: list[str] = []
+        self.failed: list[dict] = []
+        self._pending: tuple[str, Future] | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-write")
+
+    def __enter__(self) -> "_Outputs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()
+        self._writer.shutdown(wait=True)
+
+    def target(self, item: Input | Unreadable, name: str) -> Path:
+        """The output file of ``item``; raises StageInputError where the input cannot be segmented as asked."""
+        if isinstance(item, Unreadable):
+            raise StageInputError(item.reason)
+        if self.dicom_seg and not item.dicom_files:
+            raise StageInputError("--dicom-seg needs a DICOM input, this is NIfTI")
+        target = self.folder / (f"{name}.png" if item.pixels is not None else f"{name}.nii.gz")
+        if item.source is not None and target.exists() and target.samefile(item.source):
+            raise StageInputError(f"its output {target} would replace the input itself")
+        channels = item.image.shape[3] if item.image.ndim == 4 else 1
+        if item.pixels is not None and int(self.config["in_channels"]) != channels:
+            raise StageInputError(f"{item.modality} image with {channels} channel(s); the model takes "
+                                  f"{self.config['in_channels']}")
+        return target
+
+    def fail(self, name: str, err: BaseException) -> None:
+        reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
+        log.debug("%s failed", name, exc_info=err)
+        log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
+        self.failed.append({"input": name, "reason": reason})
+
+    def submit(self, item: Input, name: str, target: Path, labels: np.ndarray) -> None:
+        self._finish()
+        self._pending = (name, self._writer.submit(self._write, item, name, target, labels))
+
+    def _finish(self) -> None:
+        if self._pending is not None:
+            name, future = self._pending
+            self._pending = None
+            try:
+                future.result()
+            except Exception as err:  # noqa: BLE001 - reported as that input's failure
+                self.fail(name, err)
+
+    def _write(self, item: Input, name: str, target: Path, labels: np.ndarray) -> None:
+        from medseg.common.atomic_write import save_nifti
+        from medseg.inference.dicom_seg import write_dicom_seg
+        from medseg.ingest.images import mask_pixels, overlay_pixels, save_png
+
+        if item.pixels is not None:  # a 2D frame: a mask PNG at its own size, and an overlay to look at
+            self.written.append(str(save_png(target, mask_pixels(labels, self.num_classes))))
+            save_png(self.folder / "overlays" / f"{name}.png", overlay_pixels(item.pixels, labels), compress_level=1)
+        else:
+            self.written.append(str(save_nifti(target, labels, item.output_affine, dtype=np.uint8)))
+        if self.dicom_seg:
+            self.dicom_segs.append(str(write_dicom_seg(labels, item.dicom_files, self.config["labels"],
+                                                       ", ".join(map(str, self.names)),
+                                                       self.folder / f"{name}.seg.dcm")))
+        # voxels per class (np.unique would sort every voxel; count_nonzero per class does not)
+        labels_of = self.config["labels"]
+        counts = {labels_of.get(str(k), k): int(np.count_nonzero(labels == k)) for k in range(1, self.num_classes)}
+        log.info("%s: %s", name, {k: n for k, n in counts.items() if n})

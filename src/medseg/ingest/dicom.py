@@ -13,8 +13,10 @@ followed by ``(phase N of M, TAG VALUE)``; repeated copies of one instance (same
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -29,7 +31,7 @@ from medseg.ingest.dicom_pixels import decoder_problem, read_series
 from medseg.ingest.nifti import load_nifti
 from medseg.common.pseudonym import pseudonym
 
-__all__ = ["scan_dicom", "read_series", "decoder_problem"]
+__all__ = ["scan_dicom", "read_headers", "image_series", "Series", "read_series", "decoder_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,62 @@ def _loader(geometry: Geometry, label_path: Path | None):
     return load
 
 
+@dataclasses.dataclass
+class Series:
+    """One image series, or one phase of a cine/dynamic series, found under a source folder: its sorted slices'
+    ``geometry`` when it passed every check, else the ``problem`` (one line) that rejects it."""
+
+    key: str  # the grouping key (study and series UIDs, ...)
+    folder: Path  # the folder that directly holds its files
+    where: str  # that folder, or the file of a one-file series, relative to the source
+    members: list[Header]
+    phase: str | None = None  # "phase N of M, TAG VALUE" when the series repeats its positions per phase
+    phase_number: int | None = None  # N
+    geometry: Geometry | None = None
+    problem: str | None = None
+
+
+def read_headers(files: Iterable[Path], reject: Callable[[Path, str], None] | None = None) -> list[Header]:
+    """The DICOM headers of ``files`` (an enhanced multi-frame file as one header per frame); a file that is not
+    DICOM or is corrupt goes to ``reject(path, reason)``."""
+    headers: list[Header] = []
+    for path in files:
+        try:
+            header = read_header(path)
+            headers.extend(frame_headers(header) if is_enhanced(header) else [header])
+        except CaseRejected as err:
+            if reject is not None:
+                reject(path, str(err))
+    return headers
+
+
+def image_series(groups: dict[str, list[Header]], source: Path,
+                 spacing_rel_tol: float = SPACING_REL_TOL) -> Iterator[Series]:
+    """The series of ``groups`` (:func:`group_series` of the image headers), as ingest and predict both read them:
+    repeated instances counted once, CT and MR only, split into phases, slices sorted and their geometry checked
+    (spacing within ``spacing_rel_tol``)."""
+    for key, group in groups.items():
+        group, copies = unique_instances(group)
+        if copies:
+            log.info("%d repeated copies of the same instance (SOPInstanceUID) left out of one series", copies)
+        folder = _series_folder(group)
+        one_file = len({h.path for h in group}) == 1  # a single slice, or all the frames of one multi-frame file
+        where = rel(group[0].path if one_file else folder, source)
+        reason = next((r for r in map(non_image_reason, group) if r), None)
+        if not reason and group[0].modality not in ("CT", "MR", ""):
+            reason = f"modality {group[0].modality} is not supported (CT or MR only)"
+        phases = [(None, group)] if reason else split_phases(group)
+        for number, (phase, members) in enumerate(phases, 1):
+            series = Series(key, folder, where, members, phase, None if phase is None else number)
+            try:
+                if reason:
+                    raise CaseRejected(reason)
+                series.geometry = series_geometry(members, spacing_rel_tol)
+            except CaseRejected as err:
+                series.problem = str(err)
+            yield series
+
+
 def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float = SPACING_REL_TOL) -> Scan:
     """Find the DICOM series under ``source``: one header-only pass, then grouping, sorting and geometry checks.
 
@@ -72,13 +130,8 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
     labels = read_label_json(source / "labels.json") if (source / "labels.json").is_file() else None
     scan = Scan(labels=labels)
     files = list(iter_files(source, (*skip, labels_dir, source / "labels.json")))
-    headers: list[Header] = []
-    for path in tqdm(files, desc="DICOM headers", unit="file", disable=None, leave=False):
-        try:
-            header = read_header(path)
-            headers.extend(frame_headers(header) if is_enhanced(header) else [header])
-        except CaseRejected as err:
-            scan.reject(rel(path, source), str(err))
+    headers = read_headers(tqdm(files, desc="DICOM headers", unit="file", disable=None, leave=False),
+                           lambda path, reason: scan.reject(rel(path, source), reason))
     # DICOM-SEG and RTSTRUCT objects are labels of the series they reference, not series of their own.
     label_headers = [h for h in headers if is_label_object(h)]
     groups = group_series([h for h in headers if not is_label_object(h)])
@@ -86,39 +139,27 @@ def scan_dicom(source: Path, skip: tuple[Path, ...] = (), spacing_rel_tol: float
     scan.rejected.extend(match.rejected)
     if match.by_series:
         scan.labels = match.labels
-    for key, group in groups.items():
-        group, copies = unique_instances(group)
-        if copies:
-            log.info("%d repeated copies of the same instance (SOPInstanceUID) left out of one series", copies)
-        folder = _series_folder(group)
-        one_file = len({h.path for h in group}) == 1  # a single slice, or all the frames of one multi-frame file
-        where = rel(group[0].path if one_file else folder, source)
-        reason = next((r for r in map(non_image_reason, group) if r), None)
-        modality = group[0].modality
-        if not reason and modality not in ("CT", "MR", ""):
-            reason = f"modality {modality} is not supported (CT or MR only)"
-        phases = [(None, group)] if reason else split_phases(group)
-        for phase, members in phases:
-            # each phase of a cine/dynamic series is its own case; its source names the phase
-            src = where if phase is None else f"{where} ({phase})"
-            try:
-                if reason:
-                    raise CaseRejected(reason)
-                geometry = series_geometry(members, spacing_rel_tol)
-            except CaseRejected as err:
-                scan.reject(src, f"{err}{_which_files(members, source)}")
-                continue
-            first = members[0]
-            subject = pseudonym(first.patient_id or first.study_uid or f"series:{rel(folder, source)}")
-            case_key = key if phase is None else f"{key}|{phase}"
-            case_id = f"{subject}_{pseudonym(case_key, prefix='ser', length=6)}"
-            label_path = labels_dir / f"{folder.name}.nii.gz"
-            if key in match.by_series:
-                load = object_loader(geometry, match.by_series[key], match.labels, read_series)
-            else:
-                load = _loader(geometry, named(label_path))
-            ids = {"patient_id": first.patient_id, "study_uid": first.study_uid, "series_uid": first.series_uid}
-            scan.items.append(Item(source=src, subject=subject, case_id=case_id, load=load, identifiers=ids,
-                                   modality=modality_name(modality) if modality else None,
-                                   phase=None if phase is None else phase.split(",")[0]))
+    for series in image_series(groups, source, spacing_rel_tol):
+        # each phase of a cine/dynamic series is its own case; its source names the phase
+        src = series.where if series.phase is None else f"{series.where} ({series.phase})"
+        if series.problem is not None:
+            scan.reject(src, f"{series.problem}{_which_files(series.members, source)}")
+            continue
+        scan.items.append(_item(series, source, src, match, labels_dir))
     return scan
+
+
+def _item(series: Series, source: Path, src: str, match, labels_dir: Path) -> Item:
+    """The ingest item of a good series: pseudonymous ids, its label (a NIfTI beside it, or a SEG/RTSTRUCT)."""
+    first, key, phase = series.members[0], series.key, series.phase
+    subject = pseudonym(first.patient_id or first.study_uid or f"series:{rel(series.folder, source)}")
+    case_key = key if phase is None else f"{key}|{phase}"
+    case_id = f"{subject}_{pseudonym(case_key, prefix='ser', length=6)}"
+    if key in match.by_series:
+        load = object_loader(series.geometry, match.by_series[key], match.labels, read_series)
+    else:
+        load = _loader(series.geometry, named(labels_dir / f"{series.folder.name}.nii.gz"))
+    ids = {"patient_id": first.patient_id, "study_uid": first.study_uid, "series_uid": first.series_uid}
+    return Item(source=src, subject=subject, case_id=case_id, load=load, identifiers=ids,
+                modality=modality_name(first.modality) if first.modality else None,
+                phase=None if phase is None else phase.split(",")[0])

@@ -211,21 +211,21 @@ def run(params: Params) -> dict:
 
 def _register_all(params: Params, client, name: str, metrics: dict) -> list[dict]:
     from medseg.evaluation.evaluate import METRICS_NAME
-    from medseg.inference.model_folder import ALL, RUN_NAME, fold_dir, read_postprocessing
+    from medseg.inference.model_folder import ALL, read_postprocessing, read_run_record
 
     versions = []
-    final = fold_dir(params.paths.model, ALL) / RUN_NAME
-    if final.is_file():
+    final = read_run_record(params.paths.model, ALL)
+    if final is not None:
         folds = sorted(metrics["folds"], key=int)
         tags = {"estimated_by_folds": ",".join(folds), "cv_cases": str(metrics["cases"]),
                 "estimated_by_runs": ",".join(metrics["folds"][f]["run_id"] for f in folds),
                 "cv_dice": ",".join(f"{c}={v}" for c, v in metrics["dice"].items()), "trained_on": "all cases",
                 "largest_component_classes": ",".join(map(str, (read_postprocessing(params.paths.model) or {}).get(
                     "largest_component", [])))}
-        versions.append(_register_version(client, params, name, read_json(final), float(metrics["dice_mean"]), ALL,
+        versions.append(_register_version(client, params, name, final, float(metrics["dice_mean"]), ALL,
                                           tags, metrics))
     for fold, fold_metrics in [] if versions else sorted(metrics["folds"].items(), key=lambda kv: int(kv[0])):
-        run_info = read_json(fold_dir(params.paths.model, int(fold)) / RUN_NAME)
+        run_info = read_run_record(params.paths.model, int(fold)) or {"run_id": None}
         if run_info["run_id"] != fold_metrics["run_id"]:
             raise StageInputError(f"fold {fold}: {METRICS_NAME} scores run {fold_metrics['run_id']} but the model "
                                   f"folder holds run {run_info['run_id']}; re-run 'medseg evaluate'")

@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.common.atomic_write import atomic_dir, atomic_path, write_json
+from medseg.common.atomic_write import atomic_dir, atomic_path
 from medseg.common.manifest import FRAME_MODALITIES
 from medseg.common.params import Params
 from medseg.evaluation.postprocessing import class_means, decide_postprocessing
-from medseg.inference.model_folder import (ALL, POSTPROCESSING_NAME, fold_name, inference_config,
-                                           largest_component_classes, update_config, write_fold, write_run_record)
+from medseg.inference.model_folder import (ALL, fold_name, inference_config, largest_component_classes, update_config,
+                                           write_fold, write_postprocessing, write_run_record)
 from medseg.training import resume as resuming
 from medseg.training.loop import (amp_settings, fit_epochs, group_lr, make_optimizer, poly_lr, train_epoch,
                                   training_progress, validate_cases)
@@ -89,7 +89,7 @@ def run(params: Params, resume: bool = False, inputs: str | None = None,
                 final_vals += [final_val] if final_val is not None else []
             decision = _postprocessing(params, final_vals, [s["fold"] for s in summaries])
             if ctx.is_main:
-                write_json(out / POSTPROCESSING_NAME, decision)
+                write_postprocessing(out, decision)
                 for fold in folds:
                     update_config(out / fold_name(fold), largest_component=decision["largest_component"])
                 log.info("post-processing from cross-validation: largest component kept for classes %s (%s)",
