@@ -23,7 +23,8 @@ Rules after nnU-Net's experiment planner, kept few and explicit:
   U-Net's budget), the batch is at least ``BATCH_NORM_MIN_BATCH`` frames: the encoder's batch norm, as the polyp
   models train it (PraNet 16, segmentation_models_pytorch's examples 8).
 
-Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``plans.json`` records both.
+Every planned value can be overridden in ``params.yaml`` (section ``plan``); ``plans.json`` records both. The network
+and patch rules live in :mod:`medseg.planning.network_plan`; this module composes the plan and runs the stage.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import numpy as np
 from medseg.common.atomic_write import atomic_dir, read_json, write_json
 from medseg.common.errors import StageInputError
 from medseg.common.manifest import FRAME_MODALITIES
-from medseg.common.network_spec import encoder_channels, level_strides, required_divisor, validate_spec
+from medseg.planning.network_plan import (MIN_BATCH, check_network_current, dynunet_topology, estimate_step_mb,
+                                          fit_frames, fit_patch, network_spec, patch_divisor, plan_network,
+                                          resolve_encoder)
 from medseg.common.params import Params
 
 __all__ = ["Plan", "run", "make_plan", "read_plan", "plan_network", "network_spec", "check_network_current",
@@ -50,15 +53,8 @@ log = logging.getLogger(__name__)
 
 PLANS_NAME = "plans.json"
 ANISOTROPY_RATIO = 4.0  # thicker than this many times the in-plane spacing: 2D (ACDC ~6.5, MSD pancreas ~3.1)
-MIN_FEATURE_MAP = 4
-MAX_LEVELS = 7
-MIN_BATCH = 2
 MAX_BATCH_FRACTION = 0.05  # of the data set's voxels in one batch (nnU-Net)
-# Bytes one voxel of one feature channel costs in a training step: the activations kept for the backward pass
-# (convolution, normalisation and activation outputs in encoder and decoder, fp32) and their gradients.
-BYTES_PER_FEATURE_VOXEL = 4 * 12
 BATCH_NORM_MIN_BATCH = 8
-DEFAULT_ENCODER = "efficientnet-lite0"
 # EfficientNet's expanded (6x) blocks keep more activations than the decoder's channels say: a Lite0 FlexibleUNet
 # step on 256 x 192 RGB frames peaked at 2x the scratch U-Net's memory per frame (measured on the CPU, fp32)
 ENCODER_MEMORY_FACTOR = 2.0
@@ -88,159 +84,6 @@ class Plan:
         return tuple(self.network["channels"])
 
 
-SPEC_KEYS = ("name", "num_res_units", "norm", "dropout", "deep_supervision")  # taken from params as given
-
-
-def resolve_encoder(model: dict[str, Any], spatial_dims: int, modalities) -> tuple[str | None, str | None]:
-    """``(encoder or None, a note to log or None)`` for ``model.encoder`` on data of these modalities.
-
-    ``auto``: the default encoder for 2D RGB frames when its weights are found and ``model.channels`` is null (set
-    channels ask for a U-Net of one's own), else none (with a note saying why, when the data would have used it);
-    ``none``: none; a named encoder: it, or :class:`StageInputError` when the
-    data is not 2D RGB or its weights are not found.
-    """
-    from medseg.networks.pretrained_weights import INSTALL_HINT, weights_file
-
-    choice = model.get("encoder", "none")
-    if choice in (None, "none") or (choice == "auto" and model.get("channels") is not None):
-        return None, None
-    rgb = spatial_dims == 2 and set(modalities) == {"RGB"}
-    encoder = DEFAULT_ENCODER if choice == "auto" else choice
-    found = rgb and weights_file(encoder, model.get("encoder_weights")) is not None
-    if choice == "auto":
-        if found:
-            return encoder, None
-        return None, (f"no ImageNet weights for {encoder} found ({INSTALL_HINT}): training from scratch"
-                      if rgb else None)
-    if not rgb:
-        raise StageInputError(f"model.encoder {encoder} takes 2D RGB frames; this data is "
-                              f"{spatial_dims}D {'/'.join(sorted(modalities))} (set model.encoder: auto or none)")
-    if not found:
-        raise StageInputError(f"model.encoder {encoder}: weights not found ({INSTALL_HINT})")
-    return encoder, None
-
-
-def network_spec(model: dict[str, Any], spatial_dims: int, spacing, patch) -> dict[str, Any]:
-    """The NETWORK SPEC for the ``model`` params section as :func:`plan_network` completed it, at this spacing and
-    patch (which decide DynUNet's per-axis strides and kernel sizes)."""
-    spec = {key: model[key] for key in SPEC_KEYS}
-    spec["encoder"] = model.get("encoder") if model.get("encoder") not in ("auto", "none") else None
-    spec["spatial_dims"] = spatial_dims
-    spec["channels"] = list(model["channels"])
-    if model["name"] == "dynunet":
-        spec["strides"], spec["kernel_sizes"] = dynunet_topology(spacing[:spatial_dims], patch[:spatial_dims],
-                                                                 len(model["channels"]))
-    else:
-        spec["strides"], spec["kernel_sizes"] = list(model["strides"]), None
-    try:
-        validate_spec(spec)
-    except ValueError as err:  # e.g. a DynUNet of two levels: one line naming the key, before any training
-        raise StageInputError(f"{err} (params.yaml, section model)") from None
-    return spec
-
-
-def check_network_current(plan: Plan, model: dict[str, Any]) -> None:
-    """Refuse a plan whose network the ``model`` params section would no longer plan (edited since ``medseg plan``):
-    train builds ``plan.network``, so a changed ``model.norm`` must not be ignored silently."""
-    choice = model.get("encoder")
-    if choice == "auto":  # the plan's choice stands (its weights are checked when train loads them)
-        encoder = plan.network.get("encoder")
-    else:
-        encoder, _ = resolve_encoder(model, plan.spatial_dims, plan.normalization)
-    spec = network_spec(plan_network(model, plan.spatial_dims, plan.median_shape, encoder), plan.spatial_dims,
-                        plan.target_spacing, plan.patch_size)
-    changed = [key for key in spec if _as_json(spec[key]) != _as_json(plan.network.get(key))]
-    if changed:
-        raise StageInputError(f"the model params changed since plans.json was planned ({', '.join(changed)} of the "
-                              f"network differ): run 'medseg plan' (or 'dvc repro') first")
-
-
-def _as_json(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples become lists), for comparing a spec with a stored one."""
-    if isinstance(value, (list, tuple)):
-        return [_as_json(v) for v in value]
-    return value
-
-
-def plan_network(model: dict[str, Any], spatial_dims: int, median_shape, encoder: str | None = None) -> dict[str, Any]:
-    """The ``model`` params section with ``channels`` and ``strides`` filled in where they are null, and ``encoder``
-    resolved (:func:`resolve_encoder`; its levels are the encoder's).
-
-    Depth: one level more for each halving that leaves the median shape's smallest axis at least ``MIN_FEATURE_MAP``
-    voxels, at most ``MAX_LEVELS`` levels (at least 3). Width: ``base_channels``, doubled per level, capped at
-    ``max_channels``. Strides default to 2 between levels.
-    """
-    model = dict(model)
-    model["encoder"] = encoder
-    if encoder is not None:
-        if model["channels"] is not None:
-            raise StageInputError(f"model.channels must be null with the pretrained encoder {encoder} (its levels "
-                                  f"are the encoder's); set model.encoder: none to plan your own")
-        model["channels"] = encoder_channels(encoder)
-        model["strides"] = [2] * (len(model["channels"]) - 1)
-    if model["channels"] is None:
-        smallest = min(max(1, int(s)) for s in median_shape[:spatial_dims])
-        levels = 1
-        while levels < MAX_LEVELS and smallest / 2 ** levels >= MIN_FEATURE_MAP:
-            levels += 1
-        levels = max(levels, 3)
-        model["channels"] = [min(model["base_channels"] * 2 ** k, model["max_channels"]) for k in range(levels)]
-        model["strides"] = None
-    if model["strides"] is None:
-        model["strides"] = [2] * (len(model["channels"]) - 1)
-    model["channels"], model["strides"] = list(model["channels"]), list(model["strides"])
-    return model
-
-
-def dynunet_topology(spacing, patch_size, levels: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Per-level, per-axis strides and kernel sizes for ``levels`` resolution levels (the first never downsamples).
-
-    Anisotropic axes are not downsampled (and get kernel 1) until the others have caught up with their spacing.
-    """
-    spacing, size = [float(s) for s in spacing], [int(s) for s in patch_size]
-    strides, kernels = [[1] * len(size)], [[3 if s <= 2 * min(spacing) else 1 for s in spacing]]
-    for _ in range(levels - 1):
-        finest = min(spacing)
-        stride = [2 if sp <= 2 * finest and sz // 2 >= MIN_FEATURE_MAP else 1 for sp, sz in zip(spacing, size)]
-        spacing = [sp * st for sp, st in zip(spacing, stride)]
-        size = [sz // st for sz, st in zip(size, stride)]
-        strides.append(stride)
-        kernels.append([3 if sp <= 2 * min(spacing) else 1 for sp in spacing])
-    return strides, kernels
-
-
-def _divisor(model: dict[str, Any], spatial_dims: int, spacing, patch) -> list[int]:
-    return list(required_divisor(network_spec(model, spatial_dims, spacing, patch)))
-
-
-def estimate_step_mb(model: dict[str, Any], spatial_dims: int, spacing, patch, batch: int) -> float:
-    """Rough training-step activation memory (MB) of ``batch`` patches: features summed over resolution levels."""
-    voxels = math.prod(patch[:spatial_dims])
-    strides = level_strides(network_spec(model, spatial_dims, spacing, patch))
-    features, reduction = 0.0, 1
-    for channels, stride in zip(model["channels"], strides):
-        reduction *= math.prod(stride)
-        features += channels / reduction
-    return batch * voxels * features * BYTES_PER_FEATURE_VOXEL / 2**20
-
-
-def _fit_patch(model, spatial_dims, spacing, median_shape, budget_mb) -> list[int]:
-    """The median shape, shrunk on its relatively largest axis until ``MIN_BATCH`` patches fit the budget."""
-    median = [max(1, int(s)) for s in median_shape[:spatial_dims]]
-    patch = list(median)
-    while True:
-        div = _divisor(model, spatial_dims, spacing, patch)
-        rounded = [max(d, math.ceil(p / d) * d) for p, d in zip(patch, div)]
-        if estimate_step_mb(model, spatial_dims, spacing, rounded, MIN_BATCH) <= budget_mb:
-            return rounded
-        shrinkable = [a for a in range(spatial_dims) if rounded[a] > div[a]]
-        if not shrinkable:
-            log.warning("the smallest patch %s exceeds plan.memory_budget_mb=%s; using it anyway", rounded, budget_mb)
-            return rounded
-        axis = max(shrinkable, key=lambda a: rounded[a] / median[a])
-        patch[axis] = rounded[axis] - div[axis]
-
-
 def _plan_normalization(fingerprint: dict[str, Any], ct_clip, encoder: str | None = None) -> dict[str, dict[str, Any]]:
     plans = {}
     for modality, info in fingerprint["modalities"].items():
@@ -258,23 +101,6 @@ def _plan_normalization(fingerprint: dict[str, Any], ct_clip, encoder: str | Non
         else:
             plans[modality] = {"scheme": "zscore"}
     return plans
-
-
-FRAME_SCALE_STEP = 1.05  # coarsen the target spacing of 2D frames by 5% at a time
-
-
-def _fit_frames(model: dict[str, Any], target, median_shape, budget_mb: float) -> tuple[tuple, tuple]:
-    """(target spacing, median shape) of 2D frames with the spacing coarsened (never refined) until the whole median
-    frame, rounded to the network's divisor, fits ``MIN_BATCH`` patches within ``budget_mb``."""
-    scale = 1.0
-    while True:
-        shape = tuple(max(1, int(round(s / scale))) if a < 2 else int(s) for a, s in enumerate(median_shape))
-        net = plan_network(model, 2, shape)
-        div = _divisor(net, 2, target, shape)
-        rounded = [max(d, math.ceil(p / d) * d) for p, d in zip(shape[:2], div)]
-        if estimate_step_mb(net, 2, target, rounded, MIN_BATCH) <= budget_mb or min(shape[:2]) <= 2 * max(div):
-            return (target[0] * scale, target[1] * scale, target[2]), shape
-        scale *= FRAME_SCALE_STEP
 
 
 def _resampled(cases: list[dict[str, Any]], target) -> np.ndarray:
@@ -298,24 +124,24 @@ def make_plan(fingerprint: dict[str, Any], params: Params) -> Plan:
     if note:
         log.warning("plan: %s", note)
     if frames and spatial_dims == 2 and overrides.target_spacing is None and overrides.patch_size is None:
-        target, median_shape = _fit_frames(model, target, median_shape, params.plan.memory_budget_mb)
+        target, median_shape = fit_frames(model, target, median_shape, params.plan.memory_budget_mb)
     resampled = _resampled(cases, target)
     if encoder is not None:  # the frame size is the scratch U-Net's (above); the whole frame is the patch
         scratch = plan_network(model, spatial_dims, median_shape)
-        div = _divisor(plan_network(model, spatial_dims, median_shape, encoder), spatial_dims, target, median_shape)
-        frame = [max(d, math.ceil(p / d) * d) for p, d in zip(_fit_patch(scratch, spatial_dims, target, median_shape,
+        div = patch_divisor(plan_network(model, spatial_dims, median_shape, encoder), spatial_dims, target, median_shape)
+        frame = [max(d, math.ceil(p / d) * d) for p, d in zip(fit_patch(scratch, spatial_dims, target, median_shape,
                                                                          params.plan.memory_budget_mb), div)]
     model = plan_network(model, spatial_dims, median_shape, encoder)
     if overrides.patch_size is not None:
         patch = list(overrides.patch_size)
     else:
-        patch = frame if encoder is not None else _fit_patch(model, spatial_dims, target, median_shape,
+        patch = frame if encoder is not None else fit_patch(model, spatial_dims, target, median_shape,
                                                              params.plan.memory_budget_mb)
         patch = patch + [1] * (3 - spatial_dims)
     if spatial_dims == 3 and patch[2] == 1:
         raise StageInputError(f"patch size {patch} is a 2D patch but the plan is 3D: set plan.spatial_dims: 2 "
                               f"(or give a 3D plan.patch_size)")
-    div = _divisor(model, spatial_dims, target, patch)
+    div = patch_divisor(model, spatial_dims, target, patch)
     bad = [a for a in range(spatial_dims) if patch[a] % div[a]]
     if bad:
         raise StageInputError(f"patch size {patch} is not divisible by {div} on axis {bad[0]}: the network "
