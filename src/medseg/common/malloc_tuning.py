@@ -2,10 +2,9 @@
 
 By default glibc serves every allocation above 128 KB to 32 MB with a fresh ``mmap`` and unmaps it when freed, so each
 new full-size volume, sliding-window output and convolution buffer is new memory that the kernel must fault in and
-zero, page by page. On the 2-core CI-class VMs this project is measured on, that doubled the time of a 3D
-convolution (ten 16-channel 128x128x64 convolutions: 2.6 s, 1.5 s with freed memory kept) and cost 15% of a CT's
-sliding-window inference. PyTorch's CPU tuning guide recommends jemalloc or tcmalloc for the same reason; this gets
-most of it from the allocator already loaded. Measured by ``benchmarks/predict.py`` (``--allocator``).
+zero, page by page: on small CPU machines that is a large share of a 3D convolution's and a sliding window's time
+(figures and the command that measures them: benchmarks/README.md). PyTorch's CPU tuning guide recommends jemalloc or
+tcmalloc for the same reason; this gets most of it from the allocator already loaded.
 
 The cost: a process's memory stays at its peak until it exits (what it frees is reused, not returned). So this is
 done only in processes that are medseg's own (the ``medseg`` command, the flow scripts), never on import, and left

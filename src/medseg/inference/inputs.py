@@ -25,8 +25,8 @@ class Input:
     Attributes:
         name: output stem (NIfTI file or image stem, or DICOM series folder name).
         image: ``(X, Y, Z)``, or ``(X, Y, Z, channels)`` for an RGB frame, in the source's own type and memory order
-            (:func:`segment` makes float32 of it once, in that order: a C-order float copy of a 512x512x300 CT
-            cost 8 s of a 28 s prediction on 2 cores).
+            (:func:`medseg.inference.predict.segment` makes float32 of it once, in that order: a C-order float
+            copy of a CT first is a large share of its prediction, benchmarks/README.md).
         affine: RAS affine the model sees the image with (ingest's reading of the file).
         output_affine: affine written to the output (the NIfTI file's own; for DICOM the same as ``affine``).
         modality: the DICOM Modality ("CT"/"MR"), None for NIfTI (the model's modality is used).

@@ -92,8 +92,8 @@ def _invert_labels(pre, image, labels: torch.Tensor):
 
     Same result as ``Invertd(nearest_interp=True)``, but the inverse of ``Spacingd`` is done as what it is: its voxel
     map keeps the axes (only spacing and origin change), so nearest-neighbour sampling is one index array per axis
-    (:func:`medseg.preprocessing.resample.resample_axes`), instead of a full-volume float64 sampling grid (12 s and GBs for a
-    512x512x300 CT on 2 cores).
+    (:func:`medseg.preprocessing.resample.resample_axes`), instead of a full-volume float64 sampling grid (gigabytes for
+    a CT, and most of its prediction's time: benchmarks/README.md).
     The transforms after it (crop, intensities) and before it (orientation) are inverted by MONAI itself.
     """
     from copy import deepcopy
@@ -153,7 +153,7 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
                                 load=False)
     channel_first = image[None] if image.ndim == 3 else np.moveaxis(image, -1, 0)  # RGB frames: channels last
     # In the array's own type and memory order (NIfTI and DICOM volumes are Fortran-ordered): resampling makes the
-    # float32 volume, at the model's spacing, in one pass (a full-size float copy first cost 2.5 s of a CT). Types
+    # float32 volume, at the model's spacing, in one pass (no full-size float copy first). Types
     # torch does not compute with (unsigned 16/32/64-bit) become float32 first.
     if channel_first.dtype not in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64):
         channel_first = channel_first.astype(np.float32, order="K")

@@ -72,7 +72,7 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray,
 
 def _read_data(img, path: Path) -> np.ndarray:
     """The voxels of ``img`` (loaded from ``path``) as nibabel's ``dataobj`` gives them; a gzipped file is inflated by
-    ISA-L when it is installed (0.6 s instead of Python's gzip 1.4 s for a 512x512x300 int16 CT)."""
+    ISA-L when it is installed (about twice as fast as Python's gzip: benchmarks/README.md)."""
     import nibabel as nib
 
     from medseg.common.fast_gzip import open_fast

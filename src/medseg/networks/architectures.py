@@ -124,8 +124,8 @@ def load_network(spec: dict[str, Any], in_channels: int, out_channels: int,
     """:func:`build_network` holding ``state_dict``'s tensors (``load_state_dict`` strict: every key, every shape).
 
     The network is built on the ``meta`` device and takes the tensors themselves (``assign=True``): no random
-    initialisation of weights that are replaced at once, and no copy: ACDC's 2D U-Net (32-512, 6 levels) loads in
-    6 ms instead of 37 on 2 cores (93 and 11 on a busy machine), once per model of an ensemble and per run.
+    initialisation of weights that are replaced at once, and no copy, once per model of an ensemble and per run
+    (a several-fold faster load: benchmarks/README.md).
     The tensors are shared with ``state_dict``: pass copies where the caller keeps using them.
     """
     with torch.device("meta"):

@@ -3,7 +3,7 @@
 Spacing an image that is already in RAS orientation maps each output axis to the same input axis, scaled and shifted:
 ``source = scale * index + offset``. Linear interpolation then separates into one 1D interpolation per axis, and
 nearest neighbour into one index array per axis, so neither needs MONAI's full-volume sampling grid (three floats per
-output voxel, then ``grid_sample``: 2 s and 0.6 GB for a 512x512x300 CT on 2 cores), nor a float copy of the whole
+output voxel, then ``grid_sample``: seconds and most of a gigabyte for a CT, benchmarks/README.md), nor a float copy of the whole
 input first. The volume is done plane by plane along its slowest memory axis, into one output array, on a few threads.
 
 Conventions are ``grid_sample``'s with ``align_corners=False`` and ``padding_mode="border"``, as MONAI's ``Spacing``

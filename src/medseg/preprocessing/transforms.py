@@ -56,7 +56,7 @@ class ZScored(mt.MapTransform):
 class ClipIntensityd(mt.MapTransform):
     """Values below ``lo`` become ``lo`` and above ``hi`` become ``hi`` (CT's planned HU window), in one pass. MONAI's
     ``ScaleIntensityRanged`` with equal source and target ranges, used before, maps to the same values (to float32
-    rounding) in five: subtract, divide, multiply, add, clip (0.2 s of a 512x512x300 CT's prediction)."""
+    rounding) in five passes over the volume: subtract, divide, multiply, add, clip."""
 
     def __init__(self, keys, lo: float, hi: float, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -131,7 +131,7 @@ class ForegroundSelect:
         x = np.asarray(img)
         lo = float(x.min())
         # the 99th percentile of every 8th voxel: the same threshold to well within its 5% margin, without copying
-        # the whole volume to sort it (2.7 s of a 512x512x300 CT's prediction on 2 cores)
+        # the whole volume to sort it (seconds of a CT's prediction: benchmarks/README.md)
         hi = float(np.percentile(x.ravel(order="K")[::8], 99))
         return x > lo + self.fraction * (hi - lo)
 
@@ -140,7 +140,7 @@ class AxisAlignedSpacingd(mt.Spacingd):
     """MONAI's ``Spacingd``, with the resampling of a linearly interpolated image done one axis at a time
     (:mod:`medseg.preprocessing.resample`) when its voxel map keeps the axes: an image already in RAS, the usual case after
     ``Orientationd``. It reads the image in its own type and memory order, so an int16 CT is never copied to float32
-    at full size first (with MONAI's sampling grid: 4.5 s of a 512x512x300 CT's prediction on 2 cores).
+    at full size first (with MONAI's sampling grid the largest single cost of a CT's prediction: benchmarks/README.md).
 
     MONAI plans the resampling (lazily: the output affine, shape and traced operation, so ``Invertd`` and
     ``medseg.inference.predict`` invert it as MONAI's own); only the pixels are computed here, as ``grid_sample`` does them
