@@ -96,3 +96,18 @@ def test_the_old_modules_now_folders_still_give_their_functions():
     assert build_network is architectures.build_network and build_inferer is sliding_window.build_inferer
     with pytest.raises(ImportError):
         from medseg.networks import no_such_name  # noqa: F401
+
+
+def test_the_readme_architecture_shows_every_folder_and_only_real_modules():
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    folders = {p.name for p in (REPO / "src" / "medseg").iterdir() if (p / "__init__.py").is_file()}
+    assert {f for f in folders if f"{f}/" not in section} == set()
+    import re
+
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", section)) - {"test_architecture.py"}
+    real = {p.name for p in (REPO / "src" / "medseg").rglob("*.py")} | {p.name for p in (REPO / "pipelines").glob("*.py")}
+    assert named - real == set(), "README's architecture names modules that do not exist"
+    modules = {p.name for p in (REPO / "src" / "medseg").rglob("*.py")
+               if p.name != "__init__.py" and p.parent.name != "ingest"}
+    assert modules - named == set(), "modules missing from README's architecture section"
