@@ -20,6 +20,7 @@ LINT = shutil.which("lint-imports", path=os.path.dirname(sys.executable)) or shu
 
 def lint(root, *extra: str) -> subprocess.CompletedProcess:
     """``lint-imports`` on the project copy at ``root`` (its pyproject.toml, its src/ and pipelines/)."""
+    assert LINT is not None, "import-linter is a test dependency: pip install -c constraints.txt -e '.[test]'"
     pipelines = root / "tmp_pipelines"
     if not pipelines.exists():  # medseg_pipelines is the installed name of pipelines/
         (pipelines / "medseg_pipelines").parent.mkdir(parents=True, exist_ok=True)
@@ -35,9 +36,6 @@ def project(tmp_path_factory):
     for folder in ("src", "pipelines"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return root
-
-
-pytestmark = pytest.mark.skipif(LINT is None, reason="import-linter is not installed (pip install -e '.[test]')")
 
 
 def test_the_layers_hold(project):
@@ -111,3 +109,10 @@ def test_the_readme_architecture_shows_every_folder_and_only_real_modules():
     modules = {p.name for p in (REPO / "src" / "medseg").rglob("*.py")
                if p.name != "__init__.py" and p.parent.name != "ingest"}
     assert modules - named == set(), "modules missing from README's architecture section"
+
+
+def test_every_package_folder_is_installed():
+    """pyproject's package list names every folder, so a wheel (not only an editable install) holds them all."""
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(REPO / "src").parts) for p in (REPO / "src" / "medseg").rglob("__init__.py")}
+    assert folders | {"medseg_pipelines"} == packages
