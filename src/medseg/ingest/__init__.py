@@ -263,18 +263,7 @@ def ingest_folder(source: Path, out_dir: Path, layout: str = "auto", id_map: Pat
 def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_map: CaseMap,
             options: dict[str, dict[str, Any]]) -> dict[str, Any]:
     skip = (out_dir,)
-    new_walk()
-    if layout == "auto":
-        layout = detect_layout(source, skip)
-    elif layout not in READERS:
-        raise IngestError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
-    log.info("ingesting data.source as layout %s", layout)  # no path: folder names can identify patients
-    reader = READERS[layout]
-    try:
-        scan: Scan = reader(source, skip, **options.get(layout, {}))
-    except CaseRejected as err:  # a layout-wide problem (a bad groups.csv or group pattern): nothing to ingest
-        raise IngestError(f"layout {layout}: {err}") from None
-    allowed = set(scan.labels) if scan.labels else None
+    layout, scan = _scan(source, skip, layout, options)
     groups: dict[str, list[Item]] = {}
     for item in scan.items:
         groups.setdefault(item.case_id, []).append(item)
@@ -287,12 +276,51 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
             for cid, g in groups.items()}
     for folder in (out_dir, out_dir / "images", out_dir / "labels"):  # left by a killed run
         remove_temporaries(folder)
+    allowed = set(scan.labels) if scan.labels else None
     cache, record, skipped = _run_cases(groups, keys, out_dir, allowed, scrub, case_map, f"ingest {layout}")
     results = {(cid, r["input"]): r for cid, entry in cache.items() for r in entry["results"]}
+    cases, accepted, values_seen, ids = _collect(scan, results, rejected)
+    if not cases:
+        first = "; ".join(f"{r['input']}: {r['reason']}" for r in rejected[:3])
+        raise IngestError(f"nothing usable in {source} (layout {layout}: {LAYOUT_HELP[layout]}); "
+                          f"{len(rejected)} rejected" + (f", e.g. {first}" if first else ""))
+    labels = dict(scan.labels) if scan.labels else {0: "background", **{v: f"class_{v}" for v in values_seen if v}}
+    keep = {c.image for c in cases.values()} | {c.label for c in cases.values() if c.label}
+    _remove_stale(out_dir, keep, record)
+    save_cache(out_dir, cache)  # the record now: this run's cases only
+    manifest = write_manifest(out_dir, layout, labels, list(cases.values()), dataset=_dataset_name(scan, cases))
+    report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
+    _write_ids(id_map, ids, len(cases), len(rejected))
+    labelled = sum(c.label is not None for c in cases.values())
+    subjects = len({c.subject for c in cases.values()})
+    log.info("ingest: %d cases of %d %s accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases),
+             subjects, "groups" if layout == "images" else "subjects", labelled, len(rejected), skipped, out_dir)
+    return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "subjects": subjects,
+            "rejected": len(rejected), "labelled": labelled, "skipped": skipped, "manifest": str(manifest),
+            "report": str(report)}
+
+
+def _scan(source: Path, skip: tuple[Path, ...], layout: str, options: dict[str, dict[str, Any]]) -> tuple[str, Scan]:
+    """The layout (detected for ``auto``) and its reader's scan of ``source``."""
+    new_walk()
+    if layout == "auto":
+        layout = detect_layout(source, skip)
+    elif layout not in READERS:
+        raise IngestError(f"unknown layout {layout!r}; choose auto or one of {', '.join(LAYOUTS)}")
+    log.info("ingesting data.source as layout %s", layout)  # no path: folder names can identify patients
+    try:
+        return layout, READERS[layout](source, skip, **options.get(layout, {}))
+    except CaseRejected as err:  # a layout-wide problem (a bad groups.csv or group pattern): nothing to ingest
+        raise IngestError(f"layout {layout}: {err}") from None
+
+
+def _collect(scan: Scan, results: dict, rejected: list[dict]) -> tuple[dict[str, Case], list, set, dict]:
+    """The cases, in the scan's order whatever order the threads finished in: ``(cases, accepted, label values
+    seen, identifiers by key)``; each input a case refused is added to ``rejected``."""
     cases: dict[str, Case] = {}
     accepted, values_seen = [], set()
     ids = {input_key(r["source"]): {"source": r["source"]} for r in scan.rejected}
-    for item in scan.items:  # the scan's order, whatever order the threads finished in
+    for item in scan.items:
         key = input_key(item.source)
         ids[key] = {"source": item.source}
         r = results[(item.case_id, key)]
@@ -305,30 +333,17 @@ def _ingest(source: Path, out_dir: Path, layout: str, id_map: Path | None, case_
         values_seen |= set(r["values"])
         accepted.append({"input": key, "case_id": case.case_id})
         ids[case.case_id] = _identifiers(item)
-    if not cases:
-        first = "; ".join(f"{r['input']}: {r['reason']}" for r in rejected[:3])
-        raise IngestError(f"nothing usable in {source} (layout {layout}: {LAYOUT_HELP[layout]}); "
-                          f"{len(rejected)} rejected" + (f", e.g. {first}" if first else ""))
-    labels = dict(scan.labels) if scan.labels else {0: "background", **{v: f"class_{v}" for v in values_seen if v}}
-    keep = {c.image for c in cases.values()} | {c.label for c in cases.values() if c.label}
-    _remove_stale(out_dir, keep, record)
-    save_cache(out_dir, cache)  # the record now: this run's cases only
-    manifest = write_manifest(out_dir, layout, labels, list(cases.values()), dataset=_dataset_name(scan, cases))
-    report = write_json(out_dir / REPORT_NAME, {"source_layout": layout, "accepted": accepted, "rejected": rejected})
+    return cases, accepted, values_seen, ids
+
+
+def _write_ids(id_map: Path | None, ids: dict, cases: int, rejected: int) -> None:
+    """The re-identification map, only where the user asked for one (outside the data folder)."""
     if id_map is not None:
         write_id_map(id_map, ids)
-        log.info("re-identification map written (%d cases, %d inputs); keep it private", len(cases),
-                 len(ids) - len(cases))
+        log.info("re-identification map written (%d cases, %d inputs); keep it private", cases, len(ids) - cases)
     elif rejected:
         log.info("%d input(s) rejected, named by input-... keys in %s; --write-id-map FILE maps the keys to files",
-                 len(rejected), REPORT_NAME)
-    labelled = sum(c.label is not None for c in cases.values())
-    subjects = len({c.subject for c in cases.values()})
-    log.info("ingest: %d cases of %d %s accepted (%d with labels), %d rejected, %d unchanged -> %s", len(cases),
-             subjects, "groups" if layout == "images" else "subjects", labelled, len(rejected), skipped, out_dir)
-    return {"layout": layout, "out": str(out_dir), "accepted": len(cases), "subjects": subjects,
-            "rejected": len(rejected), "labelled": labelled, "skipped": skipped, "manifest": str(manifest),
-            "report": str(report)}
+                 rejected, REPORT_NAME)
 
 
 def _dataset_name(scan, cases: dict) -> str:
