@@ -139,6 +139,19 @@ class TrainLoader:
             set_track_meta(previous)
 
 
+def _cache_place(files: list[dict], plan: Any, train: Any, num_classes: int) -> tuple[str, float]:
+    """Where the cached prefix goes (:func:`choose_cache` on the estimate and the RAM available), logged."""
+    needed = estimate_cache_bytes(files, plan.patch_size, num_classes, weight_map=train.loss == "unet_weighted")
+    available = available_ram_bytes()
+    where, rate = choose_cache(train.cache, needed, available, len(files))
+    log.info("training cache: %s (train.cache=%s; %.1f MB for %d volumes, %.1f MB RAM available, %.0f%% in RAM)",
+             where, train.cache, needed / 2**20, len(files), available / 2**20, 100 * rate)
+    if where == "memory" and needed > RAM_FRACTION * available:
+        log.warning("train.cache=memory: the cache needs %.1f MB and %.1f MB RAM is available; train.cache=auto "
+                    "would keep what does not fit on disk", needed / 2**20, available / 2**20)
+    return where, rate
+
+
 def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int, device: torch.device, seed: int,
                       cache_dir: str | Path | None, rank: int = 0, world_size: int = 1,
                       in_channels: int = 1, frames: bool = False) -> TrainLoader:
@@ -164,7 +177,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     """
     from monai.data import Dataset, ThreadDataLoader
 
-    from medseg.preprocessing.transforms import train_transforms
+    from medseg.preprocessing.transforms import MAX_INDICES_PER_CLASS, train_transforms
 
     if not files:
         raise StageInputError("no training volumes: the training file list is empty")
@@ -182,16 +195,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
                                       if train.loss == "unet_weighted" else None, in_channels=in_channels,
                                       frames=frames)
 
-    needed = estimate_cache_bytes(files, plan.patch_size, num_classes, weight_map=train.loss == "unet_weighted")
-    available = available_ram_bytes()
-    where, rate = choose_cache(train.cache, needed, available, len(files))
-    log.info("training cache: %s (train.cache=%s; %.1f MB for %d volumes, %.1f MB RAM available, %.0f%% in RAM)",
-             where, train.cache, needed / 2**20, len(files), available / 2**20, 100 * rate)
-    if where == "memory" and needed > RAM_FRACTION * available:
-        log.warning("train.cache=memory: the cache needs %.1f MB and %.1f MB RAM is available; train.cache=auto "
-                    "would keep what does not fit on disk", needed / 2**20, available / 2**20)
-    from medseg.preprocessing.transforms import MAX_INDICES_PER_CLASS
-
+    where, rate = _cache_place(files, plan, train, num_classes)
     signature = repr((tuple(plan.patch_size), num_classes, MAX_INDICES_PER_CLASS))
     dataset = Dataset(_cached_dataset(files, cached, where, rate, cache_dir, signature), random)
 
