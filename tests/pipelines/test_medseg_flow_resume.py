@@ -19,11 +19,10 @@ import yaml
 from medseg.common.manifest import registered_model_name
 from medseg.inference.model_folder import RUN_NAME
 from medseg.training.resume import CHECKPOINT_NAME
-from tests.conftest import PIPELINE
+from tests.conftest import PIPELINE, REPO
 
 pytestmark = [pytest.mark.slow, PIPELINE]
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def pipeline(params_file: Path, tmp_path: Path, log: Path) -> subprocess.Popen:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from medseg.common.manifest import registered_model_name
-from tests.conftest import PIPELINE
+from tests.conftest import PIPELINE, REPO
 
 pytestmark = [pytest.mark.slow, PIPELINE]
 
@@ -92,7 +92,7 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
     params = dataclasses.replace(params, data=dataclasses.replace(params.data, source=f"{params.paths.demo}/acdc"))
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(dataclasses.asdict(params)))
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     env = {**prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PYTHONPATH": os.pathsep.join([str(repo), *sys.path])}
     log = (tmp_path / "serve.log").open("w")
