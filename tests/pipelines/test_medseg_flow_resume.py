@@ -24,7 +24,6 @@ from tests.conftest import PIPELINE, REPO
 pytestmark = [pytest.mark.slow, PIPELINE]
 
 
-
 def pipeline(params_file: Path, tmp_path: Path, log: Path) -> subprocess.Popen:
     """``medseg pipeline`` in its own session (so its embedded Prefect server dies with it), output to ``log``."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
