@@ -61,7 +61,7 @@ def peer_loader(files, plan, train, workers: int):
     from monai import transforms as mt
     from monai.data import DataLoader, Dataset
 
-    from medseg.preprocessing.transforms import augmentation_transforms
+    from medseg.preprocessing.augmentation import augmentation_transforms
 
     keys, patch = ["image", "label"], tuple(plan.patch_size)
     chain = [

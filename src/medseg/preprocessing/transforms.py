@@ -2,13 +2,12 @@
 
 ``preprocess_transforms`` is the deterministic geometry and intensity chain shared by the preprocess stage and by
 ``medseg predict`` (which inverts it with ``Invertd`` to return to the input's geometry). ``train_transforms`` returns
-the cacheable deterministic prefix (load, pad, class positions) and, separately, every random transform after it.
+the cacheable deterministic prefix (load, pad, class positions) and, separately, every random transform after it (the
+crop, then :mod:`medseg.preprocessing.augmentation`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +15,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-__all__ = ["ForegroundSelect", "AxisAlignedSpacingd", "preprocess_transforms", "train_transforms",
-           "augmentation_transforms", "rotation_range_deg", "eval_transforms",
-           "UNetWeightd", "RandColourShiftd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS"]
+__all__ = ["ForegroundSelect", "AxisAlignedSpacingd", "preprocess_transforms", "train_transforms", "eval_transforms",
+           "UNetWeightd", "IMAGE", "LABEL", "WEIGHT", "MAX_INDICES_PER_CLASS", "like"]
 
 IMAGE, LABEL = "image", "label"
 WEIGHT = "weight"  # the U-Net paper's pixel weights (train.loss: unet_weighted), cropped and moved with the label
@@ -46,7 +44,7 @@ class ZScored(mt.MapTransform):
                 mean = values.reshape(len(values), -1).mean(axis=1, dtype=np.float64)
                 std = values.reshape(len(values), -1).std(axis=1, dtype=np.float64)
                 std[std == 0] = 1.0
-                d[key] = (image - _like(image, mean.reshape(shape))) / _like(image, std.reshape(shape))
+                d[key] = (image - like(image, mean.reshape(shape))) / like(image, std.reshape(shape))
             else:
                 mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
                 d[key] = (image - mean) / (std or 1.0)
@@ -71,7 +69,7 @@ class ClipIntensityd(mt.MapTransform):
         return d
 
 
-def _like(image, values: np.ndarray):
+def like(image, values: np.ndarray):
     """``values`` as ``image``'s kind (tensor of its dtype and device, or numpy array of its dtype)."""
     if isinstance(image, torch.Tensor):
         return torch.as_tensor(values, dtype=image.dtype, device=image.device)
@@ -93,28 +91,6 @@ class UNetWeightd(mt.MapTransform):
         label = np.asarray(d[LABEL])[0]
         weight = unet_weight_map(label, self.w0, self.sigma, slice_axis=-1 if self.spatial_dims == 2 else None)
         d[WEIGHT] = torch.from_numpy(weight)[None]
-        return d
-
-
-class RandColourShiftd(mt.RandomizableTransform, mt.MapTransform):
-    """With probability ``prob``, shift each channel of a multi-channel (RGB) image by its own offset, uniform in
-    +-``offset`` (images are z-scored per channel: 0.2 standard deviations): the hue and white-balance differences
-    between endoscopes and centres. A one-channel image is left alone (brightness has its own transform)."""
-
-    def __init__(self, keys, prob: float, offset: float = 0.2) -> None:
-        mt.RandomizableTransform.__init__(self, prob)
-        mt.MapTransform.__init__(self, keys)
-        self.offset = offset
-
-    def __call__(self, data):
-        d = dict(data)
-        self.randomize(None)
-        for key in self.key_iterator(d):
-            image = d[key]
-            if not self._do_transform or image.shape[0] < 2:
-                continue
-            shifts = self.R.uniform(-self.offset, self.offset, size=image.shape[0])
-            d[key] = image + _like(image, shifts.reshape((-1,) + (1,) * (image.ndim - 1)))
         return d
 
 
@@ -261,7 +237,7 @@ def train_transforms(
     The random part moves the volume to ``device`` (when given) and crops ``samples_per_volume`` patches: with
     probability ``foreground_fraction`` centred on a labelled (foreground) class, each class equally likely, else
     anywhere in the volume (nnU-Net's foreground oversampling: a third of the patches). Then it augments
-    (:func:`augmentation_transforms`).
+    (:func:`medseg.preprocessing.augmentation.augmentation_transforms`).
 
     Args:
         spatial_dims: 2 crops patches ``(H, W, 1)`` and squeezes the last axis; 3 keeps ``(X, Y, Z)``.
@@ -280,12 +256,30 @@ def train_transforms(
         ``(cached, random)``: apply ``cached`` to ``{"image": path, "label": path}``, then ``random`` to its output,
         which gives ``samples_per_volume`` dicts with "image" float32 and "label" int64, each ``(1, *patch)``.
     """
-    loaded = [IMAGE, LABEL]
-    keys = loaded + ([WEIGHT] if unet_weights else [])
+    from medseg.preprocessing.augmentation import augmentation_transforms  # it builds on this module's keys
+
+    keys = [IMAGE, LABEL] + ([WEIGHT] if unet_weights else [])
     patch = tuple(int(s) for s in patch_size)
     indices_key = f"{LABEL}_cls_indices"
-    cached = mt.Compose([
-        mt.LoadImaged(loaded, image_only=True),
+    cached = _cached_prefix(keys, patch, num_classes, unet_weights, spatial_dims, in_channels)
+    random: list = []
+    if device is not None:
+        random.append(mt.EnsureTyped(keys, device=torch.device(device), track_meta=False))
+    random.append(_crop(keys, patch, num_classes, samples_per_volume, foreground_fraction, indices_key))
+    random.append(mt.DeleteItemsd(indices_key))
+    if spatial_dims == 2:
+        random.append(mt.SqueezeDimd(keys, dim=-1))
+    random += augmentation_transforms(spatial_dims, augmentation, patch, extra_keys=keys[2:], frames=frames)
+    random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
+    return cached, mt.Compose(random)
+
+
+def _cached_prefix(keys: list[str], patch: tuple[int, ...], num_classes: int, unet_weights, spatial_dims: int,
+                   in_channels: int) -> mt.Compose:
+    """Load channel-first (image float32, label uint8, no meta data), the U-Net pixel weights if asked, pad to the
+    patch, list each class's voxel positions."""
+    return mt.Compose([
+        mt.LoadImaged([IMAGE, LABEL], image_only=True),
         # Preprocessed volumes are 3D without a channel, an image with several channels has them last (RGB frames:
         # medseg.preprocessing.preprocess): said explicitly, so the prefix also works without meta data.
         mt.EnsureChannelFirstd(IMAGE, channel_dim="no_channel" if in_channels == 1 else -1),
@@ -296,91 +290,23 @@ def train_transforms(
         mt.SpatialPadd(keys, spatial_size=patch),
         mt.ClassesToIndicesd(LABEL, num_classes=num_classes, max_samples_per_class=MAX_INDICES_PER_CLASS),
     ])
-    random: list = []
-    if device is not None:
-        random.append(mt.EnsureTyped(keys, device=torch.device(device), track_meta=False))
+
+
+def _crop(keys: list[str], patch: tuple[int, ...], num_classes: int, samples: int, foreground_fraction: float,
+          indices_key: str):
+    """``samples`` patches: with probability ``foreground_fraction`` centred on a labelled class (each equally
+    likely), else anywhere."""
     foreground = mt.RandCropByLabelClassesd(
-        keys, label_key=LABEL, spatial_size=patch, num_classes=num_classes, num_samples=samples_per_volume,
+        keys, label_key=LABEL, spatial_size=patch, num_classes=num_classes, num_samples=samples,
         # background only as the fallback for a volume without any labelled voxel (MONAI divides by the ratios' sum)
         indices_key=indices_key, ratios=[1e-9] + [1.0] * (num_classes - 1), warn=False,
     )
-    anywhere = mt.RandSpatialCropSamplesd(keys, roi_size=patch, num_samples=samples_per_volume, random_size=False)
+    anywhere = mt.RandSpatialCropSamplesd(keys, roi_size=patch, num_samples=samples, random_size=False)
     if foreground_fraction >= 1.0:
-        random.append(foreground)
-    elif foreground_fraction <= 0.0:
-        random.append(anywhere)
-    else:
-        random.append(mt.OneOf([foreground, anywhere], weights=[foreground_fraction, 1.0 - foreground_fraction]))
-    random.append(mt.DeleteItemsd(indices_key))
-    if spatial_dims == 2:
-        random.append(mt.SqueezeDimd(keys, dim=-1))
-    random += augmentation_transforms(spatial_dims, augmentation, patch, extra_keys=keys[2:], frames=frames)
-    random.append(mt.EnsureTyped(LABEL, dtype=torch.int64, track_meta=False))
-    return cached, mt.Compose(random)
-
-
-def rotation_range_deg(spatial_dims: int, patch_size: Sequence[int], a: Any) -> float:
-    """The largest rotation angle: ``rotate_range_deg``, or when null nnU-Net's rule: the full circle in-plane for
-    2D patches that are near square (longest side at most 1.5x the shortest), 15 degrees for other 2D patches,
-    30 degrees about each axis in 3D."""
-    if a.rotate_range_deg is not None:
-        return float(a.rotate_range_deg)
-    if spatial_dims == 3:
-        return 30.0
-    sides = [int(s) for s in patch_size[:2]]
-    return 180.0 if max(sides) <= 1.5 * min(sides) else 15.0
-
-
-def augmentation_transforms(spatial_dims: int, a: Any, patch_size: Sequence[int] = (1, 1, 1),
-                            extra_keys: Sequence[str] = (), frames: bool = False) -> list:
-    """nnU-Net v2's default augmentation as MONAI transforms on channel-first patches, in nnU-Net's order, from
-    ``params.train.augmentation``; a probability of 0 leaves the transform out.
-
-    Rotation (see :func:`rotation_range_deg`) and scaling, Gaussian noise (variance up to 0.1), Gaussian blur
-    (sigma 0.5-1), multiplicative brightness (0.75-1.25), contrast (0.75-1.25, range kept), simulated low resolution
-    (down to half), gamma (0.7-1.5) on the inverted and on the plain image (statistics kept), a colour shift per
-    channel for RGB frames (:class:`RandColourShiftd`), mirroring per axis.
-    ``extra_keys`` (pixel weights) move with the label: nearest-neighbour resampling, the same flips.
-    ``frames`` (2D camera frames, not scans): the transforms named in ``a.skip_for_frames`` are left out.
-    """
-    if frames and a.skip_for_frames:
-        a = dataclasses.replace(a, **{f"{name}_prob": 0.0 for name in a.skip_for_frames})
-    keys = [IMAGE, LABEL, *extra_keys]
-    nearest = ["nearest"] * (len(keys) - 1)
-    linear = "bilinear" if spatial_dims == 2 else "trilinear"
-    angle = math.radians(rotation_range_deg(spatial_dims, patch_size, a))
-    chain: list = []
-    if a.rotate_prob > 0:
-        ranges = {"range_x": angle} if spatial_dims == 2 else {"range_x": angle, "range_y": angle, "range_z": angle}
-        chain.append(mt.RandRotated(keys, prob=a.rotate_prob, mode=["bilinear", *nearest], padding_mode="zeros",
-                                    keep_size=True, **ranges))
-    if a.scale_prob > 0:
-        lo, hi = a.scale_range
-        chain.append(mt.RandZoomd(keys, prob=a.scale_prob, min_zoom=lo, max_zoom=hi, mode=[linear, *nearest],
-                                  padding_mode="constant", keep_size=True))
-    if a.noise_prob > 0:
-        chain.append(mt.RandGaussianNoised(IMAGE, prob=a.noise_prob, std=math.sqrt(0.1)))
-    if a.blur_prob > 0:
-        sigma = {f"sigma_{axis}": (0.5, 1.0) for axis in "xyz"[:spatial_dims]}
-        chain.append(mt.RandGaussianSmoothd(IMAGE, prob=a.blur_prob, **sigma))
-    if a.brightness_prob > 0:
-        chain.append(mt.RandScaleIntensityd(IMAGE, prob=a.brightness_prob, factors=0.25))
-    if a.contrast_prob > 0:
-        # nnU-Net's contrast: scale about the mean, clipped to the patch's original range.
-        chain.append(mt.RandScaleIntensityFixedMeand(IMAGE, prob=a.contrast_prob, factors=0.25, preserve_range=True))
-    if a.lowres_prob > 0:
-        chain.append(mt.RandSimulateLowResolutiond(IMAGE, prob=a.lowres_prob, zoom_range=(0.5, 1.0),
-                                                    upsample_mode=linear))
-    if a.inverted_gamma_prob > 0:
-        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.inverted_gamma_prob, gamma=(0.7, 1.5), invert_image=True,
-                                            retain_stats=True))
-    if a.gamma_prob > 0:
-        chain.append(mt.RandAdjustContrastd(IMAGE, prob=a.gamma_prob, gamma=(0.7, 1.5), retain_stats=True))
-    if a.colour_prob > 0:
-        chain.append(RandColourShiftd(IMAGE, prob=a.colour_prob))
-    if a.flip_prob > 0:
-        chain += [mt.RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
-    return chain
+        return foreground
+    if foreground_fraction <= 0.0:
+        return anywhere
+    return mt.OneOf([foreground, anywhere], weights=[foreground_fraction, 1.0 - foreground_fraction])
 
 
 def eval_transforms() -> mt.Compose:
