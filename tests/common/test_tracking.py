@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -75,3 +76,70 @@ def test_data_version_is_dvcs_hash_while_its_record_describes_the_folder(tmp_pat
     changed = data_version(data, recorded)
     assert changed["data_md5_source"] == "content" and changed["data_md5"] != content["data_md5"]
     assert dvc_record(tmp_path / "elsewhere", lock) is None
+
+
+# Takes the store's lock, says so on stdout, holds it until a line arrives on stdin, then records that it is leaving
+# (still holding the lock) before it lets go.
+_HOLDER = """
+import sys
+from medseg.common.tracking import store_lock
+with store_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.readline()
+    with open(sys.argv[2], "a") as log:
+        log.write("holder leaves\\n")
+"""
+
+
+def _enter_in_a_thread(uri: str, order: Path, who: str) -> tuple[threading.Event, threading.Event]:
+    """``(asking, inside)``: set when a daemon thread starts asking for ``uri``'s store lock, and once it holds it
+    (having written ``who`` to ``order`` under the lock)."""
+    from medseg.common.tracking import store_lock
+
+    asking, inside = threading.Event(), threading.Event()
+
+    def enter() -> None:
+        asking.set()
+        with store_lock(uri):
+            with order.open("a") as log:
+                log.write(f"{who} enters\n")
+            inside.set()
+
+    threading.Thread(target=enter, daemon=True).start()
+    return asking, inside
+
+
+def test_store_lock_makes_a_second_process_wait_until_the_first_lets_go(tmp_path):
+    """While one process holds a SQLite store's lock, another acquirer of the same store does not get in; it gets in
+    once the first lets go, after everything the first did under the lock. Another store's lock is not held up."""
+    import select
+
+    from filelock import FileLock, Timeout
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    order = tmp_path / "order.log"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, uri, str(order)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([holder.stdout], [], [], 120)  # timeouts here are failure guards, not waits
+        assert ready and holder.stdout.readline() == "held\n"
+        with pytest.raises(Timeout):  # the lock file beside the store is taken, seen without waiting
+            FileLock(f"{db}.lock").acquire(timeout=0)
+        _, elsewhere = _enter_in_a_thread(f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}", tmp_path / "other.log",
+                                          "other store")
+        assert elsewhere.wait(60)
+
+        asking, inside = _enter_in_a_thread(uri, order, "second")
+        assert asking.wait(60)
+        # the window a broken lock would have to let the second in: a correct one never does, however long
+        assert not inside.wait(1.0)
+        holder.stdin.write("let go\n")
+        holder.stdin.flush()
+        assert inside.wait(60)
+        assert holder.wait(60) == 0
+        assert order.read_text().splitlines() == ["holder leaves", "second enters"]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

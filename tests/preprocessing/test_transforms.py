@@ -86,7 +86,7 @@ def test_zero_probabilities_leave_augmentation_out():
 def test_rotation_range_follows_nnunet_unless_set(dims, patch, expected):
     import dataclasses
 
-    from medseg.preprocessing.transforms import rotation_range_deg
+    from medseg.preprocessing.augmentation import rotation_range_deg
 
     assert rotation_range_deg(dims, patch, augmentation()) == expected
     assert rotation_range_deg(dims, patch, dataclasses.replace(augmentation(), rotate_range_deg=10.0)) == 10.0
@@ -138,7 +138,7 @@ def test_clip_is_monais_identity_rescale_with_clipping_and_keeps_the_meta_data()
 
 
 def test_colour_shift_moves_each_rgb_channel_by_its_own_offset_and_leaves_gray_alone():
-    from medseg.preprocessing.transforms import RandColourShiftd
+    from medseg.preprocessing.augmentation import RandColourShiftd
 
     shift = RandColourShiftd("image", prob=1.0)
     shift.set_random_state(0)
@@ -234,3 +234,55 @@ def test_axis_aligned_spacing_leaves_everything_else_to_monai(case):
     ours, reference = fast(dict(data)), monai(dict(data))
     for key in keys:
         np.testing.assert_array_equal(np.asarray(ours[key]), np.asarray(reference[key]))
+
+
+def _spatial_and_gamma(random):
+    """The rotation, zoom and the two gamma transforms (inverted first, as built) of a random training chain."""
+    from monai import transforms as mt
+
+    rotate, = [t for t in random.transforms if isinstance(t, mt.RandRotated)]
+    zoom, = [t for t in random.transforms if isinstance(t, mt.RandZoomd)]
+    gammas = [t for t in random.transforms if isinstance(t, mt.RandAdjustContrastd)]
+    return rotate, zoom, gammas
+
+
+def test_default_augmentation_is_nnunets_inverted_gamma_zoom_and_full_circle_rotation():
+    """params.yaml's defaults reach the built MONAI transforms as nnU-Net v2's: rotation over the full circle for a
+    near-square 2D patch (30 degrees about each axis in 3D), zoom 0.7-1.4, gamma 0.7-1.5 once on the inverted image
+    (p 0.1) and once on the plain one (p 0.3), both keeping the patch's mean and spread."""
+    import math
+
+    rotate, zoom, gammas = _spatial_and_gamma(train_transforms(2, (48, 40, 1), 1, 4, augmentation())[1])
+    assert rotate.prob == 0.2
+    assert rotate.rand_rotate.range_x == pytest.approx((-math.pi, math.pi))
+    assert zoom.prob == 0.2
+    assert zoom.rand_zoom.min_zoom == pytest.approx((0.7,)) and zoom.rand_zoom.max_zoom == pytest.approx((1.4,))
+    inverted, plain = gammas
+    assert (inverted.prob, plain.prob) == (0.1, 0.3)
+    # the flag the computing transform reads (MONAI's AdjustContrast inside the random one)
+    assert inverted.adjuster.adjust_contrast.invert_image and not plain.adjuster.adjust_contrast.invert_image
+    for gamma in gammas:
+        assert gamma.adjuster.gamma == pytest.approx((0.7, 1.5)) and gamma.adjuster.retain_stats
+
+    rotate, _, _ = _spatial_and_gamma(train_transforms(3, (32, 32, 16), 1, 4, augmentation())[1])
+    for axis in ("range_x", "range_y", "range_z"):
+        assert getattr(rotate.rand_rotate, axis) == pytest.approx((-math.pi / 6, math.pi / 6))
+
+
+def test_changed_augmentation_params_change_the_built_transforms(tmp_path):
+    """An edit of params.yaml's train.augmentation (zoom 0.8-1.2, rotation 90 degrees, other probabilities) is what
+    the training chain's MONAI transforms then do: nothing is hard-coded past the params."""
+    import math
+
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["augmentation"].update(scale_range=[0.8, 1.2], scale_prob=0.35, rotate_range_deg=90,
+                                        rotate_prob=0.45, inverted_gamma_prob=0.55, gamma_prob=0.65)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    edited = load_params(tmp_path / "params.yaml").train.augmentation
+    rotate, zoom, (inverted, plain) = _spatial_and_gamma(train_transforms(2, (48, 40, 1), 1, 4, edited)[1])
+    assert zoom.rand_zoom.min_zoom == pytest.approx((0.8,)) and zoom.rand_zoom.max_zoom == pytest.approx((1.2,))
+    assert zoom.prob == 0.35
+    assert rotate.rand_rotate.range_x == pytest.approx((-math.pi / 2, math.pi / 2)) and rotate.prob == 0.45
+    assert inverted.adjuster.adjust_contrast.invert_image and (inverted.prob, plain.prob) == (0.55, 0.65)

@@ -55,6 +55,36 @@ def test_worse_hd95_beyond_tolerance_blocks():
     assert not result["promote"] and "HD95" in result["reasons"][0]
 
 
+def _gaining(per_subject: list[float]) -> list[dict]:
+    """Candidate rows: each subject's Dice is the champion's (0.70, 0.80) plus its own gain, in both classes alike
+    (no class drops more than the mean; HD95 unchanged), so only the mean and its CI can decide."""
+    return _rows({f"s{k}_ED": (0.70 + gain, 0.80 + gain) for k, gain in enumerate(per_subject)})
+
+
+def test_a_better_mean_whose_ci_reaches_below_the_margin_is_not_promoted():
+    """Three subjects gain 0.12 and two lose 0.10: the mean improves, but the paired difference's 95% CI (by
+    subject) reaches below -noninferiority_margin, so the champion stays; a wider margin lets the same rows pass."""
+    noisy = _gaining([0.12, 0.12, 0.12, -0.10, -0.10, 0.0])
+    result = compare(noisy, CHAMPION, _params(noninferiority_margin=0.01))
+    assert result["difference"]["dice_mean"] > 0 and result["difference"]["ci"][0] < -0.01
+    assert not result["promote"]
+    assert result["reasons"] == [f"the CI's lower bound {result['difference']['ci'][0]:+.4f} is not above -0.01"]
+    assert compare(noisy, CHAMPION, _params(noninferiority_margin=0.2))["promote"]
+
+
+def test_a_consistent_gain_whose_ci_dips_below_zero_within_the_margin_is_promoted():
+    """Non-inferiority, not superiority: a mean gain whose CI's lower bound lies between -margin and 0 promotes."""
+    result = compare(_gaining([0.03, 0.03, 0.02, 0.0, -0.01, -0.01]), CHAMPION, _params(noninferiority_margin=0.01))
+    assert result["difference"]["dice_mean"] > 0 and -0.01 < result["difference"]["ci"][0] < 0
+    assert result["promote"] and result["reasons"] == ["every condition of the rule holds"]
+
+
+def test_a_clear_gain_for_every_subject_is_promoted():
+    result = compare(_gaining([0.06, 0.08, 0.07, 0.09, 0.05, 0.08]), CHAMPION, _params(noninferiority_margin=0.01))
+    assert result["difference"]["ci"][0] > 0.04
+    assert result["promote"] and result["reasons"] == ["every condition of the rule holds"]
+
+
 def test_first_model_needs_no_comparison():
     assert compare(CHAMPION, None, _params())["promote"]
 
