@@ -89,5 +89,21 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         sys.modules[module.__name__] = importlib.import_module(f"{__name__}.{MOVED[old]}")
 
 
+def old_module_names(package: str, module: str):
+    """The ``__getattr__`` of a folder whose name an old module had (``medseg.networks``, ``medseg.inference``): the old
+    module's names, from the module they moved to. Imported by name when first asked for, so that no stage's code deps
+    (:mod:`medseg.common.code_deps`) or layer check counts it: only code written against the old module reaches it."""
+
+    def __getattr__(name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(importlib.import_module(f"{package}.{module}"), name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
 if not any(type(finder).__name__ == "_Alias" for finder in sys.meta_path):
     sys.meta_path.append(_Alias())

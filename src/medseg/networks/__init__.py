@@ -2,17 +2,9 @@
 pretrained weights and the U-Net paper's border weights. The spec itself is :mod:`medseg.common.network_spec`.
 """
 
+from medseg import old_module_names
+
 __all__: list[str] = []
 
-
-def __getattr__(name: str):
-    # `from medseg.networks import build_network` as before this was a folder; imported by name so that no stage's code deps
-    # (medseg.common.code_deps) or layer check counts it: only code written against the old module reaches it
-    import importlib
-
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return getattr(importlib.import_module("medseg.networks.architectures"), name)
-    except AttributeError:
-        raise AttributeError(f"module 'medseg.networks' has no attribute {name!r}") from None
+# `from medseg.networks import ...` as before this was a folder (the names of medseg.networks.architectures)
+__getattr__ = old_module_names(__name__, "architectures")
