@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -128,8 +129,12 @@ def prefect_harness():
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
-    """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them."""
+    """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them, and neither may the
+    one ``mlflow.set_tracking_uri`` exports while a test runs (it sets the variable, which the next test's
+    subprocesses, ``dvc repro`` among them, would inherit)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture

@@ -250,3 +250,22 @@ def test_augmentation_runs_on_the_gpu(tmp_path):
     assert len(batches) == 3
     assert all(b["image"].device.type == "cuda" and b["label"].device.type == "cuda" for b in batches)
     assert batches[0]["image"].shape == (4, 1, 32, 32, 4) and batches[0]["label"].dtype == torch.int64
+
+
+def test_workers_exit_cleanly_when_the_parent_registered_thread_exit_hooks(tmp_path):
+    """Prefect's services register exit hooks with ``threading``; a forked worker inherits them, and one that fails
+    there must not turn the worker's exit into a crash of the loader (it did, after any flow ran in the process)."""
+    import threading
+
+    def parents_service_hook():
+        raise AssertionError("a service this process never started")
+
+    registered = list(threading._threading_atexits)
+    threading._register_atexit(parents_service_hook)
+    try:
+        files = write_volumes(tmp_path)
+        loader = data.make_train_loader(files, make_plan(2, (24, 24, 1), 4), make_train({}, num_workers=2), 4, CPU,
+                                        seed=3, cache_dir=None)
+        assert len(epoch(loader)) == 3 and len(epoch(loader)) == 3
+    finally:
+        threading._threading_atexits[:] = registered

@@ -26,7 +26,7 @@ import torch
 
 from medseg.common.errors import StageInputError
 
-__all__ = ["data_lists", "make_train_loader", "make_val_loader", "TrainLoader", "loader_random_state", "set_loader_random_state",
+__all__ = ["data_lists", "make_train_loader", "worker_init", "make_val_loader", "TrainLoader", "loader_random_state", "set_loader_random_state",
            "estimate_cache_bytes", "available_ram_bytes", "choose_cache", "RAM_FRACTION"]
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,24 @@ class TrainLoader:
             set_track_meta(previous)
 
 
+def worker_init(worker_id: int) -> None:
+    """MONAI's per-worker seeding of the random transforms, in a worker process that exits cleanly.
+
+    A forked worker inherits the exit hooks the parent's services registered with ``threading`` (Prefect's log and
+    event services, once a flow or ``prefect_test_harness`` ran in the process: PrefectHQ/prefect#19112). They fail
+    in a process that never started those services, so the worker's clean exit became exit code 1 and the loader
+    raised "DataLoader worker exited unexpectedly". The hooks belong to the parent: the worker drops them.
+    """
+    import threading
+
+    from monai.data.utils import worker_init_fn
+
+    hooks = getattr(threading, "_threading_atexits", None)  # CPython's list behind threading._register_atexit
+    if hooks is not None:
+        hooks.clear()
+    worker_init_fn(worker_id)
+
+
 def _cache_place(files: list[dict], plan: Any, train: Any, num_classes: int) -> tuple[str, float]:
     """Where the cached prefix goes (:func:`choose_cache` on the estimate and the RAM available), logged."""
     needed = estimate_cache_bytes(files, plan.patch_size, num_classes, weight_map=train.loss == "unet_weighted")
@@ -208,7 +226,7 @@ def make_train_loader(files: list[dict], plan: Any, train: Any, num_classes: int
     # GPU tensors cannot cross process boundaries: augmenting on the device means the loader's own thread does it.
     workers = 0 if on_device else int(train.num_workers)
     loader = ThreadDataLoader(dataset, batch_size=volumes_per_step, sampler=sampler, num_workers=workers,
-                              generator=torch.Generator().manual_seed(int(loader_seed)))
+                              generator=torch.Generator().manual_seed(int(loader_seed)), worker_init_fn=worker_init)
     return TrainLoader(loader, sampler)
 
 
