@@ -127,6 +127,16 @@ def prefect_harness():
         yield
 
 
+
+def free_port() -> int:
+    """A localhost TCP port nothing listens on now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them, and neither may the

@@ -4,7 +4,6 @@ server), with training, evaluation, registration and prediction from the registr
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,19 +14,14 @@ import numpy as np
 import pytest
 
 from medseg.common.manifest import registered_model_name
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "mlflow_server.log").open("w")
     (tmp_path / "server").mkdir()

@@ -73,7 +73,7 @@ def test_register_refuses_metrics_of_another_run(trained):
         register.run(params)
 
 
-def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
+def test_registered_model_runs_on_other_patch_and_batch_sizes(trained, tmp_path):
     params, _ = trained
     evaluate.run(params)
     register.run(params)
@@ -83,9 +83,19 @@ def test_registered_model_runs_on_other_patch_and_batch_sizes(trained):
     with torch.no_grad():
         for batch, size in [(1, (32, 32)), (3, (96, 128)), (2, (64, 48))]:
             assert net(torch.randn(batch, 1, *size)).shape == (batch, 4, *size)
+    # the pyfunc is the whole predictor: a file's bytes (base64) in, the mask file's bytes out, as predict writes it
+    import base64
+
+    import nibabel as nib
+
+    from tests.conftest import write_tiny_volume
+
+    image, _ = write_tiny_volume(3, shape=(50, 40, 4))
+    nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0])), str(tmp_path / "scan.nii.gz"))
     pyfunc = mlflow.pyfunc.load_model(f"models:/{registered_model_name(params)}@champion")
-    out = pyfunc.predict(np.random.rand(2, 1, 64, 96).astype(np.float32))
-    assert np.asarray(out).shape == (2, 4, 64, 96)
+    (mask,) = pyfunc.predict({"image": [base64.b64encode((tmp_path / "scan.nii.gz").read_bytes()).decode()]})
+    (tmp_path / "mask.nii.gz").write_bytes(base64.b64decode(mask))
+    assert nib.load(str(tmp_path / "mask.nii.gz")).shape == (50, 40, 4)
     flavors = mlflow.models.get_model_info(f"models:/{registered_model_name(params)}@champion").flavors
     assert set(flavors) == {"python_function"} and flavors["python_function"]["loader_module"] == "medseg.registry.pyfunc_model"
 

@@ -102,14 +102,14 @@ def log_epoch(record: dict) -> None:
     mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
 
 
-def log_trained_model(folder: Path, config: dict, state: dict) -> str:
+def log_trained_model(folder: Path, state: dict) -> str:
     """Log the written fold ``folder`` as the run's MLflow model, its history and final metrics; the model's URI."""
     import mlflow
 
     from medseg.inference.model_folder import HISTORY_NAME
-    from medseg.registry.pyfunc_model import log_model
+    from medseg.registry.model_logging import log_model
 
-    info = log_model(folder, config)
+    info = log_model(folder)
     mlflow.log_artifact(str(folder / HISTORY_NAME))
     final = {"epochs": state["epoch"], "train_minutes": state["elapsed_s"] / 60}
     if state["best_dice"] >= 0:

@@ -275,7 +275,7 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
             folder = out / f.name
             write_fold(folder, f.net.state_dict(), config, state["history"])
             if state["model_uri"] is None:  # once per run, however often the fold is re-exported
-                state["model_uri"] = log_trained_model(folder, config, state)
+                state["model_uri"] = log_trained_model(folder, state)
             write_run_record(folder, {"run_id": state["run_id"], "model_uri": state["model_uri"], "fold": fold,
                                       "best_val_dice": state["best_dice"], "best_epoch": state["best_epoch"],
                                       "epochs": state["epoch"], "train_minutes": round(state["elapsed_s"] / 60, 3)})
