@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,9 @@ import pytest
 import yaml
 
 from medseg.common.manifest import registered_model_name
-from tests.conftest import PIPELINE, REPO
+from tests.conftest import PIPELINE, REPO, free_port
 
 pytestmark = [pytest.mark.slow, PIPELINE]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -62,7 +55,7 @@ def _wait_for_deployment(name: str, served: subprocess.Popen, seconds: float = 1
 
 @pytest.fixture
 def prefect_server(tmp_path, monkeypatch):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": api}

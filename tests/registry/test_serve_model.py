@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import mlflow
 import nibabel as nib
@@ -55,7 +56,9 @@ def served(trained, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
                             env={**os.environ, "MLFLOW_TRACKING_URI": params.mlflow.tracking_uri,
-                                 "MEDSEG_SERVE_MAX_MB": "1"},  # the size limit, small enough to test
+                                 "MEDSEG_SERVE_MAX_MB": "1",  # the size limit, small enough to test
+                                 # mlflow starts `uvicorn` by name: the environment's own, as in an activated venv
+                                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,7 +74,8 @@ def served(trained, tmp_path):
                 time.sleep(0.5)
         yield url, uri, params
     finally:
-        os.killpg(proc.pid, 15)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
         log.close()
 
