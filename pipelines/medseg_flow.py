@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from medseg.common.case_map import CaseMap, as_finished
 from medseg.common.params import DEFAULT_PARAMS_FILE, Params, load_params
 
-__all__ = ["medseg_pipeline", "run", "task_runner", "prefect_case_map", "STAGE_TASKS"]
+__all__ = ["medseg_pipeline", "run", "task_runner", "prefect_case_map", "STAGE_TASKS", "where"]
 
 # DVC does the caching of stage outputs; Prefect re-runs what the flow asks for. I/O-bound stages retry, backing off
 # (a network share or the MLflow server back after a blip).
@@ -33,8 +33,25 @@ def demo_data_task(params: Params) -> dict:
 
 @task(name="case", cache_policy=NO_CACHE, **IO_RETRIES)
 def case_task(fn: Callable[..., Any], args: tuple) -> Any:
-    """One case of a stage: ``fn(*args)``, on the flow's task runner (a thread here, or a Dask worker)."""
+    """One case of a stage: ``fn(*args)``, on the flow's task runner (a thread here, or a Dask worker). Its log says
+    where it ran (:func:`where`), so the Prefect UI shows the fan-out."""
+    from prefect import get_run_logger
+
+    get_run_logger().info("running on %s", where())
     return fn(*args)
+
+
+def where() -> str:
+    """``dask worker <name>, process <pid>`` inside a Dask worker, else ``process <pid>, thread <name>``."""
+    import os
+    import threading
+
+    try:
+        from distributed import get_worker
+
+        return f"dask worker {get_worker().name}, process {os.getpid()}"
+    except (ImportError, ValueError):  # not in a Dask worker
+        return f"process {os.getpid()}, thread {threading.current_thread().name}"
 
 
 def prefect_case_map(stage: str) -> CaseMap:

@@ -111,19 +111,25 @@ def test_pipeline_on_a_local_dask_cluster_runs_a_task_per_case_with_identical_ou
     assert summary["register"]["alias"] == "champion"
     assert {k: os.environ.get(k) for k in threads_before} == threads_before
 
-    async def case_task_names():  # of this flow run only (the harness's store holds the module's other runs)
-        from prefect.client.schemas.filters import FlowRunFilter
+    async def case_tasks():  # this flow run's case tasks (the harness's store holds the module's other runs)
+        from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterTaskRunId
         from prefect.client.schemas.sorting import FlowRunSort
 
         async with get_client() as client:
             [latest] = await client.read_flow_runs(limit=1, sort=FlowRunSort.START_TIME_DESC)
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [latest.id]}))
-            return sorted(t.name for t in runs if t.name.split("-case")[0] in ("ingest", "preprocess")
-                          and t.state.is_completed())
+            cases = [t for t in runs if t.name.split("-case")[0] in ("ingest", "preprocess") and t.state.is_completed()]
+            logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(
+                any_=[t.id for t in cases])), limit=200)
+            return sorted(t.name for t in cases), [log.message for log in logs if log.message.startswith("running on")]
 
-    names = asyncio.run(case_task_names())
+    names, places = asyncio.run(case_tasks())
     assert sum(n.startswith("ingest-case") for n in names) == 6
     assert sum(n.startswith("preprocess-case") for n in names) == 6
+    # each case task says where it ran: on the two Dask worker processes, not in the flow's
+    assert len(places) == 12 and all(p.startswith("running on dask worker") for p in places), places
+    pids = {int(p.rsplit("process ", 1)[1]) for p in places}
+    assert len(pids) == 2 and os.getpid() not in pids
 
     alone = dataclasses.replace(params, paths=dataclasses.replace(
         params.paths, ingested=str(tmp_path / "alone" / "ingested"), plans=str(tmp_path / "alone" / "plans"),

@@ -382,3 +382,17 @@ def test_training_inputs_change_with_data_params_and_code_but_not_with_the_rerun
     changed = resume.training_inputs(params)
     monkeypatch.setattr(resume, "TRAINING_MODULE", "medseg.registry.register")  # other code
     assert resume.training_inputs(params) != changed
+
+
+def test_the_epoch_progress_bar_is_off_when_the_output_is_not_a_terminal(capsys):
+    """Logs and CI output stay clean; a terminal gets the bar (tqdm decides by isatty)."""
+    import types
+
+    from medseg.training.loop import epoch_progress
+
+    state = {"epoch": 0, "epochs": 3, "elapsed_s": 30.0}
+    with epoch_progress("fold_0", state, 1.0, types.SimpleNamespace(is_main=True)) as after:
+        for epoch in range(3):
+            state["epoch"] = epoch + 1
+            after({"train_loss": 0.5, "val_dice": 0.7})
+    assert capsys.readouterr().err == ""

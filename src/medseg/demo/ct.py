@@ -270,7 +270,7 @@ def write_ct_dataset(root: Path, seed: int, patients: int) -> int:
     if patients == 0:
         return 0
     (root / "labels").mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(patients), desc="demo CT", unit="series"):
+    for i in tqdm(range(patients), desc="demo CT", unit="series", disable=None):
         write_ct_series(root, i, seed)
     write_json(root / "labels.json", {str(k): v for k, v in CT_LABELS.items()})
     return patients

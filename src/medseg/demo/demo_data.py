@@ -263,7 +263,7 @@ def write(out_dir: Path, *, seed: int, cardiac_patients: int, ct_patients: int, 
     with atomic_dir(out_dir) as tmp:
         training = tmp / "acdc" / "training"
         training.mkdir(parents=True)
-        for i in tqdm(range(cardiac_patients), desc="demo cardiac MR", unit="patient"):
+        for i in tqdm(range(cardiac_patients), desc="demo cardiac MR", unit="patient", disable=None):
             write_cardiac_patient(training, i, seed)
         ct_series = demo_ct.write_ct_dataset(tmp / "pancreas_ct", seed, ct_patients)
         if polyp_frames:

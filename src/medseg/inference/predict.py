@@ -227,7 +227,7 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
     taken: set[str] = set()
     started = time.perf_counter()  # models loaded: from here, the throughput a folder of images gets
     with outputs:
-        for item in tqdm(find_inputs(Path(input_path), spacing_tolerance), desc="predict", unit="image"):
+        for item in tqdm(find_inputs(Path(input_path), spacing_tolerance), desc="predict", unit="image", disable=None):
             name = output_names(item.name if prefix in (None, item.name) else f"{prefix}_{item.name}", taken)
             try:
                 target = outputs.target(item, name)

@@ -121,7 +121,7 @@ def run(params: Params, case_map: CaseMap = in_order) -> dict:
     with atomic_dir(params.paths.preprocessed) as out:
         cases: list[Case] = [None] * len(labelled)  # type: ignore[list-item]
         calls = [(manifest, c, plan, out) for c in labelled]
-        with tqdm(total=len(calls), desc="preprocess", unit="case") as bar:
+        with tqdm(total=len(calls), desc="preprocess", unit="case", disable=None) as bar:
             for index, case in case_map(_preprocess_case, calls):
                 cases[index] = case
                 bar.update()

@@ -5,6 +5,7 @@ mixed precision. :mod:`medseg.training.train` composes them per fold.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from medseg.inference.postprocess import keep_largest_component
 
 __all__ = ["amp_settings", "cpu_has_native_bf16", "train_epoch", "validate_cases", "fit_epochs", "training_progress",
-           "poly_lr", "group_lr", "make_optimizer", "POLY_POWER"]
+           "poly_lr", "group_lr", "make_optimizer", "epoch_progress", "POLY_POWER"]
 
 # nnU-Net's polynomial learning-rate decay: lr = lr0 * (1 - epoch / epochs) ** 0.9
 POLY_POWER = 0.9
@@ -161,3 +162,29 @@ def make_optimizer(training, net: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=training.learning_rate, momentum=0.99, nesterov=True,
                                weight_decay=training.weight_decay)
     return torch.optim.AdamW(groups, lr=training.learning_rate, weight_decay=training.weight_decay)
+
+
+@contextlib.contextmanager
+def epoch_progress(name: str, state: dict, budget_minutes: float | None, ctx):
+    """A progress bar over the fold's epochs on rank 0 when the output is a terminal (off otherwise): the epochs the
+    budget allows as its total (refitted after each epoch), the loss, the validation Dice and the time left. Yields
+    the function to call after each epoch with its record."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=state["epochs"], initial=state["epoch"], desc=f"train {name}", unit="epoch", leave=False,
+               disable=None if ctx.is_main else True)
+
+    def after(record: dict) -> None:
+        shown = {"loss": f"{record['train_loss']:.3f}"}
+        if "val_dice" in record:
+            shown["dice"] = f"{record['val_dice']:.3f}"
+        if budget_minutes is not None:
+            shown["left"] = f"{max(0.0, budget_minutes - state['elapsed_s'] / 60):.1f} min"
+        bar.total = state["epochs"]
+        bar.set_postfix(shown, refresh=False)
+        bar.update(1)
+
+    try:
+        yield after
+    finally:
+        bar.close()

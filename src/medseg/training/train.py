@@ -47,8 +47,8 @@ from medseg.evaluation.postprocessing import class_means, decide_postprocessing
 from medseg.inference.model_folder import (ALL, fold_name, inference_config, largest_component_classes, update_config,
                                            write_fold, write_postprocessing, write_run_record)
 from medseg.training import resume as resuming
-from medseg.training.loop import (amp_settings, fit_epochs, group_lr, make_optimizer, poly_lr, train_epoch,
-                                  training_progress, validate_cases)
+from medseg.training.loop import (amp_settings, epoch_progress, fit_epochs, group_lr, make_optimizer, poly_lr,
+                                  train_epoch, training_progress, validate_cases)
 
 __all__ = ["run"]
 
@@ -256,11 +256,13 @@ def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resum
         model = torch.compile(model)  # weights stay shared with ``f.net``, whose state_dict is what gets saved
     tags = {**version, "fold": str(fold), "device": ctx.device.type, "world_size": str(ctx.world_size),
             "cv_group": f"{params.model.name}-cv-{resuming.digest(params, plan, version['data_md5'])[:12]}"}
-    with fold_run(params, state, fold, tags) if ctx.is_main else contextlib.nullcontext():
+    with fold_run(params, state, fold, tags) if ctx.is_main else contextlib.nullcontext(), \
+            epoch_progress(f.name, state, params.train.time_budget_minutes, ctx) as progress:
         while state["epoch"] < state["epochs"]:
             record = _epoch(params, f, model, state, ctx)
             if ctx.is_main:  # after the checkpoint: a resumed run re-logs only what never reached MLflow
                 log_epoch(record)
+            progress(record)
         if f.has_val and state["final_val"] and state["final_val"].get("postprocess_code") != f.post_code:
             # resumed after the last epoch, and post-processing changed since: validate again, keep the weights
             state["final_val"] = _final_validation(f, ctx)
