@@ -1,7 +1,8 @@
 """Scheduled retraining against a real Prefect server: the test starts ``prefect server`` on a free localhost port
-and ``medseg serve`` beside it, triggers the deployment twice with ``run_deployment`` and stops both.
+and ``medseg serve --cron "* * * * *"`` beside it, and lets the schedule fire: nothing triggers a run by hand.
 
-The first run trains and registers; the second, with nothing changed, completes without a new model version.
+The first scheduled run trains and registers; the next, a minute later with nothing changed, completes without a new
+model version, its decision visible in its log and in its ``unchanged`` task.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def prefect_server(tmp_path, monkeypatch):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect_home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": api}
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": api,
+           # the scheduler service looks for due schedules every 2 s instead of every minute
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -73,9 +76,28 @@ def prefect_server(tmp_path, monkeypatch):
         log.close()
 
 
-def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_server, params_for, tmp_path):
+def _completed_scheduled_runs(name: str, count: int, served: subprocess.Popen, seconds: float) -> list:
+    """The first ``count`` runs of deployment ``name`` that its schedule created, once all have completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        while True:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                                         sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+            started = [r for r in runs if r.state and not r.state.is_scheduled()]
+            if len(started) >= count and all(r.state.is_final() for r in started[:count]):
+                return started[:count]
+            assert served.poll() is None, "medseg serve exited"
+            assert time.monotonic() < deadline, [(r.name, r.state.name) for r in runs]
+            time.sleep(2)
+
+
+def test_the_cron_schedule_fires_retrains_then_skips_when_nothing_changed(prefect_server, params_for, tmp_path):
     import mlflow
-    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from medseg_pipelines.serve import DEPLOYMENT_NAME
@@ -88,21 +110,21 @@ def test_scheduled_deployment_retrains_then_skips_when_nothing_changed(prefect_s
     env = {**prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PYTHONPATH": os.pathsep.join([str(repo), *sys.path])}
     log = (tmp_path / "serve.log").open("w")
-    served = subprocess.Popen([sys.executable, "-m", "medseg.cli", "serve", "--params", str(params_file)], cwd=repo,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    served = subprocess.Popen([sys.executable, "-m", "medseg.cli", "serve", "--params", str(params_file),
+                               "--cron", "* * * * *"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
             name = f"medseg-pipeline/{DEPLOYMENT_NAME}"
             _wait_for_deployment(name, served)
-            first = run_deployment(name, timeout=600)  # once: a retried call could start a second flow run
-            assert first.state.is_completed(), (first.state, (tmp_path / "serve.log").read_text()[-3000:])
-            second = run_deployment(name, timeout=600)
-            assert second.state.is_completed(), second.state
+            first, second = _completed_scheduled_runs(name, 2, served, seconds=300)
     finally:
         served.terminate()
         served.wait(timeout=60)
         log.close()
     output = (tmp_path / "serve.log").read_text()
+    assert first.state.is_completed() and second.state.is_completed(), (first.state, second.state, output[-3000:])
+    assert first.auto_scheduled and second.auto_scheduled  # the schedule made them, not a trigger
+    assert (second.expected_start_time - first.expected_start_time).total_seconds() == 60
     assert "nothing changed since champion version 1" in output, output[-3000:]
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     versions = mlflow.MlflowClient().search_model_versions(f"name='{registered_model_name(params)}'")
