@@ -15,11 +15,15 @@ READY := $(VENV)/.medseg-installed
 
 .PHONY: pipeline test setup
 
+# The environment's bin/ first on PATH, as in an activated venv: dvc's stages run `medseg`, and tests run the tools
+# the environment installed (dcm2niix, mlflow's uvicorn), which would otherwise be skipped or not found.
+ACTIVE := PATH="$(abspath $(BIN)):$$PATH"
+
 pipeline: $(READY)
-	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+	$(ACTIVE) dvc repro
 
 test: $(READY)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(ACTIVE) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 setup: $(READY)
 

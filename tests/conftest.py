@@ -137,6 +137,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(url: str, proc, log_path: Path, seconds: float = 120) -> None:
+    """Until ``url`` answers 200; raises with the end of the server's log if ``proc`` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} never answered:\n{Path(log_path).read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(monkeypatch):
     """Tests read their store from params; an outer MLFLOW_TRACKING_URI must not redirect them, and neither may the

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from medseg.common.manifest import registered_model_name
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +29,7 @@ def mlflow_server(tmp_path):
                              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env={**os.environ, "MLFLOW_SERVER_ALLOWED_HOSTS": "127.0.0.1:*,localhost:*"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "mlflow_server.log").read_text()[-3000:])
-                time.sleep(0.5)
+        wait_until_up(f"{url}/health", proc, tmp_path / "mlflow_server.log")
         yield url, tmp_path / "server"
     finally:
         proc.terminate()

@@ -43,7 +43,9 @@ def test_each_command_sets_the_project_up_when_needed_and_only_then(tmp_path):
         assert fresh.index("pip install --quiet -c") < fresh.index(command)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / ".medseg-installed").touch()
-    assert "pip install" not in dry_run(tmp_path, "test")  # set up already: straight to the tests
+    ready = dry_run(tmp_path, "test")
+    assert "pip install" not in ready  # set up already: straight to the tests, the environment's tools on PATH
+    assert f'PATH="{tmp_path / ".venv" / "bin"}:' in ready and ".venv/bin/python -m pytest" in ready
     later = time.time() + 5
     os.utime(tmp_path / "constraints.txt", (later, later))  # the pins changed: set up again
     assert "pip install --quiet -c constraints.txt" in dry_run(tmp_path, "test")

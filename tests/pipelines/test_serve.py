@@ -12,29 +12,14 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import yaml
 
 from medseg.common.manifest import registered_model_name
-from tests.conftest import PIPELINE, REPO, free_port
+from tests.conftest import PIPELINE, REPO, free_port, wait_until_up
 
 pytestmark = [pytest.mark.slow, PIPELINE]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"no healthy Prefect server at {url}")
 
 
 def _wait_for_deployment(name: str, served: subprocess.Popen, seconds: float = 120) -> None:
@@ -66,7 +51,7 @@ def prefect_server(tmp_path, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port), "--no-ui"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(api, proc)
+        wait_until_up(f"{api}/health", proc, tmp_path / "server.log")
         monkeypatch.setenv("PREFECT_API_URL", api)
         monkeypatch.setenv("PREFECT_HOME", env["PREFECT_HOME"])
         yield env

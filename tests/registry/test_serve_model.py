@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -26,7 +25,7 @@ from medseg.evaluation import evaluate
 from medseg.inference import predict
 from medseg.registry import register
 from medseg.registry.pyfunc_model import file_kind
-from tests.conftest import free_port, write_tiny_volume
+from tests.conftest import free_port, wait_until_up, write_tiny_volume
 from tests.ingest.conftest import axial_positions, write_series
 
 pytestmark = pytest.mark.slow
@@ -62,16 +61,7 @@ def served(trained, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError((tmp_path / "serve.log").read_text()[-3000:])
-                time.sleep(0.5)
+        wait_until_up(f"{url}/ping", proc, tmp_path / "serve.log", seconds=180)
         yield url, uri, params
     finally:
         if proc.poll() is None:
