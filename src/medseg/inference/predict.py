@@ -183,7 +183,8 @@ def segment(models: Sequence[Model], image: np.ndarray, affine: np.ndarray, moda
 def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: float | None = None,
         tta: bool | None = None, largest_component: bool | None = None, device: str = "auto",
         sw_batch_size: int | None = None, dicom_seg: bool = False, ensemble: bool = False, prefix: str | None = None,
-        mlflow_params: Any = None, spacing_tolerance: float | None = None) -> dict:
+        mlflow_params: Any = None, spacing_tolerance: float | None = None,
+        loaded: Sequence[Model] | None = None) -> dict:
     """Segment every image found under ``input_path`` into ``out_dir/<case>.nii.gz`` (and ``<case>.seg.dcm``); a 2D
     image file (PNG, JPEG, TIFF, BMP) into ``out_dir/<stem>.png`` at its own size (0/255 for a binary task, label
     values otherwise) and ``out_dir/overlays/<stem>.png``.
@@ -207,12 +208,14 @@ def run(model: str | Sequence[str], input_path: Path, out_dir: Path, overlap: fl
         dicom_seg: also write a DICOM-SEG for each DICOM series (an error for NIfTI inputs).
         spacing_tolerance: DICOM slice-gap tolerance, as ingest's ``data.slice_spacing_tolerance`` (None: its
             default).
+        loaded: the networks of ``model`` already loaded (:func:`load_models`), for a caller that segments many
+            requests with one model (the served MLflow model); None loads them here.
     """
     from tqdm import tqdm
 
     from medseg.inference.model_folder import largest_component_classes
 
-    models = load_models(model, ensemble, mlflow_params)
+    models = list(loaded) if loaded is not None else load_models(model, ensemble, mlflow_params)
     config = models[0][1]
     tta = bool(config.get("tta", False)) if tta is None else tta
     overlap = float(config.get("sw_overlap", LEGACY_WINDOW["sw_overlap"])) if overlap is None else overlap

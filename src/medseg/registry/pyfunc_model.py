@@ -59,8 +59,8 @@ class Predictor:
     """What ``mlflow.pyfunc.load_model`` returns: ``predict`` segments each base64-encoded file of the request with
     the logged fold's model, as ``medseg predict`` does, and returns the masks, base64-encoded."""
 
-    def __init__(self, folder: Path, config: dict) -> None:
-        self.folder, self.config = Path(folder), config
+    def __init__(self, folder: Path, models: list) -> None:
+        self.folder, self.models = Path(folder), models  # loaded once, used by every request
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
         try:
@@ -81,7 +81,7 @@ class Predictor:
                 source = _unzip(k, data, source.parent / "series")
             else:
                 source.write_bytes(data)
-            summary = predict.run(str(self.folder), source, Path(tmp) / "out")
+            summary = predict.run(str(self.folder), source, Path(tmp) / "out", loaded=self.models)
             if summary["failed"]:
                 raise ValueError(f"image {k}: {summary['failed'][0]['reason'].splitlines()[0]}")
             if len(summary["written"]) != 1:
@@ -167,5 +167,4 @@ def _load_pyfunc(data_path: str, model_config: Any = None) -> Predictor:
     """MLflow's entry point for ``loader_module`` models: ``data_path`` is the logged fold folder."""
     from medseg.inference.model_folder import load_trained
 
-    (_, config), = load_trained(Path(data_path))  # checks the folder holds a loadable model now, not at the request
-    return Predictor(Path(data_path), config)
+    return Predictor(Path(data_path), load_trained(Path(data_path)))
