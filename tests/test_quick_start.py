@@ -21,9 +21,14 @@ def quick_start_commands() -> list[str]:
     return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
 
 
+# What make itself passes down when the suite runs under `make test VENV=.venv-ci` (as CI does): variables given on
+# make's command line reach the environment, where the Makefile's `VENV ?=` would take them.
+MAKE_ENVIRONMENT = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "VENV", "PYTHON", "PIP_ARGS"}
+
+
 def dry_run(folder, target: str) -> str:
-    done = subprocess.run(["make", "-n", target], cwd=folder, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "MAKEFLAGS": ""})
+    env = {name: value for name, value in os.environ.items() if name not in MAKE_ENVIRONMENT}
+    done = subprocess.run(["make", "-n", target], cwd=folder, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
