@@ -13,7 +13,7 @@ from typing import Any
 
 from medseg.common.params import MlflowParams, Params
 
-__all__ = ["configure_mlflow", "champion_version", "version_by_alias", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version", "dvc_record"]
+__all__ = ["configure_mlflow", "runs_view_url", "EXPERIMENT_KIND", "RUNS_VIEW", "RUNS_VIEW_COLUMNS", "champion_version", "version_by_alias", "store_lock", "tracking_uri", "flatten_params", "git_commit", "data_version", "dvc_record"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,45 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+# MLflow 3 opens an experiment by its kind: without one it guesses GenAI and shows a traces overview ("Traces 0").
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_DESCRIPTION = (
+    "medseg training runs: one per cross-validation fold (`<network>-fold<k>`, with its held-out Dice) and one for the "
+    "model trained on every case (`<network>-foldall`, carrying the cross-validated Dice it is registered with). The "
+    "Dice view: open the runs with `?workflowType=machine_learning&viewStateShareKey=medseg-dice`.")
+# The runs table's view that shows the Dice at a glance: MLflow's own shared-view mechanism (the UI's Share button
+# writes the same experiment tag), opened with ?viewStateShareKey=medseg-dice. MLflow's default table shows no metric.
+# MLflow 3.17's UI picks GenAI or model training by a switch it remembers in the browser (the experiment kind is what
+# the API and older UIs go by): ?workflowType=machine_learning sets it.
+RUNS_VIEW = "medseg-dice"
+# (the UI orders them by name; a table wider than the window draws only the columns in view)
+RUNS_VIEW_COLUMNS = ("best_val_dice", "cv_dice_mean", "heldout_dice_mean", "train_minutes")
+
+
+def _runs_view() -> str:
+    import json
+
+    columns = [f"metrics.`{m}`" for m in RUNS_VIEW_COLUMNS] + ["attributes.`Models`"]
+    return json.dumps({"orderByKey": "attributes.start_time", "orderByAsc": False, "searchFilter": "",
+                       "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "startTime": "ALL",
+                       "datasetsFilter": [], "selectedColumns": columns})
+
+
+def runs_view_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI's address of the experiment's runs table with the Dice columns (:data:`RUNS_VIEW`)."""
+    return (f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW}")
+
+
+def _describe_experiment(client, experiment) -> None:
+    """The experiment's kind (model training), description and Dice view, set once (and on stores made before)."""
+    wanted = {"mlflow.experimentKind": EXPERIMENT_KIND, "mlflow.note.content": EXPERIMENT_DESCRIPTION,
+              f"mlflow.sharedViewState.{RUNS_VIEW}": _runs_view()}
+    for key, value in wanted.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
 def configure_mlflow(mlflow_params: MlflowParams) -> str:
     """Point MLflow at the store and return the experiment id (created with the project's artifact folder).
 
@@ -78,6 +117,7 @@ def configure_mlflow(mlflow_params: MlflowParams) -> str:
                 experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
+        _describe_experiment(client, client.get_experiment(experiment_id))
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

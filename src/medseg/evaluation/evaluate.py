@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.common.atomic_write import atomic_dir, write_json
-from medseg.inference.model_folder import HISTORY_NAME, fold_dir, history_file, read_run_record
+from medseg.inference.model_folder import ALL, HISTORY_NAME, fold_dir, history_file, read_run_record
 from medseg.evaluation.metrics import finite
 from medseg.common.params import Params
 
@@ -149,5 +149,11 @@ def run(params: Params) -> dict:
                         mlflow.log_artifacts(str(item), artifact_path=f"evaluation/{item.name}")
                     else:
                         mlflow.log_artifact(str(item), artifact_path="evaluation")
+        final = read_run_record(params.paths.model, ALL)
+        # the served model's run: the cross-validated estimate it is registered with, beside its folds' held-out Dice
+        if final and final.get("run_id") and metrics["dice_mean"] is not None:
+            with mlflow.start_run(run_id=final["run_id"]):
+                mlflow.log_metrics({"cv_dice_mean": metrics["dice_mean"],
+                                    **{f"cv_dice_{c}": v for c, v in metrics["dice"].items() if v is not None}})
     log.info("held-out Dice %.4f over %d cases in %d fold(s)", metrics["dice_mean"], len(rows), len(folds))
     return metrics
