@@ -6,7 +6,7 @@ import pytest
 from medseg.cli import build_parser, main
 
 COMMANDS = ["demo-data", "ingest", "plan", "preprocess", "train", "evaluate", "register", "promote", "predict",
-            "predict-flow", "pipeline", "serve"]
+            "export-bundle", "predict-flow", "pipeline", "serve"]
 
 
 def subcommands() -> dict:

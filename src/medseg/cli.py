@@ -136,6 +136,13 @@ def _cmd_predict(args: argparse.Namespace) -> dict:
                        spacing_tolerance=params and params.data.slice_spacing_tolerance)
 
 
+def _cmd_export_bundle(args: argparse.Namespace) -> dict:
+    from medseg.registry import monai_bundle
+
+    params = _params(args) if Path(args.params).is_file() else None
+    return monai_bundle.run(args.model, Path(args.out), mlflow_params=params and params.mlflow)
+
+
 def _cmd_predict_flow(args: argparse.Namespace) -> dict:
     from medseg_pipelines.predict_flow import run
 
@@ -223,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (where the network runs)")
     p.add_argument("--dicom-seg", action="store_true",
                    help="for DICOM series inputs, also write <case>.seg.dcm, a DICOM-SEG referencing the series")
+
+    p = command("export-bundle", _cmd_export_bundle, "write a trained model as a MONAI bundle (configs/, models/model.pt) "
+                                                     "that `python -m monai.bundle run` runs", params=False)
+    p.add_argument("--model", required=True, help="model folder (its fold_all), fold_<k> folder, model.pt, or "
+                                                  "models:/NAME@champion")
+    p.add_argument("--out", required=True, help="the bundle's folder (replaced whole)")
+    p.add_argument("--params", default=DEFAULT_PARAMS_FILE,
+                   help="the project's params file, whose MLflow store models:/ URIs are looked up in, if it exists")
 
     p = command("predict-flow", _cmd_predict_flow, "batch prediction as the Prefect flow 'medseg-predict': one task "
                                                     "per study or NIfTI file, on orchestration.task_runner")

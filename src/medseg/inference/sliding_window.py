@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from monai.inferers import Inferer, SliceInferer, SlidingWindowInferer
 
-__all__ = ["build_inferer", "select_device", "stitch_device", "check_ensemble", "probabilities", "label_map",
+__all__ = ["build_inferer", "inferer_arguments", "select_device", "stitch_device", "check_ensemble", "probabilities", "label_map",
            "mirror_axes", "ENSEMBLE_KEYS"]
 
 # inference-config entries that must agree for nets to be averaged: same classes, same input grid and intensities
@@ -45,9 +45,20 @@ def stitch_device(volume_shape: Sequence[int], num_classes: int, sw_device: torc
     return sw_device if need <= STITCH_MEMORY_FRACTION * free_bytes else torch.device("cpu")
 
 
+def inferer_arguments(patch_size: Sequence[int], spatial_dims: int, overlap: float,
+                      sw_batch_size: int) -> tuple[str, dict]:
+    """The MONAI inferer (its dotted path) and keyword arguments :func:`build_inferer` uses, in plain JSON types (a
+    MONAI bundle's config takes them as they are: :mod:`medseg.registry.monai_bundle`)."""
+    common = {"sw_batch_size": int(sw_batch_size), "overlap": float(overlap), "mode": "gaussian"}
+    if spatial_dims == 2:
+        return "monai.inferers.SliceInferer", {"roi_size": [int(s) for s in patch_size[:2]], "spatial_dim": 2,
+                                               "progress": False, **common}
+    return "monai.inferers.SlidingWindowInferer", {"roi_size": [int(s) for s in patch_size], **common}
+
+
 def build_inferer(patch_size: Sequence[int], spatial_dims: int, overlap: float, sw_batch_size: int,
                   sw_device: torch.device | str | None = None, device: torch.device | str | None = None) -> Inferer:
-    """Gaussian-blended sliding windows over ``(B, C, X, Y, Z)`` volumes.
+    """Gaussian-blended sliding windows over ``(B, C, X, Y, Z)`` volumes (:func:`inferer_arguments`).
 
     For 2D networks ``patch_size`` is ``(H, W, 1)``: MONAI's ``SliceInferer`` runs the sliding window on each axial
     slice (the last axis) and restacks, so 2D and 3D models take the same 3D input.
@@ -56,10 +67,9 @@ def build_inferer(patch_size: Sequence[int], spatial_dims: int, overlap: float, 
         sw_device: where the windows and the network run (None: the input's device).
         device: where the windows are stitched into the output (None: the input's device); see :func:`stitch_device`.
     """
-    common = dict(sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian", sw_device=sw_device, device=device)
-    if spatial_dims == 2:
-        return SliceInferer(roi_size=tuple(patch_size[:2]), spatial_dim=2, progress=False, **common)
-    return SlidingWindowInferer(roi_size=tuple(patch_size), **common)
+    target, arguments = inferer_arguments(patch_size, spatial_dims, overlap, sw_batch_size)
+    inferer = SliceInferer if target.endswith("SliceInferer") else SlidingWindowInferer
+    return inferer(**arguments, sw_device=sw_device, device=device)
 
 
 def check_ensemble(configs: Sequence[dict], names: Sequence[str]) -> None:

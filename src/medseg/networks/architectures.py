@@ -17,7 +17,8 @@ from torch import nn
 
 from medseg.common.network_spec import NETWORKS, required_divisor, validate_spec
 
-__all__ = ["NETWORKS", "build_network", "load_network", "build_loss", "required_divisor"]
+__all__ = ["NETWORKS", "build_network", "monai_network", "monai_state_dict", "load_network", "build_loss",
+           "required_divisor"]
 
 def _supervised_levels(n_levels: int) -> int:
     """Coarser decoder outputs to supervise: all but the lowest (nnU-Net gives it zero weight), at least one.
@@ -69,6 +70,43 @@ class DeepSupervisedAttentionUnet(nn.Module):
         return [logits] + [head(features[level]) for level, head in enumerate(self.heads, start=1)]
 
 
+def monai_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> tuple[str, dict[str, Any]]:
+    """The MONAI class (its dotted path) and keyword arguments that :func:`build_network` builds for ``spec``; with
+    deep supervision on an ``attention_unet``, the wrapped network (the heads are medseg's, see
+    :class:`DeepSupervisedAttentionUnet`). Values are plain JSON types, so the same arguments can be written into a
+    MONAI bundle's config (:mod:`medseg.registry.monai_bundle`).
+
+    Raises:
+        ValueError: a spec with a pretrained ``encoder`` (built by :mod:`medseg.networks.encoders`, not one MONAI
+            class), or a missing or wrong key (``model.<key>``).
+    """
+    spec = validate_spec(spec)
+    if spec["encoder"] is not None:
+        raise ValueError(f"model.encoder {spec['encoder']!r}: a pretrained encoder's network is not one MONAI class")
+    name, dims, channels = spec["name"], int(spec["spatial_dims"]), [int(c) for c in spec["channels"]]
+    strides, dropout = spec["strides"], float(spec["dropout"])
+    common = {"spatial_dims": dims, "in_channels": int(in_channels), "out_channels": int(out_channels)}
+    if name == "unet":
+        return "monai.networks.nets.UNet", {**common, "channels": channels, "strides": strides,
+                                            "num_res_units": int(spec["num_res_units"]), "norm": spec["norm"],
+                                            "dropout": dropout}
+    if name == "attention_unet":
+        return "monai.networks.nets.AttentionUnet", {**common, "channels": channels, "strides": strides,
+                                                     "dropout": dropout}
+    return "monai.networks.nets.DynUNet", {
+        **common,
+        "kernel_size": spec["kernel_sizes"],
+        "strides": strides,
+        "upsample_kernel_size": strides[1:],
+        "filters": channels,
+        "dropout": dropout or None,
+        "norm_name": ["INSTANCE", {"affine": True}] if spec["norm"] == "instance" else "BATCH",
+        "deep_supervision": bool(spec["deep_supervision"]),
+        "deep_supr_num": _supervised_levels(len(channels)),
+        "res_block": int(spec["num_res_units"]) > 0,
+    }
+
+
 def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> nn.Module:
     """Build the network described by the NETWORK SPEC ``spec`` (see the module docstring).
 
@@ -82,41 +120,33 @@ def build_network(spec: dict[str, Any], in_channels: int, out_channels: int) -> 
       With deep supervision its ``train()`` output is stacked: ``(B, 1 + n, out_channels, *spatial)``, the coarser
       logits interpolated to full size.
 
-    Input ``(B, in_channels, *spatial)`` with each spatial size divisible by :func:`required_divisor`; in ``eval()``
-    mode the output is the logits ``(B, out_channels, *spatial)``.
+    The class and its arguments: :func:`monai_network`. Input ``(B, in_channels, *spatial)`` with each spatial size
+    divisible by :func:`required_divisor`; in ``eval()`` mode the output is the logits ``(B, out_channels, *spatial)``.
 
     Raises:
         ValueError: naming the spec key (``model.<key>``) that is missing or wrong.
     """
-    from monai.networks.nets import AttentionUnet, DynUNet, UNet
+    import importlib
 
     spec = validate_spec(spec)
-    name, dims, channels = spec["name"], int(spec["spatial_dims"]), tuple(spec["channels"])
-    strides, dropout = spec["strides"], float(spec["dropout"])
     if spec["encoder"] is not None:
         from medseg.networks.encoders import pretrained_unet
 
-        return pretrained_unet(name, spec["encoder"], in_channels, out_channels, dropout)
-    if name == "unet":
-        return UNet(dims, in_channels, out_channels, channels, strides, num_res_units=int(spec["num_res_units"]),
-                    norm=spec["norm"], dropout=dropout)
-    if name == "attention_unet":
-        net = AttentionUnet(dims, in_channels, out_channels, channels, strides, dropout=dropout)
-        if spec["deep_supervision"]:
-            return DeepSupervisedAttentionUnet(net, _supervised_levels(len(channels)))
-        return net
-    return DynUNet(
-        dims, in_channels, out_channels,
-        kernel_size=spec["kernel_sizes"],
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=channels,
-        dropout=dropout or None,
-        norm_name=("INSTANCE", {"affine": True}) if spec["norm"] == "instance" else "BATCH",
-        deep_supervision=spec["deep_supervision"],
-        deep_supr_num=_supervised_levels(len(channels)),
-        res_block=int(spec["num_res_units"]) > 0,
-    )
+        return pretrained_unet(spec["name"], spec["encoder"], in_channels, out_channels, float(spec["dropout"]))
+    target, arguments = monai_network(spec, in_channels, out_channels)
+    module, name = target.rsplit(".", 1)
+    net = getattr(importlib.import_module(module), name)(**arguments)
+    if spec["name"] == "attention_unet" and spec["deep_supervision"]:
+        return DeepSupervisedAttentionUnet(net, _supervised_levels(len(spec["channels"])))
+    return net
+
+
+def monai_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """``net``'s weights as its MONAI class holds them (:func:`monai_network`): a deep-supervised Attention U-Net's
+    wrapped network without medseg's supervision heads, which its ``eval()`` output never uses."""
+    if isinstance(net, DeepSupervisedAttentionUnet):
+        return net.net.state_dict()
+    return net.state_dict()
 
 
 def load_network(spec: dict[str, Any], in_channels: int, out_channels: int,
