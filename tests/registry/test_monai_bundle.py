@@ -164,3 +164,29 @@ def test_what_a_bundle_cannot_hold_is_refused_in_one_line(trained, tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "bundle").exists()
     missing = _medseg("export-bundle", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "bundle"))
     assert missing.returncode == 2 and "model not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_registered_champion_exports_with_its_cross_validated_dice(trained, tmp_path):
+    import mlflow
+    import torch
+
+    from medseg.evaluation import evaluate
+    from medseg.registry import register
+
+    params, _ = trained
+    evaluate.run(params)
+    register.run(params)
+
+    client = mlflow.MlflowClient(params.mlflow.tracking_uri)
+    (model,) = client.search_registered_models()
+    champion = client.get_model_version_by_alias(model.name, "champion")
+    summary = monai_bundle.run(f"models:/{model.name}@champion", tmp_path / "bundle", mlflow_params=params.mlflow)
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["eval_metrics"] == {"mean_dice": float(champion.tags["heldout_dice_mean"])}
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "RV",
+                                                                             "2": "myocardium", "3": "LV"}
+    assert summary["network"] == "monai.networks.nets.UNet"
+    saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    trained_weights = torch.load(fold_dir(params.paths.model, 0) / "model.pt", weights_only=True)["state_dict"]
+    assert saved.keys() == trained_weights.keys()
+    assert all(torch.equal(saved[k], trained_weights[k]) for k in saved)
