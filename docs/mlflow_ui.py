@@ -43,8 +43,12 @@ def mlflow_ui(store_uri: str, port: int, log_path: Path) -> Iterator[str]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
                                  "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # run as a script: the tests' helper that waits for a server
+    from tests.conftest import wait_until_up
+
     try:
-        _wait_for(url + "/health", proc, log_path)
+        wait_until_up(url + "/health", proc, log_path)
         yield url
     finally:
         proc.terminate()
@@ -52,21 +56,6 @@ def mlflow_ui(store_uri: str, port: int, log_path: Path) -> Iterator[str]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log_path: Path, seconds: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} never answered:\n{Path(log_path).read_text()[-3000:]}") from None
-            time.sleep(0.5)
 
 
 @contextlib.contextmanager

@@ -128,6 +128,17 @@ def prefect_harness():
 
 
 
+def load_script(relative: str, name: str):
+    """A script of the repository that is not a package (``benchmarks/accuracy.py``, ``docs/mlflow_ui.py``), loaded
+    as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A localhost TCP port nothing listens on now (for a server a test starts)."""
     import socket

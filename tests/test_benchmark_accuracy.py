@@ -3,7 +3,6 @@ and one end-to-end run of medseg against the tutorial loop on three tiny ACDC-la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import nibabel as nib
@@ -11,17 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, write_tiny_volume
+from tests.conftest import load_script, write_tiny_volume
 
 
-def _load_accuracy():
-    spec = importlib.util.spec_from_file_location("benchmark_accuracy", REPO / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-acc = _load_accuracy()
+acc = load_script("benchmarks/accuracy.py", "benchmark_accuracy")
 
 
 def _square(shape=(30, 30, 1), x0=5, y0=5, side=10) -> np.ndarray:

@@ -4,21 +4,12 @@ card, and a run's plots are there as pictures. Skipped where no Chromium with ch
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.conftest import REPO, free_port, planned_and_preprocessed
+from tests.conftest import free_port, load_script, planned_and_preprocessed
 
 
-def _load_ui():
-    spec = importlib.util.spec_from_file_location("mlflow_ui", REPO / "docs" / "mlflow_ui.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ui = _load_ui()
+ui = load_script("docs/mlflow_ui.py", "mlflow_ui")
 pytestmark = pytest.mark.skipif(ui.browser_paths() is None,
                                 reason="no Chromium with chromedriver (apt-get install chromium chromium-driver)")
 
