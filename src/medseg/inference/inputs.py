@@ -70,7 +70,7 @@ def _dicom_inputs(folder: Path, spacing_rel_tol: float | None = None) -> Iterato
         try:
             if series.problem is not None:
                 raise CaseRejected(series.problem)
-            image = checked_image(read_series(series.geometry))
+            image = checked_image(read_series(series.geometry), affine=series.geometry.affine)
         except CaseRejected as err:
             yield Unreadable(source, f"DICOM series {rel(series.folder, folder)}: {err}")
             continue
@@ -102,7 +102,7 @@ def find_inputs(path: Path, spacing_rel_tol: float | None = None) -> Iterator[In
     if path.is_file() and is_image(path):
         try:
             pixels, volume, affine, modality, channels = read_frame(path)
-            image = checked_image(volume, channels)
+            image = checked_image(volume, channels, affine)
             yield Input(path.stem, image, affine, affine, modality, source=path,
                         pixels=pixels)
         except CaseRejected as err:
@@ -111,7 +111,7 @@ def find_inputs(path: Path, spacing_rel_tol: float | None = None) -> Iterator[In
     if path.is_file() and is_nifti(path):
         try:
             array, affine, file_affine = read_nifti(path)
-            yield Input(nifti_stem(path), checked_image(array), affine, file_affine, source=path)
+            yield Input(nifti_stem(path), checked_image(array, affine=affine), affine, file_affine, source=path)
         except CaseRejected as err:
             yield Unreadable(nifti_stem(path), f"{path.name}: {err}")
         return
@@ -163,7 +163,11 @@ def output_folder(out_dir: Path, input_path: Path) -> Path:
     never written among, or over, the user's inputs)."""
     from medseg.ingest.common import folders_overlap
 
-    out_dir, source = out_dir.expanduser().resolve(), input_path.expanduser().resolve()
+    try:
+        out_dir, source = out_dir.expanduser().resolve(), input_path.expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # a symlink loop (RuntimeError before Python 3.13), a name too long
+        why = "a symlink loop" if isinstance(err, RuntimeError) else err.strerror or type(err).__name__
+        raise StageInputError(f"{input_path.name or input_path} cannot be followed to a file: {why}") from None
     if out_dir.exists() and not out_dir.is_dir():
         raise StageInputError(f"--out {out_dir} is a file, not a folder")
     if source.is_dir() and folders_overlap(out_dir, source):

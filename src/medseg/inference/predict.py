@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.common.errors import StageInputError
+from medseg.common.errors import StageInputError, one_line
 from medseg.inference.inputs import Input, Unreadable, find_inputs, output_folder, output_names
 
 __all__ = ["run", "load_models", "segment"]
@@ -289,9 +289,9 @@ class _Outputs:
         return target
 
     def fail(self, name: str, err: BaseException) -> None:
-        reason = str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}"
+        reason = one_line(str(err) if isinstance(err, StageInputError) else f"{type(err).__name__}: {err}")
         log.debug("%s failed", name, exc_info=err)
-        log.error("failed: %s: %s", name, reason.splitlines()[0] if reason else type(err).__name__)
+        log.error("failed: %s: %s", name, reason or type(err).__name__)
         self.failed.append({"input": name, "reason": reason})
 
     def submit(self, item: Input, name: str, target: Path, labels: np.ndarray) -> None:

@@ -73,7 +73,7 @@ def _ingest_one(item: Item, out_dir: Path, allowed: set[int] | None, scrub: Scru
     except Exception as err:  # a reader bug or an odd file must not stop the other cases
         log.debug("unexpected error reading %s:\n%s", input_key(item.source), scrub(traceback.format_exc()))
         raise CaseRejected(f"unexpected error while reading: {type(err).__name__}: {str(err)[:200]}") from None
-    image = checked_image(loaded.image, loaded.channels)
+    image = checked_image(loaded.image, loaded.channels, loaded.affine)
     shape = tuple(int(s) for s in image.shape[:3])
     label, values = None, set()
     if loaded.label is not None:

@@ -10,7 +10,7 @@ import numpy as np
 from medseg.ingest.common import CaseRejected
 
 __all__ = ["TRANSLATION_TOL_MM", "LINEAR_TOL", "CT_MIN_THRESHOLD", "as_3d", "check_image", "checked_image",
-           "check_label", "affine_mismatch", "spacing_of", "guess_modality"]
+           "check_label", "check_affine", "affine_mismatch", "spacing_of", "guess_modality"]
 
 TRANSLATION_TOL_MM = 1e-3  # label vs image origin, absolute, mm
 LINEAR_TOL = 1e-4  # label vs image rotation/zoom part of the affine, absolute
@@ -44,9 +44,30 @@ def check_image(image: np.ndarray) -> None:
             raise CaseRejected(f"image has {bad} NaN/inf voxels")
 
 
-def checked_image(array, channels: int | None = None) -> np.ndarray:
+# voxel sizes outside this range (mm) are not a scan's: a header's garbage (a zero, 1e30) that no resampling survives
+SPACING_RANGE_MM = (1e-4, 1e4)
+
+
+def check_affine(affine) -> None:
+    """Reject a voxel-to-world affine no resampling can use: NaN or infinite entries, a voxel size outside
+    :data:`SPACING_RANGE_MM`, or axes that are (nearly) parallel (a flat voxel)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise CaseRejected("image geometry unusable: its affine holds NaN or infinite values")
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise CaseRejected(f"image geometry unusable: voxel size {tuple(float(f'{s:.4g}') for s in spacing)} mm")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-3 * float(np.prod(spacing)):
+        raise CaseRejected("image geometry unusable: its voxel axes are (nearly) parallel")
+
+
+def checked_image(array, channels: int | None = None, affine=None) -> np.ndarray:
     """The checks every image passes, in ingest and in ``medseg predict`` alike: 3D (:func:`as_3d`), or 3D with a
-    trailing axis of ``channels`` (an RGB frame), finite (:func:`check_image`)."""
+    trailing axis of ``channels`` (an RGB frame), finite (:func:`check_image`), and with ``affine`` a usable
+    geometry (:func:`check_affine`)."""
+    if affine is not None:
+        check_affine(affine)
     array = np.asarray(array)
     if channels:
         if array.ndim != 4 or array.shape[-1] != channels:

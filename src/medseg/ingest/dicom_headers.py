@@ -117,7 +117,9 @@ def read_header(path: Path) -> Header:
         raise CaseRejected("not a DICOM file")
     try:
         with quiet_pydicom(), open(path, "rb") as fh:
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw")
+            # defer_size: a value longer than 1 MB is skipped, read only if used, so that a corrupt length field
+            # (4 GB claimed in a 500 kB file) costs no allocation
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw", defer_size="1 MB")
             # reading stops at (7FE0,0010): a file read to its end has no pixel data (or was cut short); deflated
             # files are inflated into memory first, so for them this cannot be told before the pixel pass
             deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DEFLATED

@@ -30,8 +30,11 @@ def decoder_problem(transfer_syntax) -> str | None:
     from pydicom.uid import UID
 
     ts = UID(str(transfer_syntax))
-    if not ts or not ts.is_compressed:
-        return None
+    try:
+        if not ts or not ts.is_compressed:
+            return None
+    except ValueError:  # a UID that is not a transfer syntax
+        return f"transfer syntax {str(ts)[:64]!r} is not a DICOM transfer syntax"
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:

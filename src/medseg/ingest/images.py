@@ -97,7 +97,9 @@ def read_image(path: Path, what: str = "image") -> np.ndarray:
             if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
                 img = img.convert("RGB" if img.mode not in ("LA",) else "L")
             array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        # DecompressionBombError: a header claiming more than Pillow's 179 megapixels (a 60000x60000 PNG would
+        # need 10.8 GB decoded) is refused before anything is allocated
         raise CaseRejected(f"cannot read {what}: {type(err).__name__}: {err}") from None
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[..., :3]

@@ -42,7 +42,10 @@ def scan_msd(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
         raise IngestError(f"{source}: no MSD dataset.json with a 'training' list (in it or in one task sub-folder)")
     raw = json.loads((root / "dataset.json").read_text())
     modalities = raw.get("modality") or {"0": "CT"}
-    labels = label_names_from_json(raw["labels"]) if isinstance(raw.get("labels"), dict) else None
+    try:
+        labels = label_names_from_json(raw["labels"]) if isinstance(raw.get("labels"), dict) else None
+    except ValueError as err:
+        raise IngestError(f"{rel(root / 'dataset.json', source)}: {err}") from None
     scan = Scan(labels=labels, name=raw["name"] if isinstance(raw.get("name"), str) else None)
     modality = modality_name(next(iter(modalities.values()))) if isinstance(modalities, dict) else \
         modality_name(str(modalities))
@@ -51,18 +54,34 @@ def scan_msd(source: Path, skip: tuple[Path, ...] = ()) -> Scan:
         if not isinstance(image_rel, str):
             scan.reject(rel(root / "dataset.json", source), f"training entry without an image path: {entry!r}")
             continue
-        image = (root / image_rel).resolve()
-        if image.name.startswith("._"):
+        image, problem = _listed(root, image_rel, "image")
+        if image is not None and image.name.startswith("._"):
             continue
-        if not image.is_file():
-            scan.reject(rel(image, source), f"image file listed in dataset.json is missing: {image.name}")
+        if problem:
+            scan.reject(rel(root / "dataset.json", source) if image is None else rel(image, source), problem)
             continue
         label_rel = entry.get("label") if isinstance(entry, dict) else None
-        label = (root / label_rel).resolve() if isinstance(label_rel, str) else None
-        if label is not None and not label.is_file():
-            scan.reject(rel(image, source), f"label file listed in dataset.json is missing: {label.name}")
+        label, problem = _listed(root, label_rel, "label") if isinstance(label_rel, str) else (None, None)
+        if problem:
+            scan.reject(rel(image, source), problem)
             continue
         subject = pseudonym(nifti_stem(image))
         scan.items.append(Item(source=rel(image, source), subject=subject, case_id=subject,
                                load=pair_loader(image, label), modality=modality))
     return scan
+
+
+def _listed(root: Path, value: str, what: str) -> tuple[Path | None, str | None]:
+    """The file a ``dataset.json`` entry names, or why it cannot be used: missing, outside the task's folder
+    (``../../etc/passwd``: a data set only lists its own files), or not a usable path (too long, ...)."""
+    try:
+        path = (root / value).resolve()
+        if not path.is_relative_to(root.resolve()):
+            return None, f"{what} path listed in dataset.json lies outside the data set's folder"
+        if not path.is_file():
+            return path, f"{what} file listed in dataset.json is missing: {path.name[:80]}"
+    except RuntimeError:  # pathlib's symlink loop (before Python 3.13)
+        return None, f"{what} path listed in dataset.json is a symlink loop"
+    except (OSError, ValueError) as err:  # ENAMETOOLONG, a NUL byte in the path, ...
+        return None, f"{what} path listed in dataset.json is not usable: {type(err).__name__}"
+    return path, None

@@ -62,12 +62,35 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, np.ndarray,
         raise CaseRejected(f"{what} file is {problem}: {Path(path).name}")
     try:
         img = nib.load(str(path))
+        _check_size(img, Path(path), what)
         data = _read_data(img, Path(path))
-    except Exception as err:  # corrupt gzip, bad header, truncated data
+        affine, file_affine = _checked_affine(img, Path(path).name), img.affine
+    except CaseRejected:
+        raise
+    except Exception as err:  # corrupt gzip, bad header (an affine nibabel cannot decompose), truncated data
         raise CaseRejected(f"cannot read {what} NIfTI: {type(err).__name__}: {err}") from None
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
-    return data, _checked_affine(img, Path(path).name), img.affine
+    return data, affine, file_affine
+
+
+# The most voxel data one NIfTI image may hold (2 GiB: a 1024x1024x1000 int16 volume), and the most a gzip stream
+# can inflate per byte (zlib's maximum ratio is about 1032:1): a header claiming more is refused before any reading
+MAX_IMAGE_BYTES = 2 * 2**30
+MAX_GZIP_RATIO = 1100
+
+
+def _check_size(img, path: Path, what: str) -> None:
+    """Refuse a header whose dimensions need more bytes than :data:`MAX_IMAGE_BYTES`, or than the file can hold (a
+    60000x60000 header on a 1 MB file), before anything is allocated."""
+    shape = img.header.get_data_shape()
+    needed = float(np.prod([float(s) for s in shape])) * img.header.get_data_dtype().itemsize
+    stored = path.stat().st_size
+    holds = stored * MAX_GZIP_RATIO if path.name.lower().endswith(".gz") else stored
+    if needed > MAX_IMAGE_BYTES or needed > holds:
+        raise CaseRejected(f"{what} NIfTI header claims {tuple(int(s) for s in shape)} voxels ({needed / 2**30:.3g} "
+                           f"GiB), more than " + ("medseg reads (2 GiB)" if needed > MAX_IMAGE_BYTES else
+                                                  f"the {stored}-byte file holds"))
 
 
 def _read_data(img, path: Path) -> np.ndarray:

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from medseg.common.errors import one_line
 from medseg.common.pseudonym import pseudonym
 
 __all__ = ["input_key", "Scrubber"]
@@ -68,5 +69,5 @@ class Scrubber:
         return self._names.sub("<input>", text) if self._names else text
 
     def public(self, relative_source: str, reason: str) -> dict[str, str]:
-        """A rejection as the report and the log show it."""
-        return {"input": input_key(relative_source), "reason": self(reason)}
+        """A rejection as the report and the log show it: one line, no source names."""
+        return {"input": input_key(relative_source), "reason": one_line(self(reason))}
