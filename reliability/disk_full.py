@@ -119,7 +119,7 @@ def one_pass(seed: int, grown: dict[str, int], mount: Path, big: int) -> list[di
         _resize(mount, big)
         lines = [line for line in short.stderr.strip().splitlines() if line.startswith(f"medseg {stage}: error:")]
         result = {"seed": seed, "stage": stage, "share": round(share, 3), "exit": short.returncode,
-                  "said": lines[-1] if lines else short.stderr.strip().splitlines()[-1:] or ""}
+                  "said": (lines or short.stderr.strip().splitlines() or [""])[-1]}
         problems = []
         if short.returncode == 0:
             result["fitted"] = True
@@ -142,12 +142,15 @@ def one_pass(seed: int, grown: dict[str, int], mount: Path, big: int) -> list[di
         if left := _leftovers(project):
             problems.append(f"temporaries left after the rerun: {left[:3]}")
         result["problems"] = problems
+        if problems:
+            result["stderr"] = short.stderr[-4000:]
         results.append(result)
-        print(json.dumps(result), file=sys.stderr)
+        print(json.dumps({k: v for k, v in result.items() if k != "stderr"}), file=sys.stderr)
+    shutil.rmtree(project)
     return results
 
 
-def campaign(seed: int, passes: int, mib: int = 400) -> dict:
+def campaign(seed: int, passes: int, mib: int = 1024) -> dict:
     why = available()
     if why:
         raise SystemExit(f"disk-full campaign: {why}")

@@ -65,3 +65,39 @@ def test_train_resume_and_params_options_parse():
     args = build_parser().parse_args(["train", "--resume", "--params", "other.yaml"])
     assert args.resume is True and args.params == "other.yaml"
     assert build_parser().parse_args(["train"]).resume is False
+
+
+@pytest.mark.parametrize("raised", [
+    OSError(28, "No space left on device"),  # no file name: the stage's output folder is named
+    OSError(28, "No space left on device", "data/plans/plans.json"),
+    RuntimeError("an MLflow error"),  # raised from SQLite's, below
+], ids=["enospc", "enospc_with_path", "sqlite_full"])
+def test_a_full_disk_is_one_line_naming_the_stage_and_where(raised, tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    from medseg.planning import plan
+    from tests.conftest import REPO
+
+    def fails(params):
+        if isinstance(raised, RuntimeError):
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as cause:
+                raise raised from cause
+        raise raised
+
+    monkeypatch.setattr(plan, "run", fails)
+    assert main(["plan", "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medseg plan: error: ")
+    assert ("data/plans" in err[0]) != isinstance(raised, RuntimeError)
+    assert ("MLflow store" in err[0]) == isinstance(raised, RuntimeError)
+
+
+def test_other_errors_keep_their_traceback(monkeypatch):
+    from medseg.planning import plan
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(plan, "run", lambda params: (_ for _ in ()).throw(KeyError("a bug")))
+    with pytest.raises(KeyError):
+        main(["plan", "--params", str(REPO / "params.yaml")])

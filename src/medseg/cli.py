@@ -31,6 +31,44 @@ STAGE_MODULES = {
 
 log = logging.getLogger("medseg")
 
+# errno values of a full or read-only disk (ENOSPC, EDQUOT, EROFS, EFBIG): a user's to fix, said in one line
+DISK_ERRNOS = {28, 122, 30, 27}
+# Where each stage writes (a params.paths entry): named when the disk fills and the error does not say where
+STAGE_OUTPUTS = {"demo-data": "demo", "ingest": "ingested", "plan": "plans", "preprocess": "preprocessed",
+                 "train": "model", "evaluate": "evaluation", "register": "registry"}
+
+
+def _disk_problem(err: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for an error that is a full (or read-only) disk anywhere in its chain, naming the path; else None.
+
+    SQLite says "database or disk is full" through SQLAlchemy and MLflow, which wrap it in their own exceptions."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            where = err.filename or _stage_output(args)
+            return f"{err.strerror or 'disk full'} writing {where}"
+        if "database or disk is full" in str(err):
+            return f"database or disk is full writing the MLflow store ({_store(args)})"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _stage_output(args: argparse.Namespace) -> str:
+    try:
+        return str(getattr(_params(args).paths, STAGE_OUTPUTS[args.command]))
+    except Exception:  # noqa: BLE001 - no params file (predict, export-bundle), or a command without one folder
+        return getattr(args, "out", None) or "its output"
+
+
+def _store(args: argparse.Namespace) -> str:
+    try:
+        from medseg.common.tracking import tracking_uri
+
+        return tracking_uri(_params(args).mlflow)
+    except Exception:  # noqa: BLE001
+        return "MLFLOW_TRACKING_URI"
+
 
 def _params(args: argparse.Namespace):
     from medseg.common.params import load_params
@@ -265,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     # MONAI 1.6 says, on every image it loads, that NVIDIA's nvImageCodec (a GPU DICOM decoder) is absent: two lines
     # per case in ingest and preprocess that bury the one line a bad case gets. pydicom's own decoders are used.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    # MLflow logs a database error with its whole traceback, then raises it; the command reports it (a full disk in
+    # one line, anything else with its traceback), so the log copy is kept for -v
+    if not args.verbose:
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     from medseg.common.errors import MedsegError
     from medseg.common.params import ParamsError
@@ -273,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         summary = args.func(args)
     except (MedsegError, ParamsError, FileNotFoundError) as err:
         print(f"medseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a full or read-only disk is one line; anything else is a bug to show
+        disk = _disk_problem(err, args)
+        if disk is None:
+            raise
+        print(f"medseg {args.command}: error: {disk}; every output is written whole or not at all, so free space "
+              f"and run the same command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: every stage writes atomically and keeps what it finished
         print(f"medseg {args.command}: interrupted; nothing is left half-written (a re-run of ingest, or train "

@@ -47,6 +47,24 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)``, atomically (:func:`atomic_path`), and with a full disk raised as what it is: an
+    ``OSError`` (ENOSPC) naming ``path``. torch's own file writer reports it as a bare ``RuntimeError`` ("unexpected
+    pos"), so the object is serialised in memory first (a checkpoint: tens of MB) and written by Python."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces ``target`` (whole) only if the block completes."""

@@ -143,12 +143,12 @@ def update_config(folder: str | Path, **changes: Any) -> dict:
     """Change entries of a written fold's inference config, in ``inference_config.json`` and ``model.pt`` alike."""
     import torch
 
-    from medseg.common.atomic_write import write_json
+    from medseg.common.atomic_write import save_torch, write_json
 
     folder = Path(folder)
     saved = torch.load(folder / MODEL_NAME, map_location="cpu", weights_only=True)
     saved["config"] = {**saved["config"], **changes}
-    torch.save(saved, folder / MODEL_NAME)
+    save_torch(saved, folder / MODEL_NAME)
     write_json(folder / CONFIG_NAME, saved["config"])
     return saved["config"]
 
@@ -203,14 +203,14 @@ def write_fold(out: str | Path, state_dict: dict, config: dict, history: list[di
     config), ``inference_config.json`` and ``history.csv`` (one row per epoch record)."""
     import torch
 
-    from medseg.common.atomic_write import write_json
+    from medseg.common.atomic_write import save_torch, write_json
     from medseg.networks.architectures import load_network
 
     out = Path(out)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
     net = load_network(config["network"], config["in_channels"], config["out_channels"], weights).eval()
     out.mkdir(parents=True)
-    torch.save({"state_dict": net.state_dict(), "config": config}, out / MODEL_NAME)
+    save_torch({"state_dict": net.state_dict(), "config": config}, out / MODEL_NAME)
     write_json(out / CONFIG_NAME, config)
     keys = sorted({k for r in history for k in r}, key=lambda k: (k != "epoch", k))
     lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in history]

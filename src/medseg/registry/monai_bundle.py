@@ -233,7 +233,7 @@ def run(model: str, out: Path, mlflow_params: Any = None) -> dict:
     """
     import torch
 
-    from medseg.common.atomic_write import atomic_dir, write_json
+    from medseg.common.atomic_write import atomic_dir, save_torch, write_json
     from medseg.inference.predict import load_models
     from medseg.networks.architectures import monai_state_dict
 
@@ -253,7 +253,7 @@ def run(model: str, out: Path, mlflow_params: Any = None) -> dict:
         write_json(tmp / "configs" / "inference.json", inference)
         write_json(tmp / "configs" / "metadata.json", meta)
         (tmp / "models").mkdir()
-        torch.save({k: v.detach().cpu() for k, v in monai_state_dict(net).items()}, tmp / "models" / "model.pt")
+        save_torch({k: v.detach().cpu() for k, v in monai_state_dict(net).items()}, tmp / "models" / "model.pt")
         (tmp / "docs").mkdir()
         (tmp / "docs" / "README.md").write_text(_readme(name, config, str(model)))
     log.info("MONAI bundle of %s in %s: python -m monai.bundle run --config_file %s --dataset_dir IN --output_dir OUT",

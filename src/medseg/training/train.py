@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.common.atomic_write import atomic_dir, atomic_path
+from medseg.common.atomic_write import atomic_dir, save_torch
 from medseg.common.manifest import FRAME_MODALITIES
 from medseg.common.params import Params
 from medseg.evaluation.postprocessing import class_means, decide_postprocessing
@@ -233,10 +233,9 @@ def _save_checkpoint(f: _Fold, state: dict, ctx) -> None:
     ranks = distributed.all_gather({"rng": resuming.rng_state(ctx.device),
                                     "loader": loader_random_state(f.train_loader)}, ctx)
     if ctx.is_main:
-        with atomic_path(f.checkpoint) as tmp:
-            torch.save({"model": f.net.state_dict(), "optimizer": f.optimizer.state_dict(),
-                        "scaler": f.scaler.state_dict(), "ranks": ranks, "state": state,
-                        "resume_key": f.resume_key}, tmp)
+        save_torch({"model": f.net.state_dict(), "optimizer": f.optimizer.state_dict(),
+                    "scaler": f.scaler.state_dict(), "ranks": ranks, "state": state, "resume_key": f.resume_key},
+                   f.checkpoint)
 
 
 def _train_fold(params: Params, plan: Any, version: dict, fold: int | str, resume: bool, ctx, out: Path | None,
