@@ -177,20 +177,18 @@ def campaign(seed: int, passes: int, mib: int = 1024) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if str(REPO) not in sys.path:  # run as a script: the repository's reliability package
+        sys.path.insert(0, str(REPO))
+    from reliability.report import finish
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--passes", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     summary = campaign(args.seed, args.passes)
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    for failure in summary["failures"]:
-        print(f"FAILED seed {failure['seed']} stage {failure['stage']} at {failure['share']:.0%} of its writes: "
-              f"{failure['problems']}", file=sys.stderr)
-    return 1 if summary["failures"] else 0
+    return finish(summary, args.out, lambda f: f"stage {f['stage']} at {f['share']:.0%} of its writes: "
+                                               f"{f['problems']}")
 
 
 if __name__ == "__main__":

@@ -527,7 +527,7 @@ def _worker(conn, seeds: dict, scratch: str, models: dict, memory_gb: float) -> 
         task = conn.recv()
         if task is None:
             return
-        seed, index, keep = task
+        seed, index, keep, keep_all = task
         folder = Path(tempfile.mkdtemp(prefix=f"case-{index}-", dir=scratch))
         try:
             case = build_case(seed, index, seeds, folder, outside)
@@ -535,8 +535,8 @@ def _worker(conn, seeds: dict, scratch: str, models: dict, memory_gb: float) -> 
         except Exception:  # noqa: BLE001 - the campaign's own bug: reported, never hidden
             case = {"seed": seed, "index": index, "failures": ["campaign error " + traceback.format_exc()],
                     "accepted": [], "rejected": []}
-        if case["failures"] or keep:
-            case["kept"] = str(_keep(folder, Path(keep or Path(scratch).parent / "failures") / f"{seed}-{index}"))
+        if case["failures"] or keep_all:  # a failing input is kept to become a regression test
+            case["kept"] = str(_keep(folder, Path(keep) / f"{seed}-{index}"))
         shutil.rmtree(folder, ignore_errors=True)
         conn.send(case)
 
@@ -562,7 +562,7 @@ def _keep(folder: Path, target: Path) -> Path:
 
 def campaign(seed: int, count: int, data: Path | None = None, workers: int = 2, timeout: float = 60.0,
              memory_gb: float = 3.0, keep: Path | None = None, start: int = 0, progress: bool = False,
-             indices: list[int] | None = None) -> dict:
+             indices: list[int] | None = None, keep_all: bool = False) -> dict:
     """Run inputs ``start .. start + count - 1`` of campaign ``seed`` (or exactly ``indices``); returns the counts
     and the failures."""
     import multiprocessing as mp
@@ -590,7 +590,8 @@ def campaign(seed: int, count: int, data: Path | None = None, workers: int = 2, 
             for slot, (proc, conn) in enumerate(pool):
                 if slot not in busy and todo:
                     index = todo.pop(0)
-                    conn.send((seed, index, str(keep) if keep else None))
+                    conn.send((seed, index, str(keep or Path(tempfile.gettempdir()) / "medseg-fuzz-failures"),
+                               keep_all))
                     busy[slot] = (index, time.monotonic())
             ready = mp.connection.wait([pool[s][1] for s in busy], timeout=1.0)
             for slot, (index, since) in list(busy.items()):
@@ -638,6 +639,10 @@ def summarise(seed: int, results: list[dict], seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if str(REPO) not in sys.path:  # run as a script: the repository's reliability package
+        sys.path.insert(0, str(REPO))
+    from reliability.report import finish
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=200)
@@ -647,27 +652,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds one input may take")
     parser.add_argument("--memory-gb", type=float, default=3.0, help="heap growth one input may cause")
     parser.add_argument("--replay", help="SEED:INDEX: rebuild that input into --keep (a regression test's input)")
-    parser.add_argument("--keep", type=Path, default=None, help="where replayed or failing inputs are copied")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="where failing (or, with --replay, the replayed) inputs are copied (default: "
+                             "$TMPDIR/medseg-fuzz-failures)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
     args = parser.parse_args(argv)
     if args.replay:
         seed, index = (int(v) for v in args.replay.split(":"))
         summary = campaign(seed, 1, args.data, 1, args.timeout, args.memory_gb, args.keep or Path("fuzz-replay"),
-                           start=index)
+                           start=index, keep_all=True)
     else:
         summary = campaign(args.seed, args.count, args.data, args.workers, args.timeout, args.memory_gb, args.keep,
                            start=args.start, progress=True)
-    text = json.dumps(summary, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    for failure in summary["failures"]:
-        print(f"FAILED seed {failure['seed']} input {failure['index']} ({failure.get('kind')}: "
-              f"{failure.get('mutations')}): replay with --replay {failure['seed']}:{failure['index']}; "
-              f"{failure['failures'][0].splitlines()[0]}", file=sys.stderr)
-    return 1 if summary["failures"] else 0
+    return finish(summary, args.out, lambda f: f"input {f['index']} ({f.get('kind')}: {f.get('mutations')}): "
+                                               f"replay with --replay {f['seed']}:{f['index']}; "
+                                               f"{f['failures'][0].splitlines()[0]}")
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "src"))
     sys.exit(main())

@@ -8,6 +8,7 @@ blow-ups, 0 touched sources, 0 temporaries left is the rule, and every input end
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,22 @@ def test_the_inputs_that_once_broke_medseg_are_now_refused_in_one_line(seed):
     summary = fuzz.campaign(seed=seed, count=0, indices=indices, workers=2, timeout=120)
     assert summary["tried"] == len(indices)
     assert summary["failures"] == [], [(REGRESSIONS[(seed, f["index"])], f["failures"]) for f in summary["failures"]]
+
+
+# Found by the by-hand campaign on ../shared/data (seed 0, 10,000 inputs): inputs built from the real files there
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED_REGRESSIONS = {
+    442: "a NIfTI whose datatype says RGB24: numpy's 'minimum' has no loop for its structured voxels",
+    452: "a DICOM file whose header bytes were flipped: a MemoryError for a length field of gigabytes (pixel pass)",
+    2196: "a PNG frame whose chunk length was flipped: Pillow read gigabytes for it (MemoryError)",
+}
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is not here")
+def test_the_shared_data_inputs_that_once_broke_medseg_are_now_refused_in_one_line():
+    summary = fuzz.campaign(seed=0, count=0, data=SHARED, indices=sorted(SHARED_REGRESSIONS), workers=2, timeout=120)
+    assert summary["tried"] == len(SHARED_REGRESSIONS)
+    assert summary["failures"] == [], [(SHARED_REGRESSIONS[f["index"]], f["failures"]) for f in summary["failures"]]
 
 
 def test_the_campaign_reports_what_it_is_there_to_find(tmp_path, monkeypatch):

@@ -12,11 +12,41 @@ from typing import Any
 
 from medseg.common.errors import one_line
 
-__all__ = ["CaseRejected", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "folders_overlap", "modality_name",
+__all__ = ["CaseRejected", "CappedReads", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "folders_overlap", "modality_name",
            "label_names_from_json", "read_label_json"]
 
 
 log = logging.getLogger("medseg.ingest")
+
+
+class CappedReads:
+    """A binary file whose ``read(n)`` never asks for more than the bytes left in it.
+
+    A parser that trusts a length field (DICOM's element lengths, PNG's chunk lengths) asks for as many bytes as the
+    field claims, and Python allocates that much before reading: 4 GB for a corrupt field in a 500 kB file. Through
+    this wrapper it gets what the file holds and then meets its end, which it reports as truncation.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._fh = open(path, "rb")
+        self._size = os.fstat(self._fh.fileno()).st_size
+        self.name = str(path)
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self._fh.tell())
+        return self._fh.read(left if n is None or n < 0 or n > left else n)
+
+    def __getattr__(self, name: str):  # seek, tell, fileno, readable, ...
+        return getattr(self._fh, name)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "CappedReads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class CaseRejected(Exception):

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from medseg.ingest.common import CaseRejected
+from medseg.ingest.common import CappedReads, CaseRejected
 
 __all__ = ["Header", "quiet_pydicom", "looks_like_dicom", "read_header", "series_key", "group_series",
            "NON_IMAGE_MODALITIES", "NON_IMAGE_SOP_PREFIXES", "non_image_reason", "unique_instances"]
@@ -116,7 +116,7 @@ def read_header(path: Path) -> Header:
     if kind is None:
         raise CaseRejected("not a DICOM file")
     try:
-        with quiet_pydicom(), open(path, "rb") as fh:
+        with quiet_pydicom(), CappedReads(path) as fh:
             # defer_size: a value longer than 1 MB is skipped, read only if used, so that a corrupt length field
             # (4 GB claimed in a 500 kB file) costs no allocation
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw", defer_size="1 MB")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from medseg.ingest.common import CaseRejected
+from medseg.ingest.common import CappedReads, CaseRejected
 from medseg.ingest.dicom_geometry import Geometry
 from medseg.ingest.dicom_headers import NATIVE_LE, Header, quiet_pydicom, stored_dtype
 
@@ -105,8 +105,8 @@ def _read_pixels(h: Header, expected: tuple[int, int]) -> tuple[np.ndarray, floa
     import pydicom
 
     try:
-        with quiet_pydicom():
-            ds = pydicom.dcmread(h.path, force=h.forced)
+        with quiet_pydicom(), CappedReads(h.path) as fh:  # a corrupt length cannot allocate past the file
+            ds = pydicom.dcmread(fh, force=h.forced)
     except Exception as err:
         raise CaseRejected(f"{h.path.name}: corrupt or truncated DICOM: {type(err).__name__}: {str(err)[:200]}") \
             from None

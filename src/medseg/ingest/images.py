@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.ingest.common import CaseRejected, Item, Loaded, Scan, named, read_label_json, rel
+from medseg.ingest.common import CappedReads, CaseRejected, Item, Loaded, Scan, named, read_label_json, rel
 from medseg.common.manifest import FRAME_MODALITIES
 from medseg.common.pseudonym import pseudonym
 
@@ -89,7 +89,7 @@ def read_image(path: Path, what: str = "image") -> np.ndarray:
     if Path(path).stat().st_size == 0:
         raise CaseRejected(f"{what} file is empty")
     try:
-        with Image.open(path) as img:
+        with CappedReads(path) as fh, Image.open(fh) as img:  # a corrupt chunk length cannot allocate past the file
             img.load()
             if what == "mask" and img.mode in ("P", "PA"):  # a label-indexed palette PNG: the indices are the labels
                 array = np.asarray(img)

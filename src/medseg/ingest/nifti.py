@@ -83,6 +83,10 @@ MAX_GZIP_RATIO = 1100
 def _check_size(img, path: Path, what: str) -> None:
     """Refuse a header whose dimensions need more bytes than :data:`MAX_IMAGE_BYTES`, or than the file can hold (a
     60000x60000 header on a 1 MB file), before anything is allocated."""
+    dtype = img.header.get_data_dtype()
+    if dtype.fields is not None or dtype.kind == "c":
+        raise CaseRejected(f"{what} NIfTI holds {'RGB' if dtype.fields else 'complex'} voxels ({dtype}); medseg reads "
+                           f"one real value per voxel (a scan), or RGB frames as PNG/JPEG")
     shape = img.header.get_data_shape()
     needed = float(np.prod([float(s) for s in shape])) * img.header.get_data_dtype().itemsize
     stored = path.stat().st_size
