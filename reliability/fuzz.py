@@ -438,14 +438,11 @@ def _reason(text: str) -> str:
 
 def check_case(case: dict, work: Path, models: dict[str, str]) -> dict:
     """Run ingest and predict on ``case``; what happened, and any failure of the campaign's rules."""
-    import logging
-
     from medseg.common.atomic_write import TMP_MARKER
     from medseg.common.errors import MedsegError
     from medseg.inference import predict
     from medseg.ingest import ingest_folder
 
-    logging.disable(logging.CRITICAL)
     source = Path(case["source"])
     before = tree_digest(source)
     result = {"accepted": [], "rejected": [], "failures": []}
@@ -515,7 +512,10 @@ def write_models(folder: Path) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------------ workers
 def _worker(conn, seeds: dict, scratch: str, models: dict, memory_gb: float) -> None:
+    import logging
     import resource
+
+    logging.disable(logging.CRITICAL)  # this process only: thousands of refusals need no log lines
 
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     usage = _data_bytes()

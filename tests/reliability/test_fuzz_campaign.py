@@ -8,6 +8,7 @@ blow-ups, 0 touched sources, 0 temporaries left is the rule, and every input end
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,7 @@ def test_the_campaign_reports_what_it_is_there_to_find(tmp_path, monkeypatch):
     result = fuzz.check_case(case, tmp_path / "work", {})
     assert any(f.startswith("crash: ingest") for f in result["failures"])
     assert "touched: the source changed" in result["failures"]
+    assert logging.root.manager.disable == logging.NOTSET  # the caller's logging is left as it was (caplog tests)
     monkeypatch.undo()
 
     def two_line_refusal(source_dir, out_dir, **kwargs):
