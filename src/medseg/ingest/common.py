@@ -10,8 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medseg.common.errors import one_line
-
 __all__ = ["CaseRejected", "CappedReads", "Loaded", "Item", "Scan", "rel", "iter_files", "new_walk", "named", "folders_overlap", "modality_name",
            "label_names_from_json", "read_label_json"]
 
@@ -50,10 +48,8 @@ class CappedReads:
 
 
 class CaseRejected(Exception):
-    """A case or series cannot be ingested; ``str(err)`` is the human-readable reason for the report, on one line."""
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*(one_line(a) if isinstance(a, str) else a for a in args))
+    """A case or series cannot be ingested; ``str(err)`` is the human-readable reason for the report (made one line
+    where every reason goes out: :meth:`medseg.ingest.privacy.Scrubber.public`, predict's ``failed``)."""
 
 
 @dataclass

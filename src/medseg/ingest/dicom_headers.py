@@ -117,9 +117,8 @@ def read_header(path: Path) -> Header:
         raise CaseRejected("not a DICOM file")
     try:
         with quiet_pydicom(), CappedReads(path) as fh:
-            # defer_size: a value longer than 1 MB is skipped, read only if used, so that a corrupt length field
-            # (4 GB claimed in a 500 kB file) costs no allocation
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw", defer_size="1 MB")
+            # CappedReads: a corrupt length field (4 GB claimed in a 500 kB file) reads to the file's end, no further
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=kind == "raw")
             # reading stops at (7FE0,0010): a file read to its end has no pixel data (or was cut short); deflated
             # files are inflated into memory first, so for them this cannot be told before the pixel pass
             deflated = str(getattr(ds, "file_meta", {}).get("TransferSyntaxUID", "")) == DEFLATED
